@@ -1,0 +1,355 @@
+//! The HTTP API (payload v2) handler: routes the request, takes the tenant from the verified JWT
+//! claims, parses the command, runs it against the store and maps the outcome to a response.
+
+use aws_lambda_events::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
+use aws_lambda_events::encodings::Body;
+use aws_lambda_events::http::{HeaderMap, HeaderName, HeaderValue};
+use lambda_runtime::{Context, LambdaEvent};
+use serde::Serialize;
+use serde_json::json;
+
+use outbox_shared::config::{optional_env, parsed_env, ConfigError};
+use outbox_shared::domain::{IdempotencyKey, PaymentId, TenantId};
+use outbox_shared::outbox::EventMetadata;
+use outbox_shared::ports::{
+    MarkPaidCommand, MarkPaidOutcome, PaymentCommandStore, RefundCommand, RefundOutcome,
+};
+
+use crate::request::{body_bytes, parse_mark_paid, parse_refund, FieldError, DEFAULT_MAX_BODY_BYTES};
+
+/// Route key of the paid command in the HTTP API.
+pub const PAID_ROUTE: &str = "POST /payments/{paymentId}/paid";
+/// Route key of the refund command in the HTTP API.
+pub const REFUND_ROUTE: &str = "POST /payments/{paymentId}/refunds";
+
+/// Handler settings, read once at cold start.
+#[derive(Debug, Clone)]
+pub struct HandlerConfig {
+    /// JWT claim that holds the tenant id (`TENANT_CLAIM`, default `tenant_id`).
+    pub tenant_claim: String,
+    /// Service name written as the events' source (`EVENT_SOURCE`, default `payments`).
+    pub source: String,
+    /// Largest accepted body in bytes (`MAX_BODY_BYTES`, default 8192).
+    pub max_body_bytes: usize,
+}
+
+impl Default for HandlerConfig {
+    fn default() -> Self {
+        Self {
+            tenant_claim: "tenant_id".into(),
+            source: "payments".into(),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
+impl HandlerConfig {
+    /// Reads the settings from the environment, falling back to the defaults.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let defaults = Self::default();
+        Ok(Self {
+            tenant_claim: optional_env("TENANT_CLAIM").unwrap_or(defaults.tenant_claim),
+            source: optional_env("EVENT_SOURCE").unwrap_or(defaults.source),
+            max_body_bytes: parsed_env("MAX_BODY_BYTES", defaults.max_body_bytes)?,
+        })
+    }
+}
+
+/// The payment command function: one per Lambda instance, built in `main`.
+pub struct PaymentCommandHandler<S> {
+    store: S,
+    config: HandlerConfig,
+}
+
+enum Route {
+    Paid(String),
+    Refund(String),
+}
+
+impl<S: PaymentCommandStore> PaymentCommandHandler<S> {
+    /// A handler over `store`.
+    pub fn new(store: S, config: HandlerConfig) -> Self {
+        Self { store, config }
+    }
+
+    /// The store, for wiring and tests.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Handles one invocation. Every outcome, including a database outage, is an HTTP response:
+    /// the function itself never fails, so API Gateway never turns an error into an opaque 500.
+    pub async fn handle(
+        &self,
+        event: LambdaEvent<ApiGatewayV2httpRequest>,
+    ) -> Result<ApiGatewayV2httpResponse, lambda_runtime::Error> {
+        let (request, context) = event.into_parts();
+        let response = self.respond(&request, &context).await;
+        tracing::info!(
+            status = response.status_code,
+            request_id = request.request_context.request_id.as_deref().unwrap_or(""),
+            "request handled"
+        );
+        Ok(response)
+    }
+
+    async fn respond(&self, req: &ApiGatewayV2httpRequest, ctx: &Context) -> ApiGatewayV2httpResponse {
+        let route = match route(req) {
+            Ok(route) => route,
+            Err(response) => return response,
+        };
+        let Some(tenant) = tenant(req, &self.config.tenant_claim) else {
+            return error(401, "unauthorized", "no valid tenant in the token", None);
+        };
+        let metadata = metadata(req, ctx, &self.config.source);
+        let result = match route {
+            Route::Paid(id) => self.mark_paid(req, tenant, &id, metadata).await,
+            Route::Refund(id) => self.refund(req, tenant, &id, metadata).await,
+        };
+        result.unwrap_or_else(|e| {
+            error(400, "invalid_request", &format!("{} {}", e.field, e.message), Some(&e.field))
+        })
+    }
+
+    async fn mark_paid(
+        &self,
+        req: &ApiGatewayV2httpRequest,
+        tenant_id: TenantId,
+        payment_id: &str,
+        metadata: EventMetadata,
+    ) -> Result<ApiGatewayV2httpResponse, FieldError> {
+        let payment_id = parse_payment_id(payment_id)?;
+        let body = body_bytes(req.body.as_deref(), req.is_base64_encoded, self.config.max_body_bytes)?;
+        let command = parse_mark_paid(&body)?;
+        let cmd = MarkPaidCommand {
+            tenant_id,
+            payment_id,
+            command,
+            metadata,
+        };
+        Ok(match self.store.mark_paid(cmd).await {
+            Ok(MarkPaidOutcome::Paid(receipt)) => ok(200, &receipt, false),
+            Ok(MarkPaidOutcome::Replayed(receipt)) => ok(200, &receipt, true),
+            Ok(MarkPaidOutcome::Conflict) => error(
+                409,
+                "payment_conflict",
+                "the payment is already paid with a different amount or currency",
+                None,
+            ),
+            Err(e) => unavailable(&e),
+        })
+    }
+
+    async fn refund(
+        &self,
+        req: &ApiGatewayV2httpRequest,
+        tenant_id: TenantId,
+        payment_id: &str,
+        metadata: EventMetadata,
+    ) -> Result<ApiGatewayV2httpResponse, FieldError> {
+        let payment_id = parse_payment_id(payment_id)?;
+        let key = header(&req.headers, "idempotency-key")
+            .ok_or_else(|| FieldError::new("Idempotency-Key", "header is required"))?;
+        let idempotency_key = IdempotencyKey::parse(key)
+            .map_err(|e| FieldError::new("Idempotency-Key", format!("header {e}")))?;
+        let body = body_bytes(req.body.as_deref(), req.is_base64_encoded, self.config.max_body_bytes)?;
+        let command = parse_refund(&body)?;
+        let cmd = RefundCommand {
+            tenant_id,
+            payment_id,
+            idempotency_key,
+            command,
+            metadata,
+        };
+        Ok(match self.store.record_refund(cmd).await {
+            Ok(RefundOutcome::Refunded(receipt)) => ok(201, &receipt, false),
+            Ok(RefundOutcome::Replayed(receipt)) => ok(200, &receipt, true),
+            Ok(RefundOutcome::PaymentNotFound) => {
+                error(404, "payment_not_found", "no such payment", None)
+            }
+            Ok(RefundOutcome::NotRefundable { status }) => error(
+                409,
+                "payment_not_paid",
+                &format!("a payment in status {status} cannot be refunded"),
+                None,
+            ),
+            Ok(RefundOutcome::ExceedsRemaining { remaining_minor }) => response(
+                422,
+                json!({"error": {
+                    "code": "refund_exceeds_remaining",
+                    "message": format!("at most {remaining_minor} (minor units) can still be refunded"),
+                    "field": "amountMinor",
+                    "remainingMinor": remaining_minor,
+                }})
+                .to_string(),
+            ),
+            Ok(RefundOutcome::IdempotencyKeyReused) => error(
+                409,
+                "idempotency_key_reused",
+                "this Idempotency-Key was already used for a different refund",
+                Some("Idempotency-Key"),
+            ),
+            Err(e) => unavailable(&e),
+        })
+    }
+}
+
+fn parse_payment_id(raw: &str) -> Result<PaymentId, FieldError> {
+    PaymentId::parse(raw).map_err(|e| FieldError::new("paymentId", e.to_string()))
+}
+
+/// Finds the route: by route key when API Gateway matched one, by path otherwise (a `$default`
+/// route, or a request replayed without route key).
+fn route(req: &ApiGatewayV2httpRequest) -> Result<Route, ApiGatewayV2httpResponse> {
+    let path_param = || req.path_parameters.get("paymentId").cloned().unwrap_or_default();
+    match req.route_key.as_deref().or(req.request_context.route_key.as_deref()) {
+        Some(PAID_ROUTE) => return Ok(Route::Paid(path_param())),
+        Some(REFUND_ROUTE) => return Ok(Route::Refund(path_param())),
+        _ => {}
+    }
+    let path = req
+        .raw_path
+        .as_deref()
+        .or(req.request_context.http.path.as_deref())
+        .unwrap_or("");
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // The last three segments, so a stage prefix such as `/prod` does not matter.
+    let route = match segments.as_slice() {
+        [.., "payments", id, "paid"] => Route::Paid((*id).to_owned()),
+        [.., "payments", id, "refunds"] => Route::Refund((*id).to_owned()),
+        _ => return Err(error(404, "not_found", "no such route", None)),
+    };
+    if req.request_context.http.method != aws_lambda_events::http::Method::POST {
+        let mut response = error(405, "method_not_allowed", "only POST is allowed here", None);
+        response.headers.insert("allow", HeaderValue::from_static("POST"));
+        return Err(response);
+    }
+    Ok(route)
+}
+
+/// The tenant, from the JWT authorizer's verified claims only. A tenant in a header or the body
+/// is never looked at.
+fn tenant(req: &ApiGatewayV2httpRequest, claim: &str) -> Option<TenantId> {
+    let claims = &req.request_context.authorizer.as_ref()?.jwt.as_ref()?.claims;
+    TenantId::parse(claims.get(claim)?).ok()
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name)?.to_str().ok().map(str::trim).filter(|v| !v.is_empty())
+}
+
+fn is_token(value: &str, max: usize) -> bool {
+    !value.is_empty()
+        && value.len() <= max
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+/// W3C `traceparent`: `00-<32 hex>-<16 hex>-<2 hex>`.
+fn is_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    matches!(parts.as_slice(), [v, t, p, f]
+        if [(v, 2), (t, 32), (p, 16), (f, 2)].iter().all(|(s, n)| {
+            s.len() == *n && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        }))
+}
+
+fn metadata(req: &ApiGatewayV2httpRequest, ctx: &Context, source: &str) -> EventMetadata {
+    let request_id = req
+        .request_context
+        .request_id
+        .clone()
+        .filter(|id| is_token(id, 128))
+        .or_else(|| Some(ctx.request_id.clone()).filter(|id| is_token(id, 128)))
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let correlation_id = header(&req.headers, "x-correlation-id")
+        .filter(|id| is_token(id, 128))
+        .map_or_else(|| request_id.clone(), str::to_owned);
+    let traceparent = header(&req.headers, "traceparent")
+        .filter(|tp| is_traceparent(tp))
+        .map(str::to_owned);
+    let tracestate = traceparent
+        .as_ref()
+        .and(header(&req.headers, "tracestate"))
+        .filter(|ts| ts.len() <= 512)
+        .map(str::to_owned);
+    EventMetadata {
+        correlation_id,
+        causation_id: Some(request_id),
+        traceparent,
+        tracestate,
+        xray_trace_header: ctx.xray_trace_id.clone(),
+        source: source.to_owned(),
+    }
+}
+
+fn response(status: u16, body: String) -> ApiGatewayV2httpResponse {
+    let mut response = ApiGatewayV2httpResponse::default();
+    response.status_code = i64::from(status);
+    response
+        .headers
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    response.body = Some(Body::Text(body));
+    response
+}
+
+fn ok<T: Serialize>(status: u16, receipt: &T, replayed: bool) -> ApiGatewayV2httpResponse {
+    let body = serde_json::to_string(receipt).unwrap_or_else(|_| "{}".into());
+    let mut response = response(status, body);
+    if replayed {
+        response.headers.insert(
+            HeaderName::from_static("idempotent-replayed"),
+            HeaderValue::from_static("true"),
+        );
+    }
+    response
+}
+
+fn error(status: u16, code: &str, message: &str, field: Option<&str>) -> ApiGatewayV2httpResponse {
+    let mut error = json!({"code": code, "message": message});
+    if let Some(field) = field {
+        error["field"] = json!(field);
+    }
+    response(status, json!({ "error": error }).to_string())
+}
+
+/// A store failure: logged with its cause chain, answered with a generic 503 the client may retry
+/// (every command is idempotent, so a retry is safe).
+fn unavailable(e: &outbox_shared::ports::StoreError) -> ApiGatewayV2httpResponse {
+    let mut cause = String::new();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        cause.push_str(": ");
+        cause.push_str(&s.to_string());
+        source = s.source();
+    }
+    tracing::error!(error = %e, cause = %cause, "command failed");
+    let mut response = error(
+        503,
+        "service_unavailable",
+        "the command could not be completed; retry it with the same request",
+        None,
+    );
+    response.headers.insert("retry-after", HeaderValue::from_static("1"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_format_is_checked() {
+        assert!(is_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        assert!(!is_traceparent("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"));
+        assert!(!is_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"));
+        assert!(!is_traceparent("garbage"));
+    }
+
+    #[test]
+    fn correlation_ids_are_plain_tokens() {
+        assert!(is_token("req-1:abc.def_2", 128));
+        assert!(!is_token("a b", 128));
+        assert!(!is_token("<script>", 128));
+        assert!(!is_token(&"x".repeat(129), 128));
+    }
+}

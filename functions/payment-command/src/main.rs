@@ -1,0 +1,18 @@
+//! Lambda entry point: reads configuration and opens the database connection once per cold start,
+//! then serves invocations.
+
+use lambda_runtime::{run, service_fn, Error};
+use outbox_shared::postgres::payments::PgPaymentStore;
+use outbox_shared::postgres::{DatabaseSettings, Db};
+use payment_command::{HandlerConfig, PaymentCommandHandler};
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    outbox_shared::telemetry::init_tracing();
+    let settings = DatabaseSettings::from_env()?;
+    let config = HandlerConfig::from_env()?;
+    let store = PgPaymentStore::new(Db::new(settings));
+    store.db().warm_up().await;
+    let handler = PaymentCommandHandler::new(store, config);
+    run(service_fn(|event| handler.handle(event))).await
+}

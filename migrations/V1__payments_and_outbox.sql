@@ -1,0 +1,94 @@
+-- Write side: payments, their refunds, and the transactional outbox.
+-- Every table is keyed by tenant first: no query can reach a row without naming its tenant.
+
+CREATE TABLE payments (
+    tenant_id            text        NOT NULL,
+    payment_id           text        NOT NULL,
+    -- 'pending' rows may be created by other flows; the paid command creates one if none exists.
+    status               text        NOT NULL DEFAULT 'pending'
+                         CHECK (status IN ('pending', 'paid', 'partially_refunded', 'refunded')),
+    amount_minor         bigint      CHECK (amount_minor > 0),
+    currency             char(3)     CHECK (currency ~ '^[A-Z]{3}$'),
+    verification_method  text,
+    verified_by          text,
+    paid_at              timestamptz,
+    paid_event_id        uuid,
+    refunded_minor       bigint      NOT NULL DEFAULT 0 CHECK (refunded_minor >= 0),
+    -- Aggregate version: bumped once per event, so events of one payment are totally ordered.
+    version              bigint      NOT NULL DEFAULT 0 CHECK (version >= 0),
+    created_at           timestamptz NOT NULL DEFAULT now(),
+    updated_at           timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, payment_id),
+    -- The invariant the refund command keeps, enforced again by the database.
+    CHECK (refunded_minor <= coalesce(amount_minor, 0)),
+    CHECK (status = 'pending' OR (amount_minor IS NOT NULL AND currency IS NOT NULL
+                                   AND paid_at IS NOT NULL AND paid_event_id IS NOT NULL))
+);
+
+CREATE TABLE refunds (
+    tenant_id        text        NOT NULL,
+    refund_id        uuid        NOT NULL,
+    payment_id       text        NOT NULL,
+    -- The client's Idempotency-Key header: one refund per key per tenant.
+    idempotency_key  text        NOT NULL,
+    amount_minor     bigint      NOT NULL CHECK (amount_minor > 0),
+    -- Refunded total of the payment right after this refund: lets a replay return the original result.
+    refunded_total_minor bigint  NOT NULL CHECK (refunded_total_minor >= amount_minor),
+    event_id         uuid        NOT NULL,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, refund_id),
+    UNIQUE (tenant_id, idempotency_key),
+    FOREIGN KEY (tenant_id, payment_id) REFERENCES payments (tenant_id, payment_id)
+);
+
+CREATE TABLE outbox (
+    id                 bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id           uuid        NOT NULL UNIQUE,
+    tenant_id          text        NOT NULL,
+    aggregate_type     text        NOT NULL,
+    aggregate_id       text        NOT NULL,
+    aggregate_version  bigint      NOT NULL CHECK (aggregate_version > 0),
+    event_type         text        NOT NULL,
+    schema_version     integer     NOT NULL CHECK (schema_version > 0),
+    payload            jsonb       NOT NULL,
+    -- correlation_id, causation_id, traceparent, tracestate, xray_trace_header, source
+    metadata           jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    idempotency_key    text,
+    status             text        NOT NULL DEFAULT 'pending'
+                       CHECK (status IN ('pending', 'published', 'dead')),
+    attempts           integer     NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    next_attempt_at    timestamptz NOT NULL DEFAULT now(),
+    -- The claim is a lease, not a held lock: a row leased by a dispatcher that died becomes
+    -- claimable again once locked_until passes.
+    locked_until       timestamptz,
+    locked_by          text,
+    last_error         text,
+    -- Id of the inserting transaction. Sequence values are taken in id order but committed in any
+    -- order; the dispatcher only claims rows whose transaction is older than every transaction
+    -- still running, so a late-committing smaller id is never skipped.
+    txid               xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    published_at       timestamptz,
+    UNIQUE (tenant_id, idempotency_key),
+    UNIQUE (tenant_id, aggregate_type, aggregate_id, aggregate_version)
+);
+
+-- Serves the claim: only unpublished rows are indexed, so its cost stays flat however many
+-- published rows are retained. The claim orders by (next_attempt_at, id), the index order.
+CREATE INDEX outbox_claim_idx ON outbox (next_attempt_at, id) WHERE status = 'pending';
+
+-- Serves the per-aggregate order check ("is an earlier event of this aggregate unfinished?").
+CREATE INDEX outbox_unfinished_by_aggregate_idx
+    ON outbox (tenant_id, aggregate_type, aggregate_id, aggregate_version)
+    WHERE status <> 'published';
+
+-- The outbox is a queue: rows are inserted, updated once or twice and removed. Vacuum it early
+-- and without throttling so dead index entries do not pile up at the head of the claim index.
+ALTER TABLE outbox SET (
+    autovacuum_vacuum_scale_factor = 0.0,
+    autovacuum_vacuum_threshold = 5000,
+    autovacuum_vacuum_insert_scale_factor = 0.0,
+    autovacuum_vacuum_insert_threshold = 20000,
+    autovacuum_analyze_scale_factor = 0.02,
+    autovacuum_vacuum_cost_delay = 0
+);

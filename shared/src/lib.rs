@@ -1,0 +1,16 @@
+//! Shared library of the outbox functions: the pure domain, the ports the functions depend on, and
+//! the PostgreSQL adapters that implement them.
+//!
+//! Layout:
+//! - [`domain`]: payment rules and event payloads, no I/O.
+//! - [`outbox`]: the outbox event as written by a command (envelope fields and metadata).
+//! - [`ports`]: the narrow traits each Lambda asks for.
+//! - [`postgres`]: connection handling, migrations and the SQL behind the ports.
+//! - [`config`], [`telemetry`]: read once at cold start.
+
+pub mod config;
+pub mod domain;
+pub mod outbox;
+pub mod ports;
+pub mod postgres;
+pub mod telemetry;

@@ -1,0 +1,52 @@
+//! The outbox event as a command writes it: the envelope fields every published message carries,
+//! stored in the same transaction as the state change that caused it.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Where an event came from and what it belongs to, for tracing across services.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventMetadata {
+    /// Ties together everything one business flow caused (from `X-Correlation-Id`, else the
+    /// API request id).
+    pub correlation_id: String,
+    /// The message or request that directly caused this event (the API request id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<String>,
+    /// W3C trace context of the request, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    /// W3C trace state that goes with `traceparent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
+    /// The X-Ray trace header of the invocation (EventBridge `TraceHeader`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xray_trace_header: Option<String>,
+    /// The service that emitted the event (EventBridge `Source`).
+    pub source: String,
+}
+
+/// An event about to be appended to the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewOutboxEvent {
+    /// Stable id: consumers dedupe on it, FIFO topics use it as `MessageDeduplicationId`.
+    pub event_id: Uuid,
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// Aggregate type, e.g. `payment`.
+    pub aggregate_type: &'static str,
+    /// Aggregate id (the FIFO `MessageGroupId`).
+    pub aggregate_id: String,
+    /// Aggregate version after this event: orders the aggregate's events.
+    pub aggregate_version: i64,
+    /// Event type, e.g. `payment.paid`.
+    pub event_type: &'static str,
+    /// Schema version of `payload`.
+    pub schema_version: i32,
+    /// The event payload.
+    pub payload: serde_json::Value,
+    /// Correlation, causation and trace context.
+    pub metadata: EventMetadata,
+    /// Unique per tenant when present: a second event with the same key is refused.
+    pub idempotency_key: Option<String>,
+}

@@ -1,0 +1,9 @@
+//! PostgreSQL adapters: connection settings and the one connection a Lambda instance keeps,
+//! migrations, and the SQL behind each port (one module per table).
+
+mod connection;
+pub mod migrate;
+pub mod outbox;
+pub mod payments;
+
+pub use connection::{DatabaseSettings, Db, DbError, TlsMode};
