@@ -77,10 +77,6 @@ CREATE TABLE outbox (
 -- published rows are retained. The claim orders by (next_attempt_at, id), the index order.
 CREATE INDEX outbox_claim_idx ON outbox (next_attempt_at, id) WHERE status = 'pending';
 
--- Serves the per-aggregate order check ("is an earlier event of this aggregate unfinished?").
-CREATE INDEX outbox_unfinished_by_aggregate_idx
-    ON outbox (tenant_id, aggregate_type, aggregate_id, aggregate_version)
-    WHERE status <> 'published';
 
 -- The outbox is a queue: rows are inserted, updated once or twice and removed. Vacuum it early
 -- and without throttling so dead index entries do not pile up at the head of the claim index.

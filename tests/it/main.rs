@@ -1,1 +1,5 @@
+//! Integration tests: one binary, each test on a database of its own on the local PostgreSQL.
 
+mod migrations;
+mod payment_command;
+mod sample_events;

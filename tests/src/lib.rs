@@ -1,1 +1,229 @@
+//! Harness shared by the integration tests and the benchmarks: a fresh, migrated database per test
+//! on the local PostgreSQL, and loaders for the committed sample events under `events/`.
+//!
+//! The tests need a running PostgreSQL: `scripts/dev-env up` starts one and writes
+//! `OUTBOX_TEST_DATABASE_URL` to `.local/env`. Without it they fail with a message, never skip.
 
+use std::path::PathBuf;
+
+use aws_lambda_events::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
+use aws_lambda_events::encodings::Body;
+use lambda_runtime::{Context, LambdaEvent};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio_postgres::Client;
+
+use outbox_shared::postgres::migrate::run_migrations;
+use outbox_shared::postgres::payments::PgPaymentStore;
+use outbox_shared::postgres::{DatabaseSettings, Db, TlsMode};
+use payment_command::{HandlerConfig, PaymentCommandHandler};
+
+/// The server the tests create their databases on, from `OUTBOX_TEST_DATABASE_URL`.
+pub fn admin_settings() -> DatabaseSettings {
+    let url = std::env::var("OUTBOX_TEST_DATABASE_URL").unwrap_or_else(|_| {
+        panic!(
+            "OUTBOX_TEST_DATABASE_URL is not set: these tests need a real PostgreSQL. \
+             Run them with `make test` (or `scripts/dev-env up && . .local/env` first)."
+        )
+    });
+    let config = url
+        .parse()
+        .unwrap_or_else(|e| panic!("OUTBOX_TEST_DATABASE_URL is not a connection string: {e}"));
+    DatabaseSettings::new(config, TlsMode::Disable)
+}
+
+/// A database of its own for one test, created empty and migrated.
+pub struct TestDb {
+    /// Settings that connect to it.
+    pub settings: DatabaseSettings,
+    /// Its name (`t_` and a random hex id).
+    pub name: String,
+}
+
+impl TestDb {
+    /// Creates and migrates a new database. Panics, naming the cause, when PostgreSQL is not there.
+    pub async fn create() -> Self {
+        let admin = admin_settings();
+        let client = admin.connect().await.unwrap_or_else(|e| {
+            panic!(
+                "cannot reach the test PostgreSQL ({e:?}); run `scripts/dev-env up` or `make test`"
+            )
+        });
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        // An identifier cannot be a bind parameter; the name is built from hex digits only.
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        let settings = admin.with_dbname(&name);
+        let mut client = settings
+            .connect()
+            .await
+            .expect("connect to the test database");
+        run_migrations(&mut client)
+            .await
+            .expect("migrate the test database");
+        Self { settings, name }
+    }
+
+    /// A new connection to the test database.
+    pub async fn client(&self) -> Client {
+        self.settings
+            .connect()
+            .await
+            .expect("connect to the test database")
+    }
+
+    /// A payment command handler on its own connection, as one Lambda instance would have.
+    pub fn payment_handler(&self) -> PaymentCommandHandler<PgPaymentStore> {
+        PaymentCommandHandler::new(
+            PgPaymentStore::new(Db::new(self.settings.clone())),
+            HandlerConfig::default(),
+        )
+    }
+
+    /// `SELECT count(*)` of a query's rows.
+    pub async fn count(&self, client: &Client, from_where: &str) -> i64 {
+        client
+            .query_one(&format!("SELECT count(*) FROM {from_where}"), &[])
+            .await
+            .expect("count query")
+            .get(0)
+    }
+}
+
+/// The folder of a function's sample events.
+pub fn events_dir(function: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../events")
+        .join(function)
+}
+
+/// The sample events of a function, sorted by file name.
+pub fn sample_files(function: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(events_dir(function))
+        .expect("events folder")
+        .map(|e| e.expect("events folder entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// A committed sample event, as raw JSON.
+pub fn sample_json(function: &str, file: &str) -> Value {
+    let path = events_dir(function).join(file);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+}
+
+/// Turns JSON into a typed event, panicking with the reason.
+pub fn typed<T: DeserializeOwned>(json: Value) -> T {
+    serde_json::from_value(json).expect("event has the handler's input shape")
+}
+
+/// A paid-command request for `tenant` and `payment`, built from the committed `01-paid.json`
+/// sample with its body replaced.
+pub fn paid_request(tenant: &str, payment: &str, body: Value) -> ApiGatewayV2httpRequest {
+    command_request(
+        "01-paid.json",
+        tenant,
+        payment,
+        "paid",
+        &body.to_string(),
+        None,
+    )
+}
+
+/// A refund request, built from the committed `04-refund.json` sample.
+pub fn refund_request(
+    tenant: &str,
+    payment: &str,
+    key: &str,
+    amount: i64,
+) -> ApiGatewayV2httpRequest {
+    let body = serde_json::json!({ "amountMinor": amount }).to_string();
+    command_request(
+        "04-refund.json",
+        tenant,
+        payment,
+        "refunds",
+        &body,
+        Some(key),
+    )
+}
+
+/// A standard paid body.
+pub fn paid_body(amount: i64, currency: &str) -> Value {
+    serde_json::json!({
+        "amountMinor": amount,
+        "currency": currency,
+        "verificationMethod": "card_3ds",
+        "verifiedBy": "acs.examplebank.com",
+    })
+}
+
+fn command_request(
+    sample: &str,
+    tenant: &str,
+    payment: &str,
+    action: &str,
+    body: &str,
+    key: Option<&str>,
+) -> ApiGatewayV2httpRequest {
+    let mut json = sample_json("payment-command", sample);
+    let path = format!("/payments/{payment}/{action}");
+    json["rawPath"] = path.clone().into();
+    json["requestContext"]["http"]["path"] = path.into();
+    json["pathParameters"]["paymentId"] = payment.into();
+    json["requestContext"]["authorizer"]["jwt"]["claims"]["tenant_id"] = tenant.into();
+    json["requestContext"]["requestId"] = uuid::Uuid::new_v4().simple().to_string().into();
+    json["body"] = body.into();
+    if let Some(key) = key {
+        json["headers"]["idempotency-key"] = key.into();
+    }
+    typed(json)
+}
+
+/// What a test needs of a response.
+#[derive(Debug)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: i64,
+    /// Parsed JSON body.
+    pub body: Value,
+    /// Whether the `Idempotent-Replayed: true` header was set.
+    pub replayed: bool,
+}
+
+/// Invokes a handler the way the Lambda runtime does and unpacks the response.
+pub async fn invoke(
+    handler: &PaymentCommandHandler<PgPaymentStore>,
+    request: ApiGatewayV2httpRequest,
+) -> Reply {
+    let response = handler
+        .handle(LambdaEvent::new(request, Context::default()))
+        .await
+        .expect("the handler answers every request with a response");
+    reply(response)
+}
+
+/// Unpacks an API Gateway response.
+pub fn reply(response: ApiGatewayV2httpResponse) -> Reply {
+    let text = match &response.body {
+        Some(Body::Text(text)) => text.clone(),
+        other => panic!("expected a text body, got {other:?}"),
+    };
+    assert_eq!(
+        response
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/json")
+    );
+    Reply {
+        status: response.status_code,
+        body: serde_json::from_str(&text).expect("JSON body"),
+        replayed: response.headers.get("idempotent-replayed").is_some(),
+    }
+}

@@ -15,7 +15,9 @@ use outbox_shared::ports::{
     MarkPaidCommand, MarkPaidOutcome, PaymentCommandStore, RefundCommand, RefundOutcome,
 };
 
-use crate::request::{body_bytes, parse_mark_paid, parse_refund, FieldError, DEFAULT_MAX_BODY_BYTES};
+use crate::request::{
+    body_bytes, parse_mark_paid, parse_refund, FieldError, DEFAULT_MAX_BODY_BYTES,
+};
 
 /// Route key of the paid command in the HTTP API.
 pub const PAID_ROUTE: &str = "POST /payments/{paymentId}/paid";
@@ -93,7 +95,11 @@ impl<S: PaymentCommandStore> PaymentCommandHandler<S> {
         Ok(response)
     }
 
-    async fn respond(&self, req: &ApiGatewayV2httpRequest, ctx: &Context) -> ApiGatewayV2httpResponse {
+    async fn respond(
+        &self,
+        req: &ApiGatewayV2httpRequest,
+        ctx: &Context,
+    ) -> ApiGatewayV2httpResponse {
         let route = match route(req) {
             Ok(route) => route,
             Err(response) => return response,
@@ -107,7 +113,12 @@ impl<S: PaymentCommandStore> PaymentCommandHandler<S> {
             Route::Refund(id) => self.refund(req, tenant, &id, metadata).await,
         };
         result.unwrap_or_else(|e| {
-            error(400, "invalid_request", &format!("{} {}", e.field, e.message), Some(&e.field))
+            error(
+                400,
+                "invalid_request",
+                &format!("{} {}", e.field, e.message),
+                Some(&e.field),
+            )
         })
     }
 
@@ -119,7 +130,11 @@ impl<S: PaymentCommandStore> PaymentCommandHandler<S> {
         metadata: EventMetadata,
     ) -> Result<ApiGatewayV2httpResponse, FieldError> {
         let payment_id = parse_payment_id(payment_id)?;
-        let body = body_bytes(req.body.as_deref(), req.is_base64_encoded, self.config.max_body_bytes)?;
+        let body = body_bytes(
+            req.body.as_deref(),
+            req.is_base64_encoded,
+            self.config.max_body_bytes,
+        )?;
         let command = parse_mark_paid(&body)?;
         let cmd = MarkPaidCommand {
             tenant_id,
@@ -152,7 +167,11 @@ impl<S: PaymentCommandStore> PaymentCommandHandler<S> {
             .ok_or_else(|| FieldError::new("Idempotency-Key", "header is required"))?;
         let idempotency_key = IdempotencyKey::parse(key)
             .map_err(|e| FieldError::new("Idempotency-Key", format!("header {e}")))?;
-        let body = body_bytes(req.body.as_deref(), req.is_base64_encoded, self.config.max_body_bytes)?;
+        let body = body_bytes(
+            req.body.as_deref(),
+            req.is_base64_encoded,
+            self.config.max_body_bytes,
+        )?;
         let command = parse_refund(&body)?;
         let cmd = RefundCommand {
             tenant_id,
@@ -201,8 +220,17 @@ fn parse_payment_id(raw: &str) -> Result<PaymentId, FieldError> {
 /// Finds the route: by route key when API Gateway matched one, by path otherwise (a `$default`
 /// route, or a request replayed without route key).
 fn route(req: &ApiGatewayV2httpRequest) -> Result<Route, ApiGatewayV2httpResponse> {
-    let path_param = || req.path_parameters.get("paymentId").cloned().unwrap_or_default();
-    match req.route_key.as_deref().or(req.request_context.route_key.as_deref()) {
+    let path_param = || {
+        req.path_parameters
+            .get("paymentId")
+            .cloned()
+            .unwrap_or_default()
+    };
+    match req
+        .route_key
+        .as_deref()
+        .or(req.request_context.route_key.as_deref())
+    {
         Some(PAID_ROUTE) => return Ok(Route::Paid(path_param())),
         Some(REFUND_ROUTE) => return Ok(Route::Refund(path_param())),
         _ => {}
@@ -221,7 +249,9 @@ fn route(req: &ApiGatewayV2httpRequest) -> Result<Route, ApiGatewayV2httpRespons
     };
     if req.request_context.http.method != aws_lambda_events::http::Method::POST {
         let mut response = error(405, "method_not_allowed", "only POST is allowed here", None);
-        response.headers.insert("allow", HeaderValue::from_static("POST"));
+        response
+            .headers
+            .insert("allow", HeaderValue::from_static("POST"));
         return Err(response);
     }
     Ok(route)
@@ -230,27 +260,40 @@ fn route(req: &ApiGatewayV2httpRequest) -> Result<Route, ApiGatewayV2httpRespons
 /// The tenant, from the JWT authorizer's verified claims only. A tenant in a header or the body
 /// is never looked at.
 fn tenant(req: &ApiGatewayV2httpRequest, claim: &str) -> Option<TenantId> {
-    let claims = &req.request_context.authorizer.as_ref()?.jwt.as_ref()?.claims;
+    let claims = &req
+        .request_context
+        .authorizer
+        .as_ref()?
+        .jwt
+        .as_ref()?
+        .claims;
     TenantId::parse(claims.get(claim)?).ok()
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name)?.to_str().ok().map(str::trim).filter(|v| !v.is_empty())
+    headers
+        .get(name)?
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
 }
 
 fn is_token(value: &str, max: usize) -> bool {
     !value.is_empty()
         && value.len() <= max
-        && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
 /// W3C `traceparent`: `00-<32 hex>-<16 hex>-<2 hex>`.
 fn is_traceparent(value: &str) -> bool {
     let parts: Vec<&str> = value.split('-').collect();
     matches!(parts.as_slice(), [v, t, p, f]
-        if [(v, 2), (t, 32), (p, 16), (f, 2)].iter().all(|(s, n)| {
-            s.len() == *n && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-        }))
+    if [(v, 2), (t, 32), (p, 16), (f, 2)].iter().all(|(s, n)| {
+        s.len() == *n && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    }))
 }
 
 fn metadata(req: &ApiGatewayV2httpRequest, ctx: &Context, source: &str) -> EventMetadata {
@@ -329,7 +372,9 @@ fn unavailable(e: &outbox_shared::ports::StoreError) -> ApiGatewayV2httpResponse
         "the command could not be completed; retry it with the same request",
         None,
     );
-    response.headers.insert("retry-after", HeaderValue::from_static("1"));
+    response
+        .headers
+        .insert("retry-after", HeaderValue::from_static("1"));
     response
 }
 
@@ -339,9 +384,15 @@ mod tests {
 
     #[test]
     fn traceparent_format_is_checked() {
-        assert!(is_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
-        assert!(!is_traceparent("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"));
-        assert!(!is_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"));
+        assert!(is_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!is_traceparent(
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!is_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"
+        ));
         assert!(!is_traceparent("garbage"));
     }
 

@@ -9,7 +9,9 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
 
-use outbox_shared::domain::payment::{MarkPaid, RecordRefund, VerificationMethod, MAX_AMOUNT_MINOR};
+use outbox_shared::domain::payment::{
+    MarkPaid, RecordRefund, VerificationMethod, MAX_AMOUNT_MINOR,
+};
 use outbox_shared::domain::Currency;
 
 /// Default cap on the request body, in bytes: a paid or refund command is well under 1 KiB.
@@ -46,7 +48,11 @@ pub fn body_bytes(body: Option<&str>, is_base64: bool, max: usize) -> Result<Vec
     }
     let too_large = || FieldError::new("body", format!("must be at most {max} bytes"));
     if !is_base64 {
-        return if raw.len() > max { Err(too_large()) } else { Ok(raw.as_bytes().to_vec()) };
+        return if raw.len() > max {
+            Err(too_large())
+        } else {
+            Ok(raw.as_bytes().to_vec())
+        };
     }
     // Base64 grows the body by a third: refuse an obviously oversized one before decoding it.
     if raw.len() / 4 * 3 > max + 3 {
@@ -153,19 +159,30 @@ fn amount(obj: &Object, field: &str) -> Result<i64, FieldError> {
             Some(a) if (1..=MAX_AMOUNT_MINOR).contains(&a) => Ok(a),
             _ => Err(FieldError::new(field, range())),
         },
-        other => Err(FieldError::new(field, format!("{}, not {}", range(), kind(other)))),
+        other => Err(FieldError::new(
+            field,
+            format!("{}, not {}", range(), kind(other)),
+        )),
     }
 }
 
 fn string<'a>(obj: &'a Object, field: &str) -> Result<&'a str, FieldError> {
     match obj.required(field)? {
         Value::String(s) => Ok(s),
-        other => Err(FieldError::new(field, format!("must be a string, not {}", kind(other)))),
+        other => Err(FieldError::new(
+            field,
+            format!("must be a string, not {}", kind(other)),
+        )),
     }
 }
 
 /// Fields of `POST /payments/{paymentId}/paid`.
-pub const MARK_PAID_FIELDS: &[&str] = &["amountMinor", "currency", "verificationMethod", "verifiedBy"];
+pub const MARK_PAID_FIELDS: &[&str] = &[
+    "amountMinor",
+    "currency",
+    "verificationMethod",
+    "verifiedBy",
+];
 
 /// Parses the body of `POST /payments/{paymentId}/paid`.
 pub fn parse_mark_paid(bytes: &[u8]) -> Result<MarkPaid, FieldError> {
@@ -191,7 +208,10 @@ pub fn parse_mark_paid(bytes: &[u8]) -> Result<MarkPaid, FieldError> {
         ));
     }
     if verified_by.chars().any(char::is_control) {
-        return Err(FieldError::new("verifiedBy", "must not contain control characters"));
+        return Err(FieldError::new(
+            "verifiedBy",
+            "must not contain control characters",
+        ));
     }
     Ok(MarkPaid {
         amount_minor,
@@ -238,24 +258,78 @@ mod tests {
             ("[1,2]", "body"),
             ("\"text\"", "body"),
             ("{\"amountMinor\":", "body"),
-            (r#"{"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x"}"#, "amountMinor"),
-            (r#"{"amountMinor":null,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x"}"#, "amountMinor"),
-            (r#"{"amountMinor":"1250","currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x"}"#, "amountMinor"),
-            (r#"{"amountMinor":12.5,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x"}"#, "amountMinor"),
-            (r#"{"amountMinor":0,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x"}"#, "amountMinor"),
-            (r#"{"amountMinor":-5,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x"}"#, "amountMinor"),
-            (r#"{"amountMinor":1000000000000000001,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x"}"#, "amountMinor"),
-            (r#"{"amountMinor":99999999999999999999999,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x"}"#, "amountMinor"),
-            (r#"{"amountMinor":1e3,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x"}"#, "amountMinor"),
-            (r#"{"amountMinor":1,"currency":"eur","verificationMethod":"card_3ds","verifiedBy":"x"}"#, "currency"),
-            (r#"{"amountMinor":1,"currency":"ZZZ","verificationMethod":"card_3ds","verifiedBy":"x"}"#, "currency"),
-            (r#"{"amountMinor":1,"currency":978,"verificationMethod":"card_3ds","verifiedBy":"x"}"#, "currency"),
-            (r#"{"amountMinor":1,"currency":"EUR","verificationMethod":"telepathy","verifiedBy":"x"}"#, "verificationMethod"),
-            (r#"{"amountMinor":1,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"  "}"#, "verifiedBy"),
-            (r#"{"amountMinor":1,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"a\u0000b"}"#, "verifiedBy"),
-            (r#"{"amountMinor":1,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":{"$ne":1}}"#, "verifiedBy"),
-            (r#"{"amountMinor":1,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x","tenantId":"other"}"#, "tenantId"),
-            (r#"{"amountMinor":1,"amountMinor":2,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x"}"#, "amountMinor"),
+            (
+                r#"{"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x"}"#,
+                "amountMinor",
+            ),
+            (
+                r#"{"amountMinor":null,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x"}"#,
+                "amountMinor",
+            ),
+            (
+                r#"{"amountMinor":"1250","currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x"}"#,
+                "amountMinor",
+            ),
+            (
+                r#"{"amountMinor":12.5,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x"}"#,
+                "amountMinor",
+            ),
+            (
+                r#"{"amountMinor":0,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x"}"#,
+                "amountMinor",
+            ),
+            (
+                r#"{"amountMinor":-5,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x"}"#,
+                "amountMinor",
+            ),
+            (
+                r#"{"amountMinor":1000000000000000001,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x"}"#,
+                "amountMinor",
+            ),
+            (
+                r#"{"amountMinor":99999999999999999999999,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x"}"#,
+                "amountMinor",
+            ),
+            (
+                r#"{"amountMinor":1e3,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x"}"#,
+                "amountMinor",
+            ),
+            (
+                r#"{"amountMinor":1,"currency":"eur","verificationMethod":"card_3ds","verifiedBy":"x"}"#,
+                "currency",
+            ),
+            (
+                r#"{"amountMinor":1,"currency":"ZZZ","verificationMethod":"card_3ds","verifiedBy":"x"}"#,
+                "currency",
+            ),
+            (
+                r#"{"amountMinor":1,"currency":978,"verificationMethod":"card_3ds","verifiedBy":"x"}"#,
+                "currency",
+            ),
+            (
+                r#"{"amountMinor":1,"currency":"EUR","verificationMethod":"telepathy","verifiedBy":"x"}"#,
+                "verificationMethod",
+            ),
+            (
+                r#"{"amountMinor":1,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"  "}"#,
+                "verifiedBy",
+            ),
+            (
+                r#"{"amountMinor":1,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"a\u0000b"}"#,
+                "verifiedBy",
+            ),
+            (
+                r#"{"amountMinor":1,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":{"$ne":1}}"#,
+                "verifiedBy",
+            ),
+            (
+                r#"{"amountMinor":1,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x","tenantId":"other"}"#,
+                "tenantId",
+            ),
+            (
+                r#"{"amountMinor":1,"amountMinor":2,"currency":"EUR","verificationMethod":"card_3ds","verifiedBy":"x"}"#,
+                "amountMinor",
+            ),
         ];
         for (body, field) in cases {
             assert_eq!(field_of(body), field, "body {body}");
@@ -274,13 +348,23 @@ mod tests {
         let err = parse_refund(br#"{"amountMinor":1,"a\nb":2}"#).unwrap_err();
         assert_eq!(err.field, "a\\nb");
         let long_name = format!(r#"{{"{}":1}}"#, "k".repeat(500));
-        assert!(parse_refund(long_name.as_bytes()).unwrap_err().field.chars().count() <= 65);
+        assert!(
+            parse_refund(long_name.as_bytes())
+                .unwrap_err()
+                .field
+                .chars()
+                .count()
+                <= 65
+        );
     }
 
     #[test]
     fn bodies_are_bounded_before_and_after_base64() {
         assert_eq!(body_bytes(None, false, 10).unwrap_err().field, "body");
-        assert_eq!(body_bytes(Some("   "), false, 10).unwrap_err().field, "body");
+        assert_eq!(
+            body_bytes(Some("   "), false, 10).unwrap_err().field,
+            "body"
+        );
         assert!(body_bytes(Some("0123456789"), false, 10).is_ok());
         assert!(body_bytes(Some("0123456789x"), false, 10).is_err());
         let b64 = base64::engine::general_purpose::STANDARD.encode(GOOD);
@@ -291,9 +375,20 @@ mod tests {
 
     #[test]
     fn refund_body_takes_only_a_positive_amount() {
-        assert_eq!(parse_refund(br#"{"amountMinor":300}"#).unwrap().amount_minor, 300);
-        assert_eq!(parse_refund(br#"{"amountMinor":0}"#).unwrap_err().field, "amountMinor");
+        assert_eq!(
+            parse_refund(br#"{"amountMinor":300}"#)
+                .unwrap()
+                .amount_minor,
+            300
+        );
+        assert_eq!(
+            parse_refund(br#"{"amountMinor":0}"#).unwrap_err().field,
+            "amountMinor"
+        );
         assert_eq!(parse_refund(br#"{}"#).unwrap_err().field, "amountMinor");
-        assert_eq!(parse_refund(br#"{"amount":3}"#).unwrap_err().field, "amount");
+        assert_eq!(
+            parse_refund(br#"{"amount":3}"#).unwrap_err().field,
+            "amount"
+        );
     }
 }

@@ -23,7 +23,12 @@ pub enum IdError {
     },
 }
 
-fn check(value: &str, max: usize, allowed: &'static str, ok: fn(char) -> bool) -> Result<(), IdError> {
+fn check(
+    value: &str,
+    max: usize,
+    allowed: &'static str,
+    ok: fn(char) -> bool,
+) -> Result<(), IdError> {
     if value.is_empty() {
         return Err(IdError::Empty);
     }
@@ -94,7 +99,12 @@ impl IdempotencyKey {
 
     /// Validates and wraps the key.
     pub fn parse(value: &str) -> Result<Self, IdError> {
-        check(value, Self::MAX_LEN, "printable ASCII without spaces", |c| c.is_ascii_graphic())?;
+        check(
+            value,
+            Self::MAX_LEN,
+            "printable ASCII without spaces",
+            |c| c.is_ascii_graphic(),
+        )?;
         Ok(Self(value.to_owned()))
     }
 
@@ -110,15 +120,29 @@ mod tests {
 
     #[test]
     fn accepts_plain_slugs() {
-        assert_eq!(PaymentId::parse("pay_01H-x.9").unwrap().as_str(), "pay_01H-x.9");
+        assert_eq!(
+            PaymentId::parse("pay_01H-x.9").unwrap().as_str(),
+            "pay_01H-x.9"
+        );
         assert!(TenantId::parse(&"t".repeat(64)).is_ok());
     }
 
     #[test]
     fn refuses_empty_long_and_hostile_values() {
         assert_eq!(PaymentId::parse(""), Err(IdError::Empty));
-        assert_eq!(TenantId::parse(&"t".repeat(65)), Err(IdError::TooLong { max: 64 }));
-        for bad in ["a b", "x'; DROP TABLE payments;--", "a/b", "é", "a\u{0}b", "a%20b", "💳"] {
+        assert_eq!(
+            TenantId::parse(&"t".repeat(65)),
+            Err(IdError::TooLong { max: 64 })
+        );
+        for bad in [
+            "a b",
+            "x'; DROP TABLE payments;--",
+            "a/b",
+            "é",
+            "a\u{0}b",
+            "a%20b",
+            "💳",
+        ] {
             assert!(PaymentId::parse(bad).is_err(), "{bad:?} accepted");
         }
         assert!(IdempotencyKey::parse("key with space").is_err());

@@ -254,7 +254,10 @@ mod tests {
 
     #[test]
     fn a_new_payment_is_paid_at_version_one() {
-        assert_eq!(decide_mark_paid(None, &pay(100)), MarkPaidDecision::Pay { new_version: 1 });
+        assert_eq!(
+            decide_mark_paid(None, &pay(100)),
+            MarkPaidDecision::Pay { new_version: 1 }
+        );
     }
 
     #[test]
@@ -274,19 +277,31 @@ mod tests {
             amount_minor: Some(50),
             ..pending
         };
-        assert_eq!(decide_mark_paid(Some(&preset), &pay(100)), MarkPaidDecision::Conflict);
+        assert_eq!(
+            decide_mark_paid(Some(&preset), &pay(100)),
+            MarkPaidDecision::Conflict
+        );
     }
 
     #[test]
     fn paying_again_is_a_replay_only_with_the_same_amount_and_currency() {
         let state = paid(100, 0, 1);
-        assert_eq!(decide_mark_paid(Some(&state), &pay(100)), MarkPaidDecision::AlreadyPaid);
-        assert_eq!(decide_mark_paid(Some(&state), &pay(101)), MarkPaidDecision::Conflict);
+        assert_eq!(
+            decide_mark_paid(Some(&state), &pay(100)),
+            MarkPaidDecision::AlreadyPaid
+        );
+        assert_eq!(
+            decide_mark_paid(Some(&state), &pay(101)),
+            MarkPaidDecision::Conflict
+        );
         let usd = MarkPaid {
             currency: Currency::parse("USD").unwrap(),
             ..pay(100)
         };
-        assert_eq!(decide_mark_paid(Some(&state), &usd), MarkPaidDecision::Conflict);
+        assert_eq!(
+            decide_mark_paid(Some(&state), &usd),
+            MarkPaidDecision::Conflict
+        );
         // A refunded payment paid again with the same figures is still a replay, not a new event.
         assert_eq!(
             decide_mark_paid(Some(&paid(100, 40, 2)), &pay(100)),
@@ -299,7 +314,9 @@ mod tests {
         let state = paid(100, 60, 2);
         assert_eq!(
             decide_refund(&state, &RecordRefund { amount_minor: 41 }),
-            RefundDecision::ExceedsRemaining { remaining_minor: 40 }
+            RefundDecision::ExceedsRemaining {
+                remaining_minor: 40
+            }
         );
         assert_eq!(
             decide_refund(&state, &RecordRefund { amount_minor: 40 }),

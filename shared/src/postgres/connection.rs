@@ -130,7 +130,8 @@ impl DatabaseSettings {
                 config.ssl_mode(SslMode::Require);
                 let mut builder = native_tls::TlsConnector::builder();
                 if let Some(pem) = &self.extra_root_pem {
-                    let cert = native_tls::Certificate::from_pem(pem.expose()).map_err(DbError::Tls)?;
+                    let cert =
+                        native_tls::Certificate::from_pem(pem.expose()).map_err(DbError::Tls)?;
                     builder.add_root_certificate(cert);
                 }
                 let tls = postgres_native_tls::MakeTlsConnector::new(

@@ -15,7 +15,10 @@ const APPEND: &str = "
 /// commits, and disappears with it if `tx` rolls back.
 #[tracing::instrument(skip_all, fields(event_id = %event.event_id, event_type = event.event_type,
     tenant_id = %event.tenant_id, aggregate_id = %event.aggregate_id))]
-pub async fn append(tx: &Transaction<'_>, event: &NewOutboxEvent) -> Result<(), tokio_postgres::Error> {
+pub async fn append(
+    tx: &Transaction<'_>,
+    event: &NewOutboxEvent,
+) -> Result<(), tokio_postgres::Error> {
     let metadata = serde_json::to_value(&event.metadata).unwrap_or_default();
     tx.execute_typed(
         APPEND,

@@ -162,14 +162,20 @@ impl PaymentCommandStore for PgPaymentStore {
         // Lock first, then look the key up in a statement of its own: under READ COMMITTED that
         // statement sees a refund committed by whoever held the lock before us.
         let Some(row) = tx
-            .query_typed_opt(SELECT_FOR_UPDATE, &[(&tenant, Type::TEXT), (&payment, Type::TEXT)])
+            .query_typed_opt(
+                SELECT_FOR_UPDATE,
+                &[(&tenant, Type::TEXT), (&payment, Type::TEXT)],
+            )
             .await?
         else {
             return Ok(RefundOutcome::PaymentNotFound);
         };
         let state = state_from_row(&row)?;
         if let Some(existing) = tx
-            .query_typed_opt(SELECT_REFUND_BY_KEY, &[(&tenant, Type::TEXT), (&key, Type::TEXT)])
+            .query_typed_opt(
+                SELECT_REFUND_BY_KEY,
+                &[(&tenant, Type::TEXT), (&key, Type::TEXT)],
+            )
             .await?
         {
             return replayed_refund(&existing, &state, &cmd);
@@ -191,7 +197,13 @@ impl PaymentCommandStore for PgPaymentStore {
                     remaining_minor,
                     new_status,
                     currency,
-                } => (new_version, refunded_total_minor, remaining_minor, new_status, currency),
+                } => (
+                    new_version,
+                    refunded_total_minor,
+                    remaining_minor,
+                    new_status,
+                    currency,
+                ),
             };
 
         let refund_id = Uuid::now_v7();
@@ -286,7 +298,10 @@ async fn pay_existing(
     let tenant = cmd.tenant_id.as_str();
     let payment = cmd.payment_id.as_str();
     let row = tx
-        .query_typed_one(SELECT_FOR_UPDATE, &[(&tenant, Type::TEXT), (&payment, Type::TEXT)])
+        .query_typed_one(
+            SELECT_FOR_UPDATE,
+            &[(&tenant, Type::TEXT), (&payment, Type::TEXT)],
+        )
         .await?;
     let state = state_from_row(&row)?;
     let pay = &cmd.command;
@@ -297,7 +312,9 @@ async fn pay_existing(
                 row.try_get::<_, Option<DateTime<Utc>>>("paid_at")?,
                 row.try_get::<_, Option<Uuid>>("paid_event_id")?,
             ) else {
-                return Err(StoreError::Corrupt("paid payment without paid_at or event".into()));
+                return Err(StoreError::Corrupt(
+                    "paid payment without paid_at or event".into(),
+                ));
             };
             Ok(Existing::Done(MarkPaidOutcome::Replayed(PaidReceipt {
                 payment_id: payment.to_owned(),
@@ -342,7 +359,9 @@ fn replayed_refund(
         return Ok(RefundOutcome::IdempotencyKeyReused);
     }
     let (Some(paid_amount), Some(currency)) = (state.amount_minor, state.currency) else {
-        return Err(StoreError::Corrupt("refunded payment without amount".into()));
+        return Err(StoreError::Corrupt(
+            "refunded payment without amount".into(),
+        ));
     };
     let refunded_total: i64 = existing.try_get("refunded_total_minor")?;
     let remaining = paid_amount - refunded_total;
@@ -373,7 +392,9 @@ fn state_from_row(row: &Row) -> Result<PaymentState, StoreError> {
     Ok(PaymentState {
         status: status
             .parse()
-            .map_err(|e: crate::domain::payment::UnknownStatus| StoreError::Corrupt(e.to_string()))?,
+            .map_err(|e: crate::domain::payment::UnknownStatus| {
+                StoreError::Corrupt(e.to_string())
+            })?,
         amount_minor: row.try_get("amount_minor")?,
         currency: currency
             .map(|c| Currency::parse(&c))

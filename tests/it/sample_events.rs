@@ -1,0 +1,58 @@
+//! Every committed sample under `events/payment-command/` parses into the handler's input type,
+//! and replaying them in order against a fresh database gives the status each is there to show.
+
+use aws_lambda_events::apigw::ApiGatewayV2httpRequest;
+use outbox_tests::{invoke, sample_files, typed, TestDb};
+
+/// File name → the status the sample must produce when the samples run in name order.
+const EXPECTED: &[(&str, i64)] = &[
+    ("01-paid.json", 200),
+    ("02-paid-replay.json", 200),
+    ("03-paid-conflict.json", 409),
+    ("04-refund.json", 201),
+    ("05-refund-replay.json", 200),
+    ("06-refund-exceeds.json", 422),
+    ("07-refund-unknown-payment.json", 404),
+    ("08-paid-invalid-amount.json", 400),
+    ("09-paid-malformed-json.json", 400),
+    ("10-refund-missing-idempotency-key.json", 400),
+    ("11-paid-no-tenant.json", 401),
+    ("12-paid-second-payment-usd.json", 200),
+];
+
+#[tokio::test]
+async fn every_payment_command_sample_parses_and_gets_its_status() {
+    let db = TestDb::create().await;
+    let handler = db.payment_handler();
+    let files = sample_files("payment-command");
+    let names: Vec<String> = files
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let expected: Vec<&str> = EXPECTED.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        names, expected,
+        "every sample needs an expected status here, and vice versa"
+    );
+
+    for (path, (name, status)) in files.iter().zip(EXPECTED) {
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let request: ApiGatewayV2httpRequest = typed(json);
+        let reply = invoke(&handler, request).await;
+        assert_eq!(reply.status, *status, "{name}: {}", reply.body);
+        if *status >= 400 {
+            assert!(
+                reply.body["error"]["code"].is_string(),
+                "{name}: {}",
+                reply.body
+            );
+        }
+    }
+
+    let client = db.client().await;
+    // 01 and 12 paid two payments, 04 refunded one: three events, nothing from the rest.
+    assert_eq!(db.count(&client, "outbox").await, 3);
+    assert_eq!(db.count(&client, "payments").await, 2);
+    assert_eq!(db.count(&client, "refunds").await, 1);
+}
