@@ -4,7 +4,9 @@
 //! The tests need a running PostgreSQL: `scripts/dev-env up` starts one and writes
 //! `OUTBOX_TEST_DATABASE_URL` to `.local/env`. Without it they fail with a message, never skip.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use aws_lambda_events::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
 use aws_lambda_events::encodings::Body;
@@ -110,11 +112,21 @@ pub fn sample_files(function: &str) -> Vec<PathBuf> {
     files
 }
 
-/// A committed sample event, as raw JSON.
+/// A committed sample event, as raw JSON (read once per process, so benchmarks do not measure the
+/// disk).
 pub fn sample_json(function: &str, file: &str) -> Value {
+    static CACHE: Mutex<BTreeMap<PathBuf, Value>> = Mutex::new(BTreeMap::new());
     let path = events_dir(function).join(file);
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    cache
+        .entry(path.clone())
+        .or_insert_with(|| {
+            let bytes =
+                std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+        })
+        .clone()
 }
 
 /// Turns JSON into a typed event, panicking with the reason.
