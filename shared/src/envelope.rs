@@ -51,3 +51,30 @@ pub struct EventEnvelope {
     /// The payload.
     pub data: serde_json::Value,
 }
+
+impl EventEnvelope {
+    /// The envelope of a claimed outbox row. Fails only when the row's metadata is not the shape
+    /// the command side writes (then the row can never be published and goes dead).
+    pub fn from_row(row: &crate::outbox::ClaimedEvent) -> Result<Self, serde_json::Error> {
+        let metadata: crate::outbox::EventMetadata = serde_json::from_value(row.metadata.clone())?;
+        Ok(Self {
+            specversion: SPEC_VERSION.to_owned(),
+            id: row.event_id,
+            source: metadata.source,
+            event_type: row.event_type.clone(),
+            schemaversion: row.schema_version,
+            subject: format!("{}/{}", row.aggregate_type, row.aggregate_id),
+            time: row.created_at,
+            datacontenttype: "application/json".to_owned(),
+            tenantid: row.tenant_id.clone(),
+            aggregatetype: row.aggregate_type.clone(),
+            aggregateid: row.aggregate_id.clone(),
+            aggregateversion: row.aggregate_version,
+            correlationid: metadata.correlation_id,
+            causationid: metadata.causation_id,
+            traceparent: metadata.traceparent,
+            tracestate: metadata.tracestate,
+            data: row.payload.clone(),
+        })
+    }
+}

@@ -6,9 +6,15 @@
 //! - [`outbox`]: the outbox event as written by a command (envelope fields and metadata).
 //! - [`ports`]: the narrow traits each Lambda asks for.
 //! - [`postgres`]: connection handling, migrations and the SQL behind the ports.
+//! - [`aws`]: SDK configuration and the SNS / EventBridge publishers.
+//! - [`dispatcher`]: the claim → publish → record loop.
+//! - [`envelope`]: the message format every bus carries.
 //! - [`config`], [`telemetry`]: read once at cold start.
 
+pub mod aws;
 pub mod config;
+pub mod dispatcher;
+pub mod envelope;
 pub mod domain;
 pub mod outbox;
 pub mod ports;

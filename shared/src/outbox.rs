@@ -50,3 +50,45 @@ pub struct NewOutboxEvent {
     /// Unique per tenant when present: a second event with the same key is refused.
     pub idempotency_key: Option<String>,
 }
+
+/// An outbox row claimed by a dispatcher: leased to it until its lease expires.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimedEvent {
+    /// Row id (the outbox sequence).
+    pub id: i64,
+    /// Stable event id.
+    pub event_id: Uuid,
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// Aggregate id.
+    pub aggregate_id: String,
+    /// Aggregate version.
+    pub aggregate_version: i64,
+    /// Event type.
+    pub event_type: String,
+    /// Schema version of `payload`.
+    pub schema_version: i32,
+    /// The payload.
+    pub payload: serde_json::Value,
+    /// Metadata as stored (an [`EventMetadata`] when written by this code).
+    pub metadata: serde_json::Value,
+    /// Attempts so far, this one included.
+    pub attempts: i32,
+    /// When the event was recorded.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// The X-Ray trace header from the metadata, if any (EventBridge `TraceHeader`).
+    pub xray_trace_header: Option<String>,
+}
+
+/// What became of each claimed row, written back in one transaction.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outcomes {
+    /// Rows the bus accepted.
+    pub published: Vec<i64>,
+    /// Rows to try again: id, delay before the next attempt, the error.
+    pub retries: Vec<(i64, std::time::Duration, String)>,
+    /// Rows that can never be published, or ran out of attempts: id, the reason.
+    pub dead: Vec<(i64, String)>,
+}

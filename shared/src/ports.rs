@@ -157,3 +157,71 @@ pub trait PaymentCommandStore: Send + Sync {
         cmd: RefundCommand,
     ) -> impl Future<Output = Result<RefundOutcome, StoreError>> + Send;
 }
+
+/// What the dispatcher needs from the outbox table.
+pub trait OutboxStore: Send + Sync {
+    /// Leases up to `limit` publishable rows to `lease_owner` for `lease`: due, not leased, every
+    /// earlier event of their aggregate published, inserted by a transaction older than every
+    /// transaction still running. Counts the attempt.
+    fn claim_batch(
+        &self,
+        limit: i64,
+        lease: std::time::Duration,
+        lease_owner: &str,
+    ) -> impl Future<Output = Result<Vec<crate::outbox::ClaimedEvent>, StoreError>> + Send;
+
+    /// Records what became of rows claimed by `lease_owner`, in one transaction. A retry or a
+    /// dead-lettering only applies while the row is still leased to `lease_owner`.
+    fn record_outcomes(
+        &self,
+        lease_owner: &str,
+        outcomes: &crate::outbox::Outcomes,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// A claimed row with its serialized envelope, ready for a bus.
+#[derive(Debug, Clone)]
+pub struct OutgoingMessage {
+    /// The claimed row.
+    pub event: crate::outbox::ClaimedEvent,
+    /// The envelope as JSON: the SNS `Message` or the EventBridge `Detail`.
+    pub body: String,
+}
+
+/// What a bus said about one entry of a publish call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishOutcome {
+    /// Accepted.
+    Published,
+    /// Not accepted this time (throttling, 5xx, network, timeout): try again later.
+    Retry(String),
+    /// Refused for good (malformed, too large): dead-letter it now.
+    Reject(String),
+}
+
+/// Size limits of a bus's publish call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishLimits {
+    /// Entries per call.
+    pub max_entries: usize,
+    /// Bytes of one entry.
+    pub max_entry_bytes: usize,
+    /// Bytes of all entries of one call.
+    pub max_batch_bytes: usize,
+}
+
+/// A message bus the dispatcher publishes to (SNS, EventBridge).
+pub trait Publisher: Send + Sync {
+    /// The bus's limits.
+    fn limits(&self) -> PublishLimits;
+
+    /// Bytes `message` counts for against the limits.
+    fn entry_size(&self, message: &OutgoingMessage) -> usize;
+
+    /// Publishes up to `limits().max_entries` messages in one call. Returns one outcome per
+    /// message, in order: a call that fails as a whole is a `Retry` for each of them.
+    fn publish(
+        &self,
+        batch: &[OutgoingMessage],
+    ) -> impl Future<Output = Vec<PublishOutcome>> + Send;
+}

@@ -38,3 +38,167 @@ pub async fn append(
     .await?;
     Ok(())
 }
+
+/// Leases publishable rows. Served by `outbox_claim_idx` (`(next_attempt_at, id) WHERE status =
+/// 'pending'`) and ordered the same way, so its cost does not grow with retained published rows.
+/// - `FOR UPDATE SKIP LOCKED`: concurrent dispatchers take disjoint rows without waiting.
+/// - `locked_until`: the claim is a lease written in this one autocommitted statement, not a lock
+///   held across the publish; a dispatcher that dies leaves rows that are claimable once it ends.
+/// - `txid < pg_snapshot_xmin(...)`: only rows whose inserting transaction is older than every
+///   transaction still running, so the claim follows commit order, not sequence order: a smaller
+///   id committed late is never overtaken by a larger id committed early.
+/// - `NOT EXISTS`: only the first unpublished event of an aggregate (pending, leased, backing off
+///   or dead) is claimable, so an aggregate's events go out one by one in version order and a
+///   failing event holds back its own aggregate only.
+const CLAIM: &str = "
+    WITH candidates AS (
+        SELECT o.id
+        FROM outbox o
+        WHERE o.status = 'pending'
+          AND o.next_attempt_at <= now()
+          AND (o.locked_until IS NULL OR o.locked_until <= now())
+          AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
+          AND NOT EXISTS (
+              SELECT 1 FROM outbox e
+              WHERE e.tenant_id = o.tenant_id
+                AND e.aggregate_type = o.aggregate_type
+                AND e.aggregate_id = o.aggregate_id
+                AND e.aggregate_version < o.aggregate_version
+                AND e.status <> 'published')
+        ORDER BY o.next_attempt_at, o.id
+        LIMIT $1
+        FOR UPDATE OF o SKIP LOCKED
+    )
+    UPDATE outbox o
+    SET locked_until = now() + make_interval(secs => $2),
+        locked_by = $3,
+        attempts = o.attempts + 1
+    FROM candidates c
+    WHERE o.id = c.id
+    RETURNING o.id, o.event_id, o.tenant_id, o.aggregate_type, o.aggregate_id,
+              o.aggregate_version, o.event_type, o.schema_version, o.payload, o.metadata,
+              o.attempts, o.created_at";
+
+/// Published rows leave the claim index. `published_at` records when.
+const MARK_PUBLISHED: &str = "
+    UPDATE outbox
+    SET status = 'published', published_at = now(), locked_until = NULL, last_error = NULL
+    WHERE id = ANY($1) AND status = 'pending'";
+
+const SCHEDULE_RETRIES: &str = "
+    UPDATE outbox o
+    SET next_attempt_at = now() + make_interval(secs => r.delay_secs),
+        last_error = r.error, locked_until = NULL, locked_by = NULL
+    FROM unnest($1::bigint[], $2::float8[], $3::text[]) AS r(id, delay_secs, error)
+    WHERE o.id = r.id AND o.locked_by = $4 AND o.status = 'pending'";
+
+const MARK_DEAD: &str = "
+    UPDATE outbox o
+    SET status = 'dead', last_error = r.error, locked_until = NULL, locked_by = NULL
+    FROM unnest($1::bigint[], $2::text[]) AS r(id, error)
+    WHERE o.id = r.id AND o.locked_by = $3 AND o.status = 'pending'";
+
+/// The dispatcher's [`OutboxStore`](crate::ports::OutboxStore) on PostgreSQL.
+pub struct PgOutboxStore {
+    db: super::Db,
+}
+
+impl PgOutboxStore {
+    /// A store on the instance's connection.
+    pub fn new(db: super::Db) -> Self {
+        Self { db }
+    }
+
+    /// The connection, for start-up warm-up.
+    pub fn db(&self) -> &super::Db {
+        &self.db
+    }
+}
+
+impl crate::ports::OutboxStore for PgOutboxStore {
+    #[tracing::instrument(skip_all, fields(limit, lease_owner))]
+    async fn claim_batch(
+        &self,
+        limit: i64,
+        lease: std::time::Duration,
+        lease_owner: &str,
+    ) -> Result<Vec<crate::outbox::ClaimedEvent>, crate::ports::StoreError> {
+        let client = self.db.client().await?;
+        let lease_secs = lease.as_secs_f64();
+        let rows = client
+            .query_typed(
+                CLAIM,
+                &[(&limit, Type::INT8), (&lease_secs, Type::FLOAT8), (&lease_owner, Type::TEXT)],
+            )
+            .await?;
+        let mut claimed = rows
+            .iter()
+            .map(claimed_from_row)
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
+        claimed.sort_by_key(|e| e.id);
+        Ok(claimed)
+    }
+
+    #[tracing::instrument(skip_all, fields(published = outcomes.published.len(),
+        retries = outcomes.retries.len(), dead = outcomes.dead.len()))]
+    async fn record_outcomes(
+        &self,
+        lease_owner: &str,
+        outcomes: &crate::outbox::Outcomes,
+    ) -> Result<(), crate::ports::StoreError> {
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await?;
+        if !outcomes.published.is_empty() {
+            tx.execute_typed(MARK_PUBLISHED, &[(&outcomes.published, Type::INT8_ARRAY)])
+                .await?;
+        }
+        if !outcomes.retries.is_empty() {
+            let ids: Vec<i64> = outcomes.retries.iter().map(|r| r.0).collect();
+            let delays: Vec<f64> = outcomes.retries.iter().map(|r| r.1.as_secs_f64()).collect();
+            let errors: Vec<&str> = outcomes.retries.iter().map(|r| r.2.as_str()).collect();
+            tx.execute_typed(
+                SCHEDULE_RETRIES,
+                &[
+                    (&ids, Type::INT8_ARRAY),
+                    (&delays, Type::FLOAT8_ARRAY),
+                    (&errors, Type::TEXT_ARRAY),
+                    (&lease_owner, Type::TEXT),
+                ],
+            )
+            .await?;
+        }
+        if !outcomes.dead.is_empty() {
+            let ids: Vec<i64> = outcomes.dead.iter().map(|d| d.0).collect();
+            let errors: Vec<&str> = outcomes.dead.iter().map(|d| d.1.as_str()).collect();
+            tx.execute_typed(
+                MARK_DEAD,
+                &[(&ids, Type::INT8_ARRAY), (&errors, Type::TEXT_ARRAY), (&lease_owner, Type::TEXT)],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+fn claimed_from_row(row: &tokio_postgres::Row) -> Result<crate::outbox::ClaimedEvent, tokio_postgres::Error> {
+    let metadata: serde_json::Value = row.try_get("metadata")?;
+    Ok(crate::outbox::ClaimedEvent {
+        id: row.try_get("id")?,
+        event_id: row.try_get("event_id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        aggregate_version: row.try_get("aggregate_version")?,
+        event_type: row.try_get("event_type")?,
+        schema_version: row.try_get("schema_version")?,
+        payload: row.try_get("payload")?,
+        xray_trace_header: metadata
+            .get("xray_trace_header")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned),
+        metadata,
+        attempts: row.try_get("attempts")?,
+        created_at: row.try_get("created_at")?,
+    })
+}

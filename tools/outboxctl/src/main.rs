@@ -4,8 +4,13 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use std::time::{Duration, Instant};
+
+use outbox_shared::aws::{sdk_config, BusPublisher};
+use outbox_shared::dispatcher::{DispatcherConfig, OutboxDispatcher, Target};
 use outbox_shared::postgres::migrate::run_migrations;
-use outbox_shared::postgres::DatabaseSettings;
+use outbox_shared::postgres::outbox::PgOutboxStore;
+use outbox_shared::postgres::{DatabaseSettings, Db};
 
 #[derive(Parser)]
 #[command(
@@ -22,9 +27,16 @@ struct Cli {
 enum Command {
     /// Apply the schema migrations that have not been applied yet (safe to run again).
     Migrate,
+    /// Drain the outbox now, as the dispatcher function does, with the same settings
+    /// (`OUTBOX_TARGET`, `SNS_TOPIC_ARN` / `EVENT_BUS_NAME`, `DISPATCH_*`).
+    Dispatch {
+        /// Stop claiming after this many seconds even if rows are still due.
+        #[arg(long, default_value_t = 60)]
+        for_seconds: u64,
+    },
 }
 
-#[tokio::main(flavor = "current_thread")]
+#[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
@@ -55,6 +67,19 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     println!("applied {name}");
                 }
             }
+        }
+        Command::Dispatch { for_seconds } => {
+            let target = Target::from_env()?;
+            let mut config = DispatcherConfig::from_env()?;
+            config.safety_margin = Duration::ZERO;
+            let publisher = BusPublisher::new(&sdk_config().await, &target);
+            let store = PgOutboxStore::new(Db::new(settings));
+            let worker = format!("outboxctl-{}", std::process::id());
+            let dispatcher = OutboxDispatcher::new(store, publisher, config, worker);
+            let summary = dispatcher
+                .drain(Instant::now() + Duration::from_secs(for_seconds))
+                .await?;
+            println!("{}", serde_json::to_string(&summary)?);
         }
     }
     Ok(())

@@ -1,0 +1,24 @@
+//! Lambda entry point: configuration, the database connection and the bus client are set up once
+//! per cold start; every invocation drains the outbox.
+
+use lambda_runtime::{run, service_fn, Error};
+use outbox_shared::aws::{sdk_config, BusPublisher};
+use outbox_shared::dispatcher::{DispatcherConfig, OutboxDispatcher, Target};
+use outbox_shared::postgres::outbox::PgOutboxStore;
+use outbox_shared::postgres::{DatabaseSettings, Db};
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    outbox_shared::telemetry::init_tracing();
+    let settings = DatabaseSettings::from_env()?;
+    let target = Target::from_env()?;
+    let config = DispatcherConfig::from_env()?;
+    let publisher = BusPublisher::new(&sdk_config().await, &target);
+    let store = PgOutboxStore::new(Db::new(settings));
+    store.db().warm_up().await;
+    // The log stream names this execution environment: it identifies the lease holder.
+    let worker = std::env::var("AWS_LAMBDA_LOG_STREAM_NAME")
+        .unwrap_or_else(|_| format!("outbox-dispatcher-{}", std::process::id()));
+    let dispatcher = OutboxDispatcher::new(store, publisher, config, worker);
+    run(service_fn(|event| outbox_dispatcher::handle(&dispatcher, event))).await
+}
