@@ -83,15 +83,30 @@ impl DispatcherConfig {
         let d = Self::default();
         let ms = |d: Duration| d.as_millis() as u64;
         let config = Self {
-            batch_size: in_range("DISPATCH_BATCH_SIZE", parsed_env("DISPATCH_BATCH_SIZE", d.batch_size)?, 1, 5_000)?,
-            max_in_flight: in_range("DISPATCH_MAX_IN_FLIGHT", parsed_env("DISPATCH_MAX_IN_FLIGHT", d.max_in_flight)?, 1, 128)?,
+            batch_size: in_range(
+                "DISPATCH_BATCH_SIZE",
+                parsed_env("DISPATCH_BATCH_SIZE", d.batch_size)?,
+                1,
+                5_000,
+            )?,
+            max_in_flight: in_range(
+                "DISPATCH_MAX_IN_FLIGHT",
+                parsed_env("DISPATCH_MAX_IN_FLIGHT", d.max_in_flight)?,
+                1,
+                128,
+            )?,
             lease: Duration::from_secs(in_range(
                 "DISPATCH_LEASE_SECONDS",
                 parsed_env("DISPATCH_LEASE_SECONDS", d.lease.as_secs())?,
                 5,
                 900,
             )?),
-            max_attempts: in_range("DISPATCH_MAX_ATTEMPTS", parsed_env("DISPATCH_MAX_ATTEMPTS", d.max_attempts)?, 1, 100)?,
+            max_attempts: in_range(
+                "DISPATCH_MAX_ATTEMPTS",
+                parsed_env("DISPATCH_MAX_ATTEMPTS", d.max_attempts)?,
+                1,
+                100,
+            )?,
             backoff_base: Duration::from_millis(in_range(
                 "DISPATCH_BACKOFF_BASE_MS",
                 parsed_env("DISPATCH_BACKOFF_BASE_MS", ms(d.backoff_base))?,
@@ -190,7 +205,12 @@ pub struct OutboxDispatcher<S, P> {
 
 impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
     /// A dispatcher; `worker_id` names it in `locked_by` (with a fresh suffix per claim).
-    pub fn new(store: S, publisher: P, config: DispatcherConfig, worker_id: impl Into<String>) -> Self {
+    pub fn new(
+        store: S,
+        publisher: P,
+        config: DispatcherConfig,
+        worker_id: impl Into<String>,
+    ) -> Self {
         Self {
             store,
             publisher,
@@ -278,15 +298,22 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
 
     /// Serializes each row's envelope; rows that cannot be published at all (unreadable metadata,
     /// larger than the bus takes) come back as rejected with the reason.
-    fn prepare(&self, claimed: Vec<ClaimedEvent>) -> (Vec<OutgoingMessage>, Vec<(ClaimedEvent, String)>) {
+    fn prepare(
+        &self,
+        claimed: Vec<ClaimedEvent>,
+    ) -> (Vec<OutgoingMessage>, Vec<(ClaimedEvent, String)>) {
         let limit = self.publisher.limits().max_entry_bytes;
         let mut ready = Vec::with_capacity(claimed.len());
         let mut rejected = Vec::new();
         for event in claimed {
-            let body = match EventEnvelope::from_row(&event).and_then(|e| serde_json::to_string(&e)) {
+            let body = match EventEnvelope::from_row(&event).and_then(|e| serde_json::to_string(&e))
+            {
                 Ok(body) => body,
                 Err(e) => {
-                    rejected.push((event, format!("malformed event, cannot build its envelope: {e}")));
+                    rejected.push((
+                        event,
+                        format!("malformed event, cannot build its envelope: {e}"),
+                    ));
                     continue;
                 }
             };
@@ -312,7 +339,9 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
         let mut bytes = 0;
         for message in messages {
             let size = self.publisher.entry_size(&message);
-            if !current.is_empty() && (current.len() == limits.max_entries || bytes + size > limits.max_batch_bytes) {
+            if !current.is_empty()
+                && (current.len() == limits.max_entries || bytes + size > limits.max_batch_bytes)
+            {
                 calls.push(std::mem::take(&mut current));
                 bytes = 0;
             }
@@ -338,7 +367,11 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
                 outcomes.dead.push((event.id, reason));
             }
             PublishOutcome::Retry(reason) => {
-                let delay = backoff_delay(event.attempts, self.config.backoff_base, self.config.backoff_cap);
+                let delay = backoff_delay(
+                    event.attempts,
+                    self.config.backoff_base,
+                    self.config.backoff_cap,
+                );
                 outcomes.retries.push((event.id, delay, reason));
             }
         }
@@ -355,11 +388,19 @@ mod tests {
         let cap = Duration::from_secs(10);
         for attempts in 1..=12 {
             let ceiling = (base * 2u32.pow(attempts as u32 - 1)).min(cap);
-            let delays: Vec<Duration> = (0..200).map(|_| backoff_delay(attempts, base, cap)).collect();
+            let delays: Vec<Duration> = (0..200)
+                .map(|_| backoff_delay(attempts, base, cap))
+                .collect();
             assert!(delays.iter().all(|d| *d <= ceiling), "attempt {attempts}");
             // Full jitter spreads over the whole range, not a band near the ceiling.
-            assert!(delays.iter().any(|d| *d < ceiling / 4), "attempt {attempts}");
-            assert!(delays.iter().any(|d| *d > ceiling / 2), "attempt {attempts}");
+            assert!(
+                delays.iter().any(|d| *d < ceiling / 4),
+                "attempt {attempts}"
+            );
+            assert!(
+                delays.iter().any(|d| *d > ceiling / 2),
+                "attempt {attempts}"
+            );
         }
         assert!(backoff_delay(1_000, base, cap) <= cap);
         assert!(backoff_delay(0, base, cap) <= base);

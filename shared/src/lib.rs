@@ -14,8 +14,8 @@
 pub mod aws;
 pub mod config;
 pub mod dispatcher;
-pub mod envelope;
 pub mod domain;
+pub mod envelope;
 pub mod outbox;
 pub mod ports;
 pub mod postgres;

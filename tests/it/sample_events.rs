@@ -56,3 +56,49 @@ async fn every_payment_command_sample_parses_and_gets_its_status() {
     assert_eq!(db.count(&client, "payments").await, 2);
     assert_eq!(db.count(&client, "refunds").await, 1);
 }
+
+#[tokio::test]
+async fn every_dispatcher_sample_parses_and_drains_the_outbox() {
+    use lambda_runtime::{Context, LambdaEvent};
+    use outbox_dispatcher::ScheduledEvent;
+    use outbox_shared::dispatcher::{StopReason, Target};
+
+    let db = TestDb::create().await;
+    let handler = db.payment_handler();
+    let first = outbox_tests::sample_json("payment-command", "01-paid.json");
+    assert_eq!(invoke(&handler, typed(first)).await.status, 200);
+
+    let endpoint = outbox_tests::aws::moto_endpoint();
+    let config = outbox_tests::aws::sdk_config_for(&endpoint).await;
+    let topic_arn = outbox_tests::aws::create_topic(&config, false).await;
+    let dispatcher = outbox_tests::dispatcher(
+        &db,
+        &endpoint,
+        Target::Sns { topic_arn },
+        outbox_tests::test_dispatcher_config(),
+    )
+    .await;
+    let files = sample_files("outbox-dispatcher");
+    assert!(!files.is_empty());
+    for (i, path) in files.iter().enumerate() {
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let event: ScheduledEvent = typed(json);
+        let mut context = Context::default();
+        let deadline = std::time::SystemTime::now() + std::time::Duration::from_secs(30);
+        context.deadline = deadline
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let summary = outbox_dispatcher::handle(&dispatcher, LambdaEvent::new(event, context))
+            .await
+            .unwrap();
+        assert_eq!(
+            summary.stopped,
+            Some(StopReason::Empty),
+            "{}",
+            path.display()
+        );
+        assert_eq!(summary.published, usize::from(i == 0), "{}", path.display());
+    }
+}

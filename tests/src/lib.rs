@@ -20,15 +20,18 @@ use outbox_shared::postgres::payments::PgPaymentStore;
 use outbox_shared::postgres::{DatabaseSettings, Db, TlsMode};
 use payment_command::{HandlerConfig, PaymentCommandHandler};
 
-/// The server the tests create their databases on, from `OUTBOX_TEST_DATABASE_URL`.
-pub fn admin_settings() -> DatabaseSettings {
-    let url = std::env::var("OUTBOX_TEST_DATABASE_URL").unwrap_or_else(|_| {
+fn test_url() -> String {
+    std::env::var("OUTBOX_TEST_DATABASE_URL").unwrap_or_else(|_| {
         panic!(
             "OUTBOX_TEST_DATABASE_URL is not set: these tests need a real PostgreSQL. \
              Run them with `make test` (or `scripts/dev-env up && . .local/env` first)."
         )
-    });
-    let config = url
+    })
+}
+
+/// The server the tests create their databases on, from `OUTBOX_TEST_DATABASE_URL`.
+pub fn admin_settings() -> DatabaseSettings {
+    let config = test_url()
         .parse()
         .unwrap_or_else(|e| panic!("OUTBOX_TEST_DATABASE_URL is not a connection string: {e}"));
     DatabaseSettings::new(config, TlsMode::Disable)
@@ -38,6 +41,8 @@ pub fn admin_settings() -> DatabaseSettings {
 pub struct TestDb {
     /// Settings that connect to it.
     pub settings: DatabaseSettings,
+    /// Its connection URL (for child processes).
+    pub url: String,
     /// Its name (`t_` and a random hex id).
     pub name: String,
 }
@@ -65,7 +70,17 @@ impl TestDb {
         run_migrations(&mut client)
             .await
             .expect("migrate the test database");
-        Self { settings, name }
+        let url = match test_url().rsplit_once('/') {
+            Some((server, _)) if server.contains("://") => format!("{server}/{name}"),
+            _ => panic!(
+                "OUTBOX_TEST_DATABASE_URL must be a postgres:// URL ending in a database name"
+            ),
+        };
+        Self {
+            settings,
+            name,
+            url,
+        }
     }
 
     /// A new connection to the test database.
@@ -238,4 +253,114 @@ pub fn reply(response: ApiGatewayV2httpResponse) -> Reply {
         body: serde_json::from_str(&text).expect("JSON body"),
         replayed: response.headers.get("idempotent-replayed").is_some(),
     }
+}
+
+pub mod aws;
+pub mod fault_proxy;
+
+use std::time::Duration;
+
+use outbox_shared::aws::BusPublisher;
+use outbox_shared::dispatcher::{DispatcherConfig, OutboxDispatcher, Target};
+use outbox_shared::postgres::outbox::PgOutboxStore;
+
+/// Dispatcher settings for tests: small batches, a short lease and fast backoff.
+pub fn test_dispatcher_config() -> DispatcherConfig {
+    DispatcherConfig {
+        batch_size: 50,
+        max_in_flight: 4,
+        lease: Duration::from_secs(5),
+        max_attempts: 3,
+        backoff_base: Duration::from_millis(20),
+        backoff_cap: Duration::from_millis(100),
+        safety_margin: Duration::ZERO,
+    }
+}
+
+/// A dispatcher on its own connection to `db`, publishing to `target` through `endpoint`.
+pub async fn dispatcher(
+    db: &TestDb,
+    endpoint: &str,
+    target: Target,
+    config: DispatcherConfig,
+) -> OutboxDispatcher<PgOutboxStore, BusPublisher> {
+    let sdk = aws::sdk_config_for(endpoint).await;
+    OutboxDispatcher::new(
+        PgOutboxStore::new(Db::new(db.settings.clone())),
+        BusPublisher::new(&sdk, &target),
+        config,
+        format!("test-{}", uuid::Uuid::new_v4().simple()),
+    )
+}
+
+/// Drains until a drain claims nothing and no row is backing off (rows parked behind a dead
+/// event of their aggregate stay pending), waiting out backoff delays, for at most `limit`.
+pub async fn drain_until_settled(
+    dispatcher: &OutboxDispatcher<PgOutboxStore, BusPublisher>,
+    db: &TestDb,
+    limit: Duration,
+) {
+    let client = db.client().await;
+    let started = std::time::Instant::now();
+    loop {
+        let summary = dispatcher
+            .drain(std::time::Instant::now() + Duration::from_secs(30))
+            .await
+            .expect("drain");
+        let backing_off = db
+            .count(
+                &client,
+                "outbox WHERE status = 'pending' AND next_attempt_at > now()",
+            )
+            .await;
+        if summary.claimed == 0 && backing_off == 0 {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "outbox not settled within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Inserts `versions` events for each aggregate directly (the command side's columns, as the
+/// payment store writes them). `payload_extra` is merged into every payload.
+pub async fn seed_outbox(
+    client: &impl tokio_postgres::GenericClient,
+    tenant: &str,
+    aggregates: &[String],
+    versions: i64,
+    payload_extra: &str,
+) {
+    client
+        .execute(
+            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
+                                 event_type, schema_version, payload, metadata)
+             SELECT gen_random_uuid(), $1, 'payment', a, v, 'payment.paid', 1,
+                    jsonb_build_object('paymentId', a, 'version', v) || $4::text::jsonb,
+                    '{\"correlation_id\":\"seed\",\"source\":\"payments\"}'
+             FROM unnest($2::text[]) AS a, generate_series(1, $3::bigint) AS v
+             ORDER BY v, a",
+            &[&tenant, &aggregates, &versions, &payload_extra],
+        )
+        .await
+        .expect("seed outbox");
+}
+
+/// A binary of this workspace (built by `cargo build`, which `scripts/test` runs first), next to
+/// the test executable's own folder.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target folder");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p {name}` (scripts/test does)",
+        path.display()
+    );
+    path
 }

@@ -20,5 +20,8 @@ async fn main() -> Result<(), Error> {
     let worker = std::env::var("AWS_LAMBDA_LOG_STREAM_NAME")
         .unwrap_or_else(|_| format!("outbox-dispatcher-{}", std::process::id()));
     let dispatcher = OutboxDispatcher::new(store, publisher, config, worker);
-    run(service_fn(|event| outbox_dispatcher::handle(&dispatcher, event))).await
+    run(service_fn(|event| {
+        outbox_dispatcher::handle(&dispatcher, event)
+    }))
+    .await
 }

@@ -15,7 +15,8 @@ pub const LIMITS: PublishLimits = PublishLimits {
 };
 
 /// Entry error codes that say the event itself is unacceptable: dead-lettered at once.
-const PERMANENT_ENTRY_CODES: &[&str] = &["MalformedDetail", "InvalidArgument", "ValidationException"];
+const PERMANENT_ENTRY_CODES: &[&str] =
+    &["MalformedDetail", "InvalidArgument", "ValidationException"];
 
 /// Publishes to one event bus: `Source` = the emitting service, `DetailType` = the event type,
 /// `Detail` = the envelope, `TraceHeader` = the X-Ray header when the command had one.
@@ -49,7 +50,11 @@ impl Publisher for EventBridgePublisher {
         14 + source(message).len()
             + message.event.event_type.len()
             + message.body.len()
-            + message.event.xray_trace_header.as_ref().map_or(0, String::len)
+            + message
+                .event
+                .xray_trace_header
+                .as_ref()
+                .map_or(0, String::len)
     }
 
     #[tracing::instrument(skip_all, fields(entries = batch.len()))]
@@ -66,15 +71,25 @@ impl Publisher for EventBridgePublisher {
                     .build()
             })
             .collect();
-        match self.client.put_events().set_entries(Some(entries)).send().await {
+        match self
+            .client
+            .put_events()
+            .set_entries(Some(entries))
+            .send()
+            .await
+        {
             // Result entries come back in request order; `FailedEntryCount` > 0 means some of a
             // 200 failed, and each failed one carries its own error code.
             Ok(output) => (0..batch.len())
                 .map(|i| match output.entries().get(i) {
-                    None => PublishOutcome::Retry("PutEvents returned no result for this entry".into()),
+                    None => {
+                        PublishOutcome::Retry("PutEvents returned no result for this entry".into())
+                    }
                     Some(entry) => match entry.error_code() {
                         None if entry.event_id().is_some() => PublishOutcome::Published,
-                        None => PublishOutcome::Retry("PutEvents returned neither an id nor an error".into()),
+                        None => PublishOutcome::Retry(
+                            "PutEvents returned neither an id nor an error".into(),
+                        ),
                         Some(code) => {
                             let reason = format!(
                                 "EventBridge refused the entry: {code} ({})",

@@ -16,6 +16,12 @@ use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
 /// ring. Timeouts are bounded so a call never outlives the dispatcher's lease; the SDK retries a
 /// call twice at most, the dispatcher's own backoff does the rest.
 pub async fn sdk_config() -> SdkConfig {
+    sdk_config_loader().load().await
+}
+
+/// The loader behind [`sdk_config`], for callers that override a setting (an explicit
+/// `endpoint_url` set here wins over `AWS_ENDPOINT_URL`).
+pub fn sdk_config_loader() -> aws_config::ConfigLoader {
     let http_client = aws_smithy_http_client::Builder::new()
         .pool_max_idle_per_host(64)
         .tls_provider(Provider::Rustls(CryptoMode::Ring))
@@ -30,8 +36,6 @@ pub async fn sdk_config() -> SdkConfig {
                 .build(),
         )
         .retry_config(RetryConfig::standard().with_max_attempts(2))
-        .load()
-        .await
 }
 
 /// An SDK error with its whole cause chain, bounded so it fits `last_error`.
@@ -100,7 +104,10 @@ impl crate::ports::Publisher for BusPublisher {
         }
     }
 
-    async fn publish(&self, batch: &[crate::ports::OutgoingMessage]) -> Vec<crate::ports::PublishOutcome> {
+    async fn publish(
+        &self,
+        batch: &[crate::ports::OutgoingMessage],
+    ) -> Vec<crate::ports::PublishOutcome> {
         match self {
             Self::Sns(p) => p.publish(batch).await,
             Self::EventBridge(p) => p.publish(batch).await,

@@ -66,7 +66,11 @@ impl SnsPublisher {
         self.fifo
     }
 
-    fn entry(&self, index: usize, message: &OutgoingMessage) -> Result<PublishBatchRequestEntry, String> {
+    fn entry(
+        &self,
+        index: usize,
+        message: &OutgoingMessage,
+    ) -> Result<PublishBatchRequestEntry, String> {
         let event = &message.event;
         let attribute = |value: &str| {
             MessageAttributeValue::builder()
@@ -122,7 +126,8 @@ impl Publisher for SnsPublisher {
 
     #[tracing::instrument(skip_all, fields(entries = batch.len()))]
     async fn publish(&self, batch: &[OutgoingMessage]) -> Vec<PublishOutcome> {
-        let mut outcomes = vec![PublishOutcome::Retry("no result for this entry".into()); batch.len()];
+        let mut outcomes =
+            vec![PublishOutcome::Retry("no result for this entry".into()); batch.len()];
         let mut entries = Vec::with_capacity(batch.len());
         for (i, message) in batch.iter().enumerate() {
             match self.entry(i, message) {
@@ -151,7 +156,12 @@ impl Publisher for SnsPublisher {
                     }
                 }
                 for failed in output.failed() {
-                    let Some(i) = failed.id().parse::<usize>().ok().filter(|i| *i < outcomes.len()) else {
+                    let Some(i) = failed
+                        .id()
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|i| *i < outcomes.len())
+                    else {
                         continue;
                     };
                     let reason = format!(
@@ -159,7 +169,9 @@ impl Publisher for SnsPublisher {
                         failed.code(),
                         failed.message().unwrap_or("no message")
                     );
-                    outcomes[i] = if failed.sender_fault() && !RETRYABLE_ENTRY_CODES.contains(&failed.code()) {
+                    outcomes[i] = if failed.sender_fault()
+                        && !RETRYABLE_ENTRY_CODES.contains(&failed.code())
+                    {
                         PublishOutcome::Reject(reason)
                     } else {
                         PublishOutcome::Retry(reason)

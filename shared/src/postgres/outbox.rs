@@ -128,7 +128,11 @@ impl crate::ports::OutboxStore for PgOutboxStore {
         let rows = client
             .query_typed(
                 CLAIM,
-                &[(&limit, Type::INT8), (&lease_secs, Type::FLOAT8), (&lease_owner, Type::TEXT)],
+                &[
+                    (&limit, Type::INT8),
+                    (&lease_secs, Type::FLOAT8),
+                    (&lease_owner, Type::TEXT),
+                ],
             )
             .await?;
         let mut claimed = rows
@@ -172,7 +176,11 @@ impl crate::ports::OutboxStore for PgOutboxStore {
             let errors: Vec<&str> = outcomes.dead.iter().map(|d| d.1.as_str()).collect();
             tx.execute_typed(
                 MARK_DEAD,
-                &[(&ids, Type::INT8_ARRAY), (&errors, Type::TEXT_ARRAY), (&lease_owner, Type::TEXT)],
+                &[
+                    (&ids, Type::INT8_ARRAY),
+                    (&errors, Type::TEXT_ARRAY),
+                    (&lease_owner, Type::TEXT),
+                ],
             )
             .await?;
         }
@@ -181,7 +189,9 @@ impl crate::ports::OutboxStore for PgOutboxStore {
     }
 }
 
-fn claimed_from_row(row: &tokio_postgres::Row) -> Result<crate::outbox::ClaimedEvent, tokio_postgres::Error> {
+fn claimed_from_row(
+    row: &tokio_postgres::Row,
+) -> Result<crate::outbox::ClaimedEvent, tokio_postgres::Error> {
     let metadata: serde_json::Value = row.try_get("metadata")?;
     Ok(crate::outbox::ClaimedEvent {
         id: row.try_get("id")?,
@@ -201,4 +211,32 @@ fn claimed_from_row(row: &tokio_postgres::Row) -> Result<crate::outbox::ClaimedE
         attempts: row.try_get("attempts")?,
         created_at: row.try_get("created_at")?,
     })
+}
+
+/// The claim's query plan for a batch of `limit` (`EXPLAIN`, or `EXPLAIN ANALYZE` run inside a
+/// transaction that is rolled back, so nothing is leased).
+pub async fn explain_claim(
+    client: &tokio_postgres::Client,
+    limit: i64,
+    analyze: bool,
+) -> Result<String, tokio_postgres::Error> {
+    let options = if analyze { "ANALYZE, BUFFERS, " } else { "" };
+    // EXPLAIN takes no bind parameters here: the values are numbers and a fixed word.
+    let sql = CLAIM
+        .replace("$1", &limit.to_string())
+        .replace("$2", "30")
+        .replace("$3", "'explain'");
+    client.batch_execute("BEGIN").await?;
+    let rows = client
+        .simple_query(&format!("EXPLAIN ({options}COSTS OFF) {sql}"))
+        .await;
+    client.batch_execute("ROLLBACK").await?;
+    Ok(rows?
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("\n"))
 }
