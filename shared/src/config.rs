@@ -22,6 +22,13 @@ pub enum ConfigError {
     },
 }
 
+/// Turns a start-up configuration error into the function's init error: logged, and reported
+/// with its message (not its debug form) so the Lambda console shows what to fix.
+pub fn init_error(e: ConfigError) -> Box<dyn std::error::Error + Send + Sync> {
+    tracing::error!(error = %e, "invalid configuration");
+    e.to_string().into()
+}
+
 /// Reads a required variable; empty counts as missing.
 pub fn required_env(name: &'static str) -> Result<String, ConfigError> {
     match std::env::var(name) {

@@ -71,6 +71,8 @@ pub struct ProxyStats {
     pub entries_forwarded: AtomicUsize,
     /// The `event_id` attribute of every SNS entry forwarded (or accepted), in arrival order.
     pub event_ids: Mutex<Vec<String>>,
+    /// The same ids with their arrival time (wall clock, comparable with the database's).
+    pub arrivals: Mutex<Vec<(String, chrono::DateTime<chrono::Utc>)>>,
 }
 
 /// The proxy. Dropping it stops it.
@@ -389,6 +391,8 @@ fn record_sns_entries<'a>(
     entries: impl Iterator<Item = &'a (usize, Vec<(String, String)>)>,
 ) {
     let mut ids = shared.stats.event_ids.lock().unwrap();
+    let mut arrivals = shared.stats.arrivals.lock().unwrap();
+    let now = chrono::Utc::now();
     for (_, fields) in entries {
         shared
             .stats
@@ -399,7 +403,9 @@ fn record_sns_entries<'a>(
             .iter()
             .find_map(|(k, v)| (v == "event_id").then(|| k.strip_suffix(".Name")).flatten());
         if let Some(slot) = slot {
-            ids.push(field(fields, &format!("{slot}.Value.StringValue")).to_owned());
+            let id = field(fields, &format!("{slot}.Value.StringValue")).to_owned();
+            arrivals.push((id.clone(), now));
+            ids.push(id);
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The outbox dispatcher function: fired by a schedule rule (or a direct invoke), it drains the
 //! outbox to SNS or EventBridge until nothing is due or its deadline is near, and returns a summary.
 
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use aws_lambda_events::eventbridge::EventBridgeEvent;
 use lambda_runtime::{Context, LambdaEvent};
@@ -11,8 +11,16 @@ use outbox_shared::ports::{OutboxStore, Publisher};
 /// The schedule rule's event. Its content does not matter: every invocation drains.
 pub type ScheduledEvent = EventBridgeEvent<serde_json::Value>;
 
-/// When the invocation must have returned, as an `Instant`.
+/// Deadlines below this (1 January 2001, in epoch milliseconds) are not epoch times.
+const EPOCH_2001_MS: u64 = 978_307_200_000;
+
+/// When the invocation must have returned, as an `Instant`. Lambda sends an absolute deadline in
+/// epoch milliseconds; the `cargo lambda watch` emulator sends its timeout as a duration instead
+/// (e.g. `600000`), which is read as time from now.
 pub fn deadline_of(context: &Context) -> Instant {
+    if context.deadline < EPOCH_2001_MS {
+        return Instant::now() + Duration::from_millis(context.deadline);
+    }
     let remaining = context
         .deadline()
         .duration_since(SystemTime::now())
@@ -26,6 +34,46 @@ pub async fn handle<S: OutboxStore, P: Publisher>(
     event: LambdaEvent<ScheduledEvent>,
 ) -> Result<DispatchSummary, lambda_runtime::Error> {
     let deadline = deadline_of(&event.context);
-    tracing::info!(trigger = %event.payload.detail_type, "dispatch started");
+    let remaining_ms = deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis() as u64;
+    tracing::info!(trigger = %event.payload.detail_type, remaining_ms, "dispatch started");
     Ok(dispatcher.drain(deadline).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context(deadline: u64) -> Context {
+        let mut context = Context::default();
+        context.deadline = deadline;
+        context
+    }
+
+    #[test]
+    fn an_epoch_deadline_is_the_time_left_until_it() {
+        let in_30s = SystemTime::now() + Duration::from_secs(30);
+        let ms = in_30s
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let left = deadline_of(&context(ms)).saturating_duration_since(Instant::now());
+        assert!(
+            left > Duration::from_secs(28) && left <= Duration::from_secs(30),
+            "{left:?}"
+        );
+        // A deadline already passed leaves no time.
+        let past = deadline_of(&context(ms - 60_000)).saturating_duration_since(Instant::now());
+        assert_eq!(past, Duration::ZERO);
+    }
+
+    #[test]
+    fn an_emulators_duration_is_time_from_now() {
+        let left = deadline_of(&context(600_000)).saturating_duration_since(Instant::now());
+        assert!(
+            left > Duration::from_secs(599) && left <= Duration::from_secs(600),
+            "{left:?}"
+        );
+    }
 }

@@ -3,6 +3,7 @@
 
 use lambda_runtime::{run, service_fn, Error};
 use outbox_shared::aws::{sdk_config, BusPublisher};
+use outbox_shared::config::init_error;
 use outbox_shared::dispatcher::{DispatcherConfig, OutboxDispatcher, Target};
 use outbox_shared::postgres::outbox::PgOutboxStore;
 use outbox_shared::postgres::{DatabaseSettings, Db};
@@ -10,9 +11,9 @@ use outbox_shared::postgres::{DatabaseSettings, Db};
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     outbox_shared::telemetry::init_tracing();
-    let settings = DatabaseSettings::from_env()?;
-    let target = Target::from_env()?;
-    let config = DispatcherConfig::from_env()?;
+    let settings = DatabaseSettings::from_env().map_err(init_error)?;
+    let target = Target::from_env().map_err(init_error)?;
+    let config = DispatcherConfig::from_env().map_err(init_error)?;
     let publisher = BusPublisher::new(&sdk_config().await, &target);
     let store = PgOutboxStore::new(Db::new(settings));
     store.db().warm_up().await;

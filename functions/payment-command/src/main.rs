@@ -2,6 +2,7 @@
 //! then serves invocations.
 
 use lambda_runtime::{run, service_fn, Error};
+use outbox_shared::config::init_error;
 use outbox_shared::postgres::payments::PgPaymentStore;
 use outbox_shared::postgres::{DatabaseSettings, Db};
 use payment_command::{HandlerConfig, PaymentCommandHandler};
@@ -9,8 +10,8 @@ use payment_command::{HandlerConfig, PaymentCommandHandler};
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     outbox_shared::telemetry::init_tracing();
-    let settings = DatabaseSettings::from_env()?;
-    let config = HandlerConfig::from_env()?;
+    let settings = DatabaseSettings::from_env().map_err(init_error)?;
+    let config = HandlerConfig::from_env().map_err(init_error)?;
     let store = PgPaymentStore::new(Db::new(settings));
     store.db().warm_up().await;
     let handler = PaymentCommandHandler::new(store, config);

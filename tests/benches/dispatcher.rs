@@ -1,0 +1,320 @@
+//! Dispatcher benchmarks, all in one run on the local PostgreSQL:
+//! 1. the SQL floor: claim then mark published, two statements, no bus;
+//! 2. the dispatcher loop against a zero-latency SNS-compatible endpoint on loopback;
+//! 3. the same with 20 ms added to every publish call;
+//! 4. commit-to-publish latency while dispatchers drain and producers commit;
+//! 5. claim latency with 10k and with 1M published rows retained.
+//!
+//! Run: `scripts/bench` (or `cargo bench -p outbox-tests --bench dispatcher` with `.local/env`
+//! sourced). `BENCH_ROWS` sets the rows per throughput scenario (default 200000),
+//! `BENCH_RETAINED` the large retained set (default 1000000).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use outbox_shared::dispatcher::{DispatcherConfig, Target};
+use outbox_shared::outbox::Outcomes;
+use outbox_shared::ports::OutboxStore;
+use outbox_shared::postgres::outbox::PgOutboxStore;
+use outbox_shared::postgres::Db;
+use outbox_tests::fault_proxy::FaultProxy;
+use outbox_tests::{dispatcher, TestDb};
+
+const DISPATCHERS: usize = 2;
+const BATCH: i64 = 500;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn config() -> DispatcherConfig {
+    DispatcherConfig {
+        batch_size: BATCH,
+        max_in_flight: 50,
+        lease: Duration::from_secs(60),
+        max_attempts: 10,
+        backoff_base: Duration::from_millis(100),
+        backoff_cap: Duration::from_secs(5),
+        safety_margin: Duration::ZERO,
+    }
+}
+
+/// `rows` pending events, each of its own aggregate (so every claim is full), ~300 B payloads.
+async fn seed(db: &TestDb, rows: usize, status: &str) {
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
+                                 event_type, schema_version, payload, metadata, status, published_at)
+             SELECT gen_random_uuid(), 'bench', 'payment', 'p' || g || '-' || $2, 1, 'payment.paid', 1,
+                    jsonb_build_object('paymentId', 'p' || g, 'amountMinor', 1250, 'currency', 'EUR',
+                        'verificationMethod', 'card_3ds', 'verifiedBy', 'acs.examplebank.com',
+                        'paidAt', now(), 'note', repeat('x', 120)),
+                    '{\"correlation_id\":\"bench\",\"causation_id\":\"bench\",\"source\":\"payments\"}',
+                    $2, CASE WHEN $2 = 'published' THEN now() END
+             FROM generate_series(1, $1::bigint) AS g",
+            &[&(rows as i64), &status],
+        )
+        .await
+        .expect("seed");
+    client
+        .batch_execute("VACUUM ANALYZE outbox")
+        .await
+        .expect("vacuum");
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * p) as usize).min(sorted.len() - 1);
+    sorted[i].as_secs_f64() * 1e3
+}
+
+/// 1: claim + mark published through the store, no bus, `DISPATCHERS` connections.
+async fn sql_floor(rows: usize) -> f64 {
+    let db = TestDb::create().await;
+    seed(&db, rows, "pending").await;
+    let started = Instant::now();
+    let workers: Vec<_> = (0..DISPATCHERS)
+        .map(|w| {
+            let store = PgOutboxStore::new(Db::new(db.settings.clone()));
+            tokio::spawn(async move {
+                let mut done = 0;
+                loop {
+                    let owner = format!("floor-{w}");
+                    let claimed = store
+                        .claim_batch(BATCH, Duration::from_secs(60), &owner)
+                        .await
+                        .expect("claim");
+                    if claimed.is_empty() {
+                        return done;
+                    }
+                    done += claimed.len();
+                    let outcomes = Outcomes {
+                        published: claimed.iter().map(|c| c.id).collect(),
+                        ..Outcomes::default()
+                    };
+                    store
+                        .record_outcomes(&owner, &outcomes)
+                        .await
+                        .expect("mark");
+                }
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for w in workers {
+        total += w.await.expect("worker");
+    }
+    assert_eq!(total, rows);
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+/// 2 and 3: the dispatcher loop publishing to the standalone SNS endpoint.
+async fn dispatcher_loop(rows: usize, latency: Duration) -> (f64, usize) {
+    let db = TestDb::create().await;
+    seed(&db, rows, "pending").await;
+    let endpoint = FaultProxy::standalone_sns().await;
+    endpoint.set_latency(latency);
+    let target = Target::Sns {
+        topic_arn: "arn:aws:sns:us-east-1:123456789012:bench".into(),
+    };
+    let mut dispatchers = Vec::new();
+    for _ in 0..DISPATCHERS {
+        dispatchers.push(dispatcher(&db, &endpoint.endpoint, target.clone(), config()).await);
+    }
+    let started = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let summaries =
+        futures_util::future::join_all(dispatchers.iter().map(|d| d.drain(deadline))).await;
+    let elapsed = started.elapsed();
+    let published: usize = summaries
+        .into_iter()
+        .map(|s| s.expect("drain").published)
+        .sum();
+    assert_eq!(published, rows);
+    let calls = endpoint
+        .stats
+        .publish_calls
+        .load(std::sync::atomic::Ordering::Relaxed);
+    (published as f64 / elapsed.as_secs_f64(), calls)
+}
+
+/// 4: producers commit events at `rate`/s for `seconds` while dispatchers drain continuously;
+/// latency from the row's commit to its arrival at the endpoint.
+async fn commit_to_publish(rate: usize, seconds: u64) -> (f64, f64, f64, usize) {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    // The producer stamps commit time itself: clock_timestamp() at the end of its transaction.
+    client
+        .batch_execute("ALTER TABLE outbox ADD COLUMN bench_committed_at timestamptz")
+        .await
+        .expect("bench column");
+    let endpoint = FaultProxy::standalone_sns().await;
+    let target = Target::Sns {
+        topic_arn: "arn:aws:sns:us-east-1:123456789012:bench".into(),
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..DISPATCHERS {
+        let d = dispatcher(&db, &endpoint.endpoint, target.clone(), config()).await;
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let summary = d
+                    .drain(Instant::now() + Duration::from_secs(60))
+                    .await
+                    .expect("drain");
+                if summary.published == 0 {
+                    // An idle dispatcher polls; in Lambda the schedule (and the kick) do this.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }));
+    }
+    let producer = db.client().await;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let mut next = Instant::now();
+    let mut produced = 0usize;
+    while Instant::now() < end {
+        producer
+            .batch_execute(&format!(
+                "BEGIN;
+                 INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
+                                     event_type, schema_version, payload, metadata, bench_committed_at)
+                 VALUES (gen_random_uuid(), 'bench', 'payment', 'lat{produced}', 1, 'payment.paid', 1,
+                         '{{\"paymentId\":\"lat\"}}', '{{\"correlation_id\":\"b\",\"source\":\"payments\"}}',
+                         clock_timestamp());
+                 COMMIT;"
+            ))
+            .await
+            .expect("produce");
+        produced += 1;
+        next += interval;
+        tokio::time::sleep_until(next.into()).await;
+    }
+    // Let the last ones go out.
+    let settle = Instant::now();
+    while endpoint.stats.event_ids.lock().unwrap().len() < produced
+        && settle.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("dispatcher task");
+    }
+    let arrivals: HashMap<String, chrono::DateTime<chrono::Utc>> = endpoint
+        .stats
+        .arrivals
+        .lock()
+        .unwrap()
+        .iter()
+        .cloned()
+        .collect();
+    let rows = client
+        .query("SELECT event_id::text, bench_committed_at FROM outbox", &[])
+        .await
+        .expect("rows");
+    let mut latencies: Vec<Duration> = rows
+        .iter()
+        .filter_map(|r| {
+            let id: String = r.get(0);
+            let committed: chrono::DateTime<chrono::Utc> = r.get(1);
+            arrivals
+                .get(&id)
+                .map(|at| (*at - committed).to_std().unwrap_or_default())
+        })
+        .collect();
+    assert_eq!(
+        latencies.len(),
+        produced,
+        "every committed event was published"
+    );
+    latencies.sort();
+    (
+        pct(&latencies, 0.5),
+        pct(&latencies, 0.99),
+        pct(&latencies, 1.0),
+        produced,
+    )
+}
+
+/// 5: claim latency (batch of 100, each claim marked published right after) with `retained`
+/// published rows in the table.
+async fn claim_latency(retained: usize, claims: usize) -> (f64, f64) {
+    let db = TestDb::create().await;
+    seed(&db, retained, "published").await;
+    seed(&db, claims * 100, "pending").await;
+    let store = PgOutboxStore::new(Db::new(db.settings.clone()));
+    let mut latencies = Vec::with_capacity(claims);
+    for i in 0..claims {
+        let owner = format!("lat-{i}");
+        let t = Instant::now();
+        let claimed = store
+            .claim_batch(100, Duration::from_secs(60), &owner)
+            .await
+            .expect("claim");
+        latencies.push(t.elapsed());
+        assert_eq!(claimed.len(), 100);
+        let outcomes = Outcomes {
+            published: claimed.iter().map(|c| c.id).collect(),
+            ..Outcomes::default()
+        };
+        store
+            .record_outcomes(&owner, &outcomes)
+            .await
+            .expect("mark");
+    }
+    latencies.sort();
+    let client = db.client().await;
+    if retained >= 1_000_000 {
+        let plan = outbox_shared::postgres::outbox::explain_claim(&client, 100, true)
+            .await
+            .expect("explain");
+        println!("\nEXPLAIN ANALYZE of the claim with {retained} published rows retained:\n\n```\n{plan}\n```\n");
+    }
+    (pct(&latencies, 0.5), pct(&latencies, 0.99))
+}
+
+#[tokio::main]
+async fn main() {
+    let rows = env_usize("BENCH_ROWS", 200_000);
+    let retained = env_usize("BENCH_RETAINED", 1_000_000);
+
+    let floor = sql_floor(rows).await;
+    let (zero, zero_calls) = dispatcher_loop(rows, Duration::ZERO).await;
+    let (slow, slow_calls) = dispatcher_loop(rows, Duration::from_millis(20)).await;
+    println!("## Dispatcher throughput ({DISPATCHERS} dispatchers, claims of {BATCH}, {rows} rows each)\n");
+    println!("| scenario | rows/s | publish calls | ratio to SQL floor |");
+    println!("|---|---|---|---|");
+    println!("| 1. SQL floor: claim + mark published, no bus | {floor:.0} | 0 | 1.00 |");
+    println!(
+        "| 2. dispatcher → zero-latency SNS endpoint | {zero:.0} | {zero_calls} | {:.2} |",
+        zero / floor
+    );
+    println!(
+        "| 3. dispatcher → SNS endpoint with 20 ms per call | {slow:.0} | {slow_calls} | {:.2} |",
+        slow / floor
+    );
+
+    let (p50, p99, max, produced) = commit_to_publish(1_000, 20).await;
+    println!("\n## Commit-to-publish latency (1000 events/s committed for 20 s, {DISPATCHERS} dispatchers polling every 5 ms when idle)\n");
+    println!("| events | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|");
+    println!("| {produced} | {p50:.1} | {p99:.1} | {max:.1} |");
+
+    let (small50, small99) = claim_latency(10_000, 200).await;
+    let (large50, large99) = claim_latency(retained, 200).await;
+    println!("## Claim latency (batch of 100, 200 claims each)\n");
+    println!("| published rows retained | p50 ms | p99 ms |");
+    println!("|---|---|---|");
+    println!("| 10000 | {small50:.2} | {small99:.2} |");
+    println!("| {retained} | {large50:.2} | {large99:.2} |");
+    println!("\nratio (p50, large / small): {:.2}", large50 / small50);
+}
