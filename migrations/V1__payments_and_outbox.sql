@@ -80,7 +80,10 @@ CREATE INDEX outbox_claim_idx ON outbox (next_attempt_at, id) WHERE status = 'pe
 
 -- The outbox is a queue: rows are inserted, updated once or twice and removed. Vacuum it early
 -- and without throttling so dead index entries do not pile up at the head of the claim index.
+-- Free space on every page lets the lease update (no indexed column changes) be a HOT update
+-- that adds no index entries.
 ALTER TABLE outbox SET (
+    fillfactor = 70,
     autovacuum_vacuum_scale_factor = 0.0,
     autovacuum_vacuum_threshold = 5000,
     autovacuum_vacuum_insert_scale_factor = 0.0,

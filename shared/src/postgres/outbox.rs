@@ -50,6 +50,8 @@ pub async fn append(
 /// - `NOT EXISTS`: only the first unpublished event of an aggregate (pending, leased, backing off
 ///   or dead) is claimable, so an aggregate's events go out one by one in version order and a
 ///   failing event holds back its own aggregate only.
+/// - `id = ANY (ARRAY(...))`: the leased rows are updated through the primary key; a join with
+///   the CTE lets the planner hash-join against a sequential scan of the whole table.
 const CLAIM: &str = "
     WITH candidates AS (
         SELECT o.id
@@ -73,8 +75,7 @@ const CLAIM: &str = "
     SET locked_until = now() + make_interval(secs => $2),
         locked_by = $3,
         attempts = o.attempts + 1
-    FROM candidates c
-    WHERE o.id = c.id
+    WHERE o.id = ANY (ARRAY(SELECT id FROM candidates))
     RETURNING o.id, o.event_id, o.tenant_id, o.aggregate_type, o.aggregate_id,
               o.aggregate_version, o.event_type, o.schema_version, o.payload, o.metadata,
               o.attempts, o.created_at";
