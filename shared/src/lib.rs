@@ -9,6 +9,7 @@
 //! - [`aws`]: SDK configuration and the SNS / EventBridge publishers.
 //! - [`dispatcher`]: the claim → publish → record loop.
 //! - [`envelope`]: the message format every bus carries.
+//! - [`sink`]: reading delivered messages back into projection changes.
 //! - [`config`], [`telemetry`]: read once at cold start.
 
 pub mod aws;
@@ -19,4 +20,5 @@ pub mod envelope;
 pub mod outbox;
 pub mod ports;
 pub mod postgres;
+pub mod sink;
 pub mod telemetry;

@@ -225,3 +225,15 @@ pub trait Publisher: Send + Sync {
         batch: &[OutgoingMessage],
     ) -> impl Future<Output = Vec<PublishOutcome>> + Send;
 }
+
+/// What the sink needs from the read side.
+pub trait ProjectionStore: Send + Sync {
+    /// Applies `changes` in order, each exactly once per `consumer`, in one transaction; returns
+    /// one outcome per change. A change that fails leaves the others applied. If the transaction
+    /// itself cannot commit, every change is `Failed`.
+    fn apply_changes(
+        &self,
+        consumer: &str,
+        changes: &[crate::sink::PaymentChange],
+    ) -> impl Future<Output = Vec<crate::sink::ApplyOutcome>> + Send;
+}

@@ -4,3 +4,4 @@ mod dispatcher;
 mod migrations;
 mod payment_command;
 mod sample_events;
+mod sink;

@@ -364,3 +364,177 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     );
     path
 }
+
+pub mod sink_fixtures {
+    //! Building SQS batches for the sink from the committed samples, and reading projections.
+
+    use aws_lambda_events::sqs::SqsEvent;
+    use chrono::{DateTime, TimeZone, Utc};
+    use outbox_shared::domain::events::{PaymentPaidV1, PaymentRefundedV1};
+    use outbox_shared::domain::Currency;
+    use outbox_shared::envelope::EventEnvelope;
+    use outbox_shared::postgres::projections::PgProjectionStore;
+    use outbox_shared::postgres::Db;
+    use projection_sink::ProjectionSink;
+    use serde_json::Value;
+
+    use super::{sample_json, typed, TestDb};
+
+    /// A sink on its own connection, as one Lambda instance would have.
+    pub fn sink(db: &TestDb) -> ProjectionSink<PgProjectionStore> {
+        ProjectionSink::new(
+            PgProjectionStore::new(Db::new(db.settings.clone())),
+            projection_sink::DEFAULT_CONSUMER,
+        )
+    }
+
+    /// An SQS event with these (message id, body) records, built from the committed
+    /// `sns-raw.json` sample's first record.
+    pub fn sqs_event(records: &[(String, String)]) -> SqsEvent {
+        let sample = sample_json("projection-sink", "sns-raw.json");
+        let template = sample["Records"][0].clone();
+        let records: Vec<Value> = records
+            .iter()
+            .map(|(id, body)| {
+                let mut r = template.clone();
+                r["messageId"] = id.clone().into();
+                r["receiptHandle"] = format!("AQEB{id}").into();
+                r["body"] = body.clone().into();
+                r
+            })
+            .collect();
+        typed(serde_json::json!({ "Records": records }))
+    }
+
+    /// One published event as the dispatcher would have sent it (raw delivery body).
+    #[derive(Debug, Clone)]
+    pub struct StreamEvent {
+        /// Event id.
+        pub event_id: uuid::Uuid,
+        /// Raw-delivery body (the envelope).
+        pub body: String,
+    }
+
+    fn envelope(
+        tenant: &str,
+        payment: &str,
+        version: i64,
+        event_type: &str,
+        data: Value,
+        at: DateTime<Utc>,
+    ) -> StreamEvent {
+        let event_id = uuid::Uuid::new_v4();
+        let envelope = EventEnvelope {
+            specversion: "1.0".into(),
+            id: event_id,
+            source: "payments".into(),
+            event_type: event_type.into(),
+            schemaversion: 1,
+            subject: format!("payment/{payment}"),
+            time: at,
+            datacontenttype: "application/json".into(),
+            tenantid: tenant.into(),
+            aggregatetype: "payment".into(),
+            aggregateid: payment.into(),
+            aggregateversion: version,
+            correlationid: "stream".into(),
+            causationid: None,
+            traceparent: None,
+            tracestate: None,
+            data,
+        };
+        StreamEvent {
+            event_id,
+            body: serde_json::to_string(&envelope).expect("envelope"),
+        }
+    }
+
+    /// A stream of `payments` payments over two tenants, two currencies and three days, each with
+    /// 0–3 refunds, in commit order. Deterministic for a seed.
+    pub fn payment_stream(seed: u64, payments: usize) -> Vec<StreamEvent> {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut events = Vec::new();
+        for p in 0..payments {
+            let tenant = if p % 2 == 0 { "acme" } else { "globex" };
+            let payment = format!("pay_{seed}_{p}");
+            let currency =
+                Currency::parse(if rng.bool() { "EUR" } else { "USD" }).expect("currency");
+            let amount = rng.i64(100..100_000);
+            let day = Utc
+                .with_ymd_and_hms(2026, 11, 20 + rng.u32(0..3), rng.u32(0..24), 0, 0)
+                .unwrap();
+            let paid = PaymentPaidV1 {
+                payment_id: payment.clone(),
+                amount_minor: amount,
+                currency,
+                verification_method: "card_3ds".into(),
+                verified_by: "acs".into(),
+                paid_at: day,
+            };
+            events.push(envelope(
+                tenant,
+                &payment,
+                1,
+                "payment.paid",
+                serde_json::to_value(paid).unwrap(),
+                day,
+            ));
+            let mut refunded = 0;
+            for r in 0..rng.usize(0..4) {
+                let left = amount - refunded;
+                if left == 0 {
+                    break;
+                }
+                let part = rng.i64(1..=left);
+                refunded += part;
+                let at = day + chrono::Duration::hours(rng.i64(1..48));
+                let refund = PaymentRefundedV1 {
+                    payment_id: payment.clone(),
+                    refund_id: uuid::Uuid::new_v4(),
+                    amount_minor: part,
+                    currency,
+                    refunded_total_minor: refunded,
+                    remaining_minor: amount - refunded,
+                    refunded_at: at,
+                };
+                events.push(envelope(
+                    tenant,
+                    &payment,
+                    2 + r as i64,
+                    "payment.refunded",
+                    serde_json::to_value(refund).unwrap(),
+                    at,
+                ));
+            }
+        }
+        events
+    }
+
+    /// Both projections, as comparable text rows.
+    pub async fn snapshot(db: &TestDb) -> (Vec<String>, Vec<String>) {
+        let client = db.client().await;
+        let payments = client
+            .query(
+                "SELECT concat_ws('|', tenant_id, payment_id, status, currency, paid_minor, refunded_minor, last_version)
+                 FROM payment_projection ORDER BY tenant_id, payment_id",
+                &[],
+            )
+            .await
+            .expect("payment projection")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let revenue = client
+            .query(
+                "SELECT concat_ws('|', tenant_id, day, currency, paid_minor, refunded_minor, net_minor)
+                 FROM tenant_daily_revenue ORDER BY tenant_id, day, currency",
+                &[],
+            )
+            .await
+            .expect("revenue")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        (payments, revenue)
+    }
+}

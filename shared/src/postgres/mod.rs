@@ -5,5 +5,6 @@ mod connection;
 pub mod migrate;
 pub mod outbox;
 pub mod payments;
+pub mod projections;
 
 pub use connection::{DatabaseSettings, Db, DbError, TlsMode};

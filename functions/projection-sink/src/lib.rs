@@ -1,0 +1,122 @@
+//! The projection sink: an SQS-triggered function that applies payment events to the read
+//! projections exactly once in effect, and reports partial batch failures
+//! (`batchItemFailures`) instead of failing or acknowledging the whole batch.
+//!
+//! Out-of-order arrival: an event whose predecessor (by aggregate version) is not applied yet is
+//! reported as a batch item failure, so SQS delivers it again after the visibility timeout; by
+//! then the predecessor has usually arrived. The queue is the parking lot: no second store of
+//! pending events to keep consistent, and a predecessor that never comes (dead in the outbox)
+//! sends its successors to the queue's dead-letter queue after `maxReceiveCount`, from where they
+//! are re-driven once it is. An event older than what the projection holds changes nothing.
+
+use aws_lambda_events::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
+use lambda_runtime::LambdaEvent;
+use serde::Serialize;
+
+use outbox_shared::ports::ProjectionStore;
+use outbox_shared::sink::{interpret, parse_delivery, ApplyOutcome, Interpreted, PaymentChange};
+
+/// Consumer name recorded in the inbox (`SINK_CONSUMER`, default `payment-projections`).
+pub const DEFAULT_CONSUMER: &str = "payment-projections";
+
+/// What one batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SinkReport {
+    /// Changes applied now.
+    pub applied: usize,
+    /// Events this consumer had applied already.
+    pub duplicates: usize,
+    /// Events older than the projection.
+    pub stale: usize,
+    /// Events of types without a projection (acknowledged).
+    pub unknown_types: usize,
+    /// Messages reported as failures (redelivered by SQS).
+    pub failures: usize,
+}
+
+/// The sink: one per Lambda instance.
+pub struct ProjectionSink<S> {
+    store: S,
+    consumer: String,
+}
+
+impl<S: ProjectionStore> ProjectionSink<S> {
+    /// A sink recording its work in the inbox under `consumer`.
+    pub fn new(store: S, consumer: impl Into<String>) -> Self {
+        Self {
+            store,
+            consumer: consumer.into(),
+        }
+    }
+
+    /// The store, for wiring.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Applies a batch; the response lists only the messages to redeliver.
+    pub async fn apply_batch(&self, event: SqsEvent) -> (SqsBatchResponse, SinkReport) {
+        let mut report = SinkReport::default();
+        let mut failed: Vec<String> = Vec::new();
+        let mut changes: Vec<PaymentChange> = Vec::new();
+        let mut change_ids: Vec<String> = Vec::new();
+        for message in event.records {
+            // Without a message id a failure could not be reported for it alone.
+            let id = message.message_id.clone().unwrap_or_default();
+            let parsed = parse_delivery(message.body.as_deref().unwrap_or_default())
+                .and_then(|envelope| interpret(&envelope));
+            match parsed {
+                Ok(Interpreted::Change(change)) => {
+                    changes.push(change);
+                    change_ids.push(id);
+                }
+                Ok(Interpreted::UnknownType(event_type)) => {
+                    tracing::info!(message_id = %id, %event_type, "no projection for this event type; acknowledged");
+                    report.unknown_types += 1;
+                }
+                Err(error) => {
+                    tracing::warn!(message_id = %id, %error, "message cannot be applied");
+                    failed.push(id);
+                }
+            }
+        }
+        let outcomes = self.store.apply_changes(&self.consumer, &changes).await;
+        for ((change, id), outcome) in changes.iter().zip(change_ids).zip(outcomes) {
+            match outcome {
+                ApplyOutcome::Applied => report.applied += 1,
+                ApplyOutcome::Duplicate => report.duplicates += 1,
+                ApplyOutcome::Stale => report.stale += 1,
+                ApplyOutcome::Gap => {
+                    tracing::info!(message_id = %id, event_id = %change.event_id, version = change.version,
+                        "earlier event of this payment not applied yet; redelivering");
+                    failed.push(id);
+                }
+                ApplyOutcome::Failed(reason) => {
+                    tracing::warn!(message_id = %id, event_id = %change.event_id, %reason, "apply failed");
+                    failed.push(id);
+                }
+            }
+        }
+        report.failures = failed.len();
+        let mut response = SqsBatchResponse::default();
+        response.batch_item_failures = failed
+            .into_iter()
+            .map(|id| {
+                let mut failure = BatchItemFailure::default();
+                failure.item_identifier = id;
+                failure
+            })
+            .collect();
+        tracing::info!(?report, "batch done");
+        (response, report)
+    }
+}
+
+/// The Lambda handler.
+pub async fn handle<S: ProjectionStore>(
+    sink: &ProjectionSink<S>,
+    event: LambdaEvent<SqsEvent>,
+) -> Result<SqsBatchResponse, lambda_runtime::Error> {
+    Ok(sink.apply_batch(event.payload).await.0)
+}

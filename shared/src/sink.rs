@@ -1,0 +1,287 @@
+//! The sink side: what a queue message may hold (the envelope from SNS raw delivery, an SNS
+//! notification wrapping it, or an EventBridge event carrying it as `detail`), and the projection
+//! events the sink knows how to apply. Pure functions, so hostile input can be thrown at them.
+
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::domain::events::{PaymentPaidV1, PaymentRefundedV1, PAYMENT_PAID, PAYMENT_REFUNDED};
+use crate::envelope::{EventEnvelope, SPEC_VERSION};
+
+/// Why a message cannot be applied. Reported as that message's batch item failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeliveryError {
+    /// The body is not JSON.
+    #[error("body is not JSON: {0}")]
+    NotJson(String),
+    /// JSON, but none of the shapes the sink reads.
+    #[error("not an event envelope, an SNS notification or an EventBridge event")]
+    UnknownShape,
+    /// An SNS notification whose `Message` is not an envelope.
+    #[error("SNS notification does not carry an envelope: {0}")]
+    BadNotification(String),
+    /// The envelope does not have the fields the sink uses, with the types it expects.
+    #[error("invalid envelope: {0}")]
+    InvalidEnvelope(String),
+    /// A CloudEvents spec version other than 1.0.
+    #[error("unsupported specversion {0:?}")]
+    UnsupportedSpec(String),
+    /// A known event type in a schema version this sink does not read.
+    #[error("unsupported schema version {version} of {event_type}")]
+    UnsupportedSchema {
+        /// The event type.
+        event_type: String,
+        /// Its schema version.
+        version: i32,
+    },
+    /// A known event type whose payload does not match its schema.
+    #[error("invalid {event_type} payload: {reason}")]
+    InvalidPayload {
+        /// The event type.
+        event_type: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Finds the envelope in a queue message body, whichever way it was delivered.
+pub fn parse_delivery(body: &str) -> Result<EventEnvelope, DeliveryError> {
+    let value: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| DeliveryError::NotJson(e.to_string()))?;
+    let envelope = if value.get("specversion").is_some() {
+        value
+    } else if value.get("Type").and_then(|t| t.as_str()) == Some("Notification") {
+        let message = value
+            .get("Message")
+            .and_then(|m| m.as_str())
+            .ok_or_else(|| DeliveryError::BadNotification("no Message string".into()))?;
+        serde_json::from_str(message).map_err(|e| DeliveryError::BadNotification(e.to_string()))?
+    } else if let (Some(_), Some(detail)) = (value.get("detail-type"), value.get("detail")) {
+        // Emulators may leave out fields such as `account`: only `detail` is read.
+        detail.clone()
+    } else {
+        return Err(DeliveryError::UnknownShape);
+    };
+    let envelope: EventEnvelope = serde_json::from_value(envelope)
+        .map_err(|e| DeliveryError::InvalidEnvelope(e.to_string()))?;
+    if envelope.specversion != SPEC_VERSION {
+        return Err(DeliveryError::UnsupportedSpec(envelope.specversion));
+    }
+    Ok(envelope)
+}
+
+/// A payment event the projections apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentChange {
+    /// Event id (the inbox key).
+    pub event_id: Uuid,
+    /// Event type.
+    pub event_type: &'static str,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Payment.
+    pub payment_id: String,
+    /// Aggregate version of the event.
+    pub version: i64,
+    /// Amount paid or refunded, minor units.
+    pub amount_minor: i64,
+    /// Currency.
+    pub currency: String,
+    /// When it happened (the day it counts for).
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+/// What an envelope means to the sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interpreted {
+    /// A change to apply.
+    Change(PaymentChange),
+    /// An event type this sink has no projection for: acknowledged and counted, so new producers
+    /// can add types without breaking consumers.
+    UnknownType(String),
+}
+
+fn payload<T: for<'de> Deserialize<'de>>(envelope: &EventEnvelope) -> Result<T, DeliveryError> {
+    serde_json::from_value(envelope.data.clone()).map_err(|e| DeliveryError::InvalidPayload {
+        event_type: envelope.event_type.clone(),
+        reason: e.to_string(),
+    })
+}
+
+/// Reads the envelope's payload by type and schema version.
+pub fn interpret(envelope: &EventEnvelope) -> Result<Interpreted, DeliveryError> {
+    let unsupported = || DeliveryError::UnsupportedSchema {
+        event_type: envelope.event_type.clone(),
+        version: envelope.schemaversion,
+    };
+    let (event_type, payment_id, amount_minor, currency, at) = match envelope.event_type.as_str() {
+        PAYMENT_PAID if envelope.schemaversion == PaymentPaidV1::SCHEMA_VERSION => {
+            let p: PaymentPaidV1 = payload(envelope)?;
+            (
+                PAYMENT_PAID,
+                p.payment_id,
+                p.amount_minor,
+                p.currency,
+                p.paid_at,
+            )
+        }
+        PAYMENT_REFUNDED if envelope.schemaversion == PaymentRefundedV1::SCHEMA_VERSION => {
+            let p: PaymentRefundedV1 = payload(envelope)?;
+            (
+                PAYMENT_REFUNDED,
+                p.payment_id,
+                p.amount_minor,
+                p.currency,
+                p.refunded_at,
+            )
+        }
+        PAYMENT_PAID | PAYMENT_REFUNDED => return Err(unsupported()),
+        other => return Ok(Interpreted::UnknownType(other.to_owned())),
+    };
+    let invalid = |reason: &str| DeliveryError::InvalidPayload {
+        event_type: event_type.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if payment_id != envelope.aggregateid {
+        return Err(invalid("paymentId differs from the envelope's aggregateid"));
+    }
+    if amount_minor <= 0 || amount_minor > crate::domain::payment::MAX_AMOUNT_MINOR {
+        return Err(invalid("amountMinor out of range"));
+    }
+    if envelope.aggregateversion < 1 {
+        return Err(invalid("aggregateversion must be positive"));
+    }
+    crate::domain::TenantId::parse(&envelope.tenantid)
+        .map_err(|e| invalid(&format!("tenantid {e}")))?;
+    crate::domain::PaymentId::parse(&payment_id).map_err(|e| invalid(&format!("paymentId {e}")))?;
+    Ok(Interpreted::Change(PaymentChange {
+        event_id: envelope.id,
+        event_type,
+        tenant_id: envelope.tenantid.clone(),
+        payment_id,
+        version: envelope.aggregateversion,
+        amount_minor,
+        currency: currency.to_string(),
+        at,
+    }))
+}
+
+/// What applying one change did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    /// Applied now.
+    Applied,
+    /// Already applied by this consumer: acknowledged, nothing changed.
+    Duplicate,
+    /// Older than what the projection holds: acknowledged, nothing changed.
+    Stale,
+    /// An earlier event of the same payment is missing: not applied, to be redelivered.
+    Gap,
+    /// Applying failed: not applied, to be redelivered.
+    Failed(String),
+}
+
+impl ApplyOutcome {
+    /// Whether the message may be deleted from the queue.
+    pub fn is_done(&self) -> bool {
+        matches!(self, Self::Applied | Self::Duplicate | Self::Stale)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope_json() -> serde_json::Value {
+        serde_json::json!({
+            "specversion": "1.0", "id": "01a20284-d84a-71be-b86d-648203e3519b", "source": "payments",
+            "type": "payment.paid", "schemaversion": 1, "subject": "payment/pay_1",
+            "time": "2026-11-22T10:00:00Z", "datacontenttype": "application/json", "tenantid": "acme",
+            "aggregatetype": "payment", "aggregateid": "pay_1", "aggregateversion": 1,
+            "correlationid": "c-1",
+            "data": {"paymentId": "pay_1", "amountMinor": 1250, "currency": "EUR",
+                     "verificationMethod": "card_3ds", "verifiedBy": "acs", "paidAt": "2026-11-22T10:00:00Z"}
+        })
+    }
+
+    #[test]
+    fn all_three_delivery_shapes_give_the_same_envelope() {
+        let raw = envelope_json().to_string();
+        let wrapped = serde_json::json!({"Type": "Notification", "MessageId": "m", "Message": raw})
+            .to_string();
+        let bridged =
+            serde_json::json!({"version": "0", "detail-type": "payment.paid", "source": "payments",
+            "detail": envelope_json()})
+            .to_string();
+        let expected = parse_delivery(&raw).unwrap();
+        assert_eq!(parse_delivery(&wrapped).unwrap(), expected);
+        assert_eq!(parse_delivery(&bridged).unwrap(), expected);
+        match interpret(&expected).unwrap() {
+            Interpreted::Change(c) => {
+                assert_eq!(
+                    (c.amount_minor, c.version, c.currency.as_str()),
+                    (1250, 1, "EUR")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn garbage_is_refused_with_a_reason() {
+        assert!(matches!(
+            parse_delivery("not json"),
+            Err(DeliveryError::NotJson(_))
+        ));
+        assert_eq!(parse_delivery("{}"), Err(DeliveryError::UnknownShape));
+        assert_eq!(parse_delivery("[1]"), Err(DeliveryError::UnknownShape));
+        assert!(matches!(
+            parse_delivery(r#"{"Type":"Notification","Message":"nope"}"#),
+            Err(DeliveryError::BadNotification(_))
+        ));
+        let mut e = envelope_json();
+        e["specversion"] = "0.3".into();
+        assert!(matches!(
+            parse_delivery(&e.to_string()),
+            Err(DeliveryError::UnsupportedSpec(_))
+        ));
+        let mut e = envelope_json();
+        e["id"] = "not-a-uuid".into();
+        assert!(matches!(
+            parse_delivery(&e.to_string()),
+            Err(DeliveryError::InvalidEnvelope(_))
+        ));
+    }
+
+    #[test]
+    fn unknown_types_are_acknowledged_but_unknown_schema_versions_are_not() {
+        let mut e = envelope_json();
+        e["type"] = "payment.disputed".into();
+        let envelope = parse_delivery(&e.to_string()).unwrap();
+        assert_eq!(
+            interpret(&envelope).unwrap(),
+            Interpreted::UnknownType("payment.disputed".into())
+        );
+        let mut e = envelope_json();
+        e["schemaversion"] = 2.into();
+        let envelope = parse_delivery(&e.to_string()).unwrap();
+        assert!(matches!(
+            interpret(&envelope),
+            Err(DeliveryError::UnsupportedSchema { version: 2, .. })
+        ));
+        let mut e = envelope_json();
+        e["data"]["amountMinor"] = (-5).into();
+        let envelope = parse_delivery(&e.to_string()).unwrap();
+        assert!(matches!(
+            interpret(&envelope),
+            Err(DeliveryError::InvalidPayload { .. })
+        ));
+        let mut e = envelope_json();
+        e["aggregateid"] = "pay_2".into();
+        let envelope = parse_delivery(&e.to_string()).unwrap();
+        assert!(matches!(
+            interpret(&envelope),
+            Err(DeliveryError::InvalidPayload { .. })
+        ));
+    }
+}
