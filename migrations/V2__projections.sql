@@ -37,13 +37,17 @@ CREATE TABLE tenant_daily_revenue (
     PRIMARY KEY (tenant_id, day, currency)
 );
 
--- Applies one payment event for one consumer, in the caller's transaction, and says what it did:
+-- Applies one payment event's inbox row and payment projection change for one consumer, in the
+-- caller's transaction, and says what it did (the caller adds the revenue of what was applied, for
+-- the whole batch at once, in key order: concurrent batches then take those shared rows' locks in
+-- the same order and cannot deadlock on them):
 --   'applied'    the inbox row and the projection change were written;
 --   'duplicate'  this consumer had applied this event already: nothing written;
 --   'stale'      an older version than the projection holds: only the inbox row written;
 --   'gap'        an earlier event of the payment is not applied yet: nothing written (redeliver);
 --   'error: …'   the change failed: nothing written (the exception block is a subtransaction).
 -- One round trip per event, and one row lock per payment, so concurrent sinks serialize per payment.
+-- p_at is not used here; it stays in the signature so every change is passed whole.
 CREATE FUNCTION apply_payment_event(
     p_consumer text, p_event_id uuid, p_tenant text, p_type text, p_payment text,
     p_version bigint, p_amount bigint, p_currency text, p_at timestamptz
@@ -73,9 +77,6 @@ BEGIN
         INSERT INTO payment_projection (tenant_id, payment_id, status, currency, paid_minor,
                                         last_version, paid_at)
         VALUES (p_tenant, p_payment, 'paid', p_currency, p_amount, p_version, p_at);
-        INSERT INTO tenant_daily_revenue AS r (tenant_id, day, currency, paid_minor)
-        VALUES (p_tenant, (p_at AT TIME ZONE 'UTC')::date, p_currency, p_amount)
-        ON CONFLICT (tenant_id, day, currency) DO UPDATE SET paid_minor = r.paid_minor + EXCLUDED.paid_minor;
     ELSIF p_type = 'payment.refunded' THEN
         IF NOT FOUND OR v_last < p_version - 1 THEN
             DELETE FROM processed_events WHERE consumer = p_consumer AND event_id = p_event_id;
@@ -91,14 +92,28 @@ BEGIN
             last_version = p_version,
             updated_at = now()
         WHERE tenant_id = p_tenant AND payment_id = p_payment;
-        INSERT INTO tenant_daily_revenue AS r (tenant_id, day, currency, refunded_minor)
-        VALUES (p_tenant, (p_at AT TIME ZONE 'UTC')::date, p_currency, p_amount)
-        ON CONFLICT (tenant_id, day, currency) DO UPDATE SET refunded_minor = r.refunded_minor + EXCLUDED.refunded_minor;
     ELSE
         RAISE EXCEPTION 'no projection rule for event type %', p_type;
     END IF;
     RETURN 'applied';
 EXCEPTION WHEN OTHERS THEN
     RETURN 'error: ' || SQLSTATE || ' ' || SQLERRM;
+END
+$$;
+
+-- A whole SQS batch in one call: the changes in order, one outcome each (see above).
+CREATE FUNCTION apply_payment_events(
+    p_consumer text, p_event_ids uuid[], p_tenants text[], p_types text[], p_payments text[],
+    p_versions bigint[], p_amounts bigint[], p_currencies text[], p_ats timestamptz[]
+) RETURNS text[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_outcomes text[] := '{}';
+BEGIN
+    FOR i IN 1 .. coalesce(array_length(p_event_ids, 1), 0) LOOP
+        v_outcomes := v_outcomes || apply_payment_event(
+            p_consumer, p_event_ids[i], p_tenants[i], p_types[i], p_payments[i],
+            p_versions[i], p_amounts[i], p_currencies[i], p_ats[i]);
+    END LOOP;
+    RETURN v_outcomes;
 END
 $$;

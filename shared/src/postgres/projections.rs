@@ -1,14 +1,47 @@
 //! SQL of the read side (`processed_events`, `payment_projection`, `tenant_daily_revenue`): the
 //! rules live in `apply_payment_event` (migration V2), one call per event.
 
-use futures_util::future::join_all;
 use tokio_postgres::types::Type;
 
 use super::Db;
 use crate::ports::ProjectionStore;
 use crate::sink::{ApplyOutcome, PaymentChange};
 
-const APPLY: &str = "SELECT apply_payment_event($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+const APPLY: &str = "SELECT apply_payment_events($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
+/// Adds a batch's revenue, one row per (tenant, day, currency), in key order.
+const ADD_REVENUE: &str = "
+    INSERT INTO tenant_daily_revenue AS r (tenant_id, day, currency, paid_minor, refunded_minor)
+    SELECT * FROM unnest($1::text[], $2::date[], $3::text[], $4::bigint[], $5::bigint[])
+    ORDER BY 1, 2, 3
+    ON CONFLICT (tenant_id, day, currency) DO UPDATE
+    SET paid_minor = r.paid_minor + EXCLUDED.paid_minor,
+        refunded_minor = r.refunded_minor + EXCLUDED.refunded_minor";
+
+/// Revenue deltas of the changes applied in a batch, keyed and ordered by (tenant, day, currency).
+fn revenue_deltas(
+    changes: &[PaymentChange],
+    outcomes: &[ApplyOutcome],
+) -> std::collections::BTreeMap<(String, chrono::NaiveDate, String), (i64, i64)> {
+    let mut deltas = std::collections::BTreeMap::new();
+    for (change, outcome) in changes.iter().zip(outcomes) {
+        if *outcome != ApplyOutcome::Applied {
+            continue;
+        }
+        let key = (
+            change.tenant_id.clone(),
+            change.at.date_naive(),
+            change.currency.clone(),
+        );
+        let entry: &mut (i64, i64) = deltas.entry(key).or_default();
+        if change.event_type == crate::domain::events::PAYMENT_PAID {
+            entry.0 += change.amount_minor;
+        } else {
+            entry.1 += change.amount_minor;
+        }
+    }
+    deltas
+}
 
 /// The [`ProjectionStore`] on PostgreSQL.
 pub struct PgProjectionStore {
@@ -41,6 +74,9 @@ impl ProjectionStore for PgProjectionStore {
     #[tracing::instrument(skip_all, fields(changes = changes.len()))]
     async fn apply_changes(&self, consumer: &str, changes: &[PaymentChange]) -> Vec<ApplyOutcome> {
         let all_failed = |reason: String| vec![ApplyOutcome::Failed(reason); changes.len()];
+        if changes.is_empty() {
+            return Vec::new();
+        }
         let mut client = match self.db.client().await {
             Ok(client) => client,
             Err(e) => return all_failed(format!("database unavailable: {e}")),
@@ -49,44 +85,74 @@ impl ProjectionStore for PgProjectionStore {
             Ok(tx) => tx,
             Err(e) => return all_failed(format!("cannot begin: {e}")),
         };
-        // The calls are pipelined on the connection and run in order, so a batch costs about one
-        // round trip plus one commit; each call is its own subtransaction inside the function.
-        let calls = changes.iter().map(|c| {
-            let tx = &tx;
-            async move {
-                tx.query_typed_one(
-                    APPLY,
+        // One call for the whole batch: the function applies the changes in order, each in its
+        // own subtransaction, so one that fails leaves the others applied.
+        let ids: Vec<uuid::Uuid> = changes.iter().map(|c| c.event_id).collect();
+        let tenants: Vec<&str> = changes.iter().map(|c| c.tenant_id.as_str()).collect();
+        let types: Vec<&str> = changes.iter().map(|c| c.event_type).collect();
+        let payments: Vec<&str> = changes.iter().map(|c| c.payment_id.as_str()).collect();
+        let versions: Vec<i64> = changes.iter().map(|c| c.version).collect();
+        let amounts: Vec<i64> = changes.iter().map(|c| c.amount_minor).collect();
+        let currencies: Vec<&str> = changes.iter().map(|c| c.currency.as_str()).collect();
+        let ats: Vec<chrono::DateTime<chrono::Utc>> = changes.iter().map(|c| c.at).collect();
+        let applied = tx
+            .query_typed_one(
+                APPLY,
+                &[
+                    (&consumer, Type::TEXT),
+                    (&ids, Type::UUID_ARRAY),
+                    (&tenants, Type::TEXT_ARRAY),
+                    (&types, Type::TEXT_ARRAY),
+                    (&payments, Type::TEXT_ARRAY),
+                    (&versions, Type::INT8_ARRAY),
+                    (&amounts, Type::INT8_ARRAY),
+                    (&currencies, Type::TEXT_ARRAY),
+                    (&ats, Type::TIMESTAMPTZ_ARRAY),
+                ],
+            )
+            .await
+            .and_then(|row| row.try_get::<_, Vec<String>>(0));
+        let outcomes: Vec<ApplyOutcome> = match applied {
+            Ok(texts) if texts.len() == changes.len() => texts.iter().map(|t| outcome(t)).collect(),
+            Ok(texts) => {
+                let _ = tx.rollback().await;
+                return all_failed(format!(
+                    "{} outcomes for {} changes",
+                    texts.len(),
+                    changes.len()
+                ));
+            }
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return all_failed(format!("apply failed: {e}"));
+            }
+        };
+        let deltas = revenue_deltas(changes, &outcomes);
+        if !deltas.is_empty() {
+            let mut columns = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ((tenant, day, currency), (paid, refunded)) in deltas {
+                columns.0.push(tenant);
+                columns.1.push(day);
+                columns.2.push(currency);
+                columns.3.push(paid);
+                columns.4.push(refunded);
+            }
+            let added = tx
+                .execute_typed(
+                    ADD_REVENUE,
                     &[
-                        (&consumer, Type::TEXT),
-                        (&c.event_id, Type::UUID),
-                        (&c.tenant_id, Type::TEXT),
-                        (&c.event_type, Type::TEXT),
-                        (&c.payment_id, Type::TEXT),
-                        (&c.version, Type::INT8),
-                        (&c.amount_minor, Type::INT8),
-                        (&c.currency, Type::TEXT),
-                        (&c.at, Type::TIMESTAMPTZ),
+                        (&columns.0, Type::TEXT_ARRAY),
+                        (&columns.1, Type::DATE_ARRAY),
+                        (&columns.2, Type::TEXT_ARRAY),
+                        (&columns.3, Type::INT8_ARRAY),
+                        (&columns.4, Type::INT8_ARRAY),
                     ],
                 )
-                .await
-                .and_then(|row| row.try_get::<_, String>(0))
+                .await;
+            if let Err(e) = added {
+                let _ = tx.rollback().await;
+                return all_failed(format!("revenue update failed: {e}"));
             }
-        });
-        let results = join_all(calls).await;
-        let outcomes: Vec<ApplyOutcome> = results
-            .into_iter()
-            .map(|r| match r {
-                Ok(text) => outcome(&text),
-                Err(e) => ApplyOutcome::Failed(format!("apply failed: {e}")),
-            })
-            .collect();
-        if outcomes
-            .iter()
-            .any(|o| matches!(o, ApplyOutcome::Failed(f) if f.starts_with("apply failed")))
-        {
-            // A statement error aborts the transaction: nothing of this batch is kept.
-            let _ = tx.rollback().await;
-            return all_failed("batch rolled back after a statement error".into());
         }
         match tx.commit().await {
             Ok(()) => outcomes,
