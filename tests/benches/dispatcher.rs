@@ -251,6 +251,13 @@ async fn claim_latency(retained: usize, claims: usize) -> (f64, f64) {
     let db = TestDb::create().await;
     seed(&db, retained, "published").await;
     seed(&db, claims * 100, "pending").await;
+    if retained >= 1_000_000 {
+        let client = db.client().await;
+        let plan = outbox_shared::postgres::outbox::explain_claim(&client, 100, true)
+            .await
+            .expect("explain");
+        println!("\nEXPLAIN ANALYZE of the claim, {retained} published rows retained, {} pending:\n\n```\n{plan}\n```\n", claims * 100);
+    }
     let store = PgOutboxStore::new(Db::new(db.settings.clone()));
     let mut latencies = Vec::with_capacity(claims);
     for i in 0..claims {
@@ -272,13 +279,6 @@ async fn claim_latency(retained: usize, claims: usize) -> (f64, f64) {
             .expect("mark");
     }
     latencies.sort();
-    let client = db.client().await;
-    if retained >= 1_000_000 {
-        let plan = outbox_shared::postgres::outbox::explain_claim(&client, 100, true)
-            .await
-            .expect("explain");
-        println!("\nEXPLAIN ANALYZE of the claim with {retained} published rows retained:\n\n```\n{plan}\n```\n");
-    }
     (pct(&latencies, 0.5), pct(&latencies, 0.99))
 }
 

@@ -13,7 +13,6 @@ use outbox_tests::TestDb;
 
 #[tokio::main]
 async fn main() {
-    outbox_shared::telemetry::init_tracing();
     let payments: usize = std::env::var("BENCH_PAYMENTS")
         .ok()
         .and_then(|v| v.parse().ok())
