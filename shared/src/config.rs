@@ -60,6 +60,30 @@ where
     }
 }
 
+/// Reads an optional number, falling back to `default`, and refuses it outside `min..=max`.
+pub fn ranged_env<T>(name: &'static str, default: T, min: T, max: T) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + fmt::Display,
+    T::Err: fmt::Display,
+{
+    check_range(name, parsed_env(name, default)?, min, max)
+}
+
+fn check_range<T: PartialOrd + fmt::Display>(
+    name: &'static str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError::Invalid {
+            name,
+            reason: format!("{value} is outside {min}..={max}"),
+        });
+    }
+    Ok(value)
+}
+
 /// A value that must never be printed: `Debug` and `Display` show a placeholder.
 #[derive(Clone)]
 pub struct Secret<T>(T);
@@ -85,6 +109,17 @@ impl<T> fmt::Debug for Secret<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_outside_their_range_are_refused_naming_the_variable() {
+        assert_eq!(check_range("N", 5, 1, 10).unwrap(), 5);
+        let err = check_range("DISPATCH_BATCH_SIZE", 0, 1, 5_000).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "environment variable DISPATCH_BATCH_SIZE is invalid: 0 is outside 1..=5000"
+        );
+        assert!(check_range("N", 11, 1, 10).is_err());
+    }
 
     #[test]
     fn secret_never_prints_its_value() {

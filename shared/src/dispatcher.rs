@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{self, StreamExt};
 use serde::Serialize;
 
-use crate::config::{optional_env, parsed_env, required_env, ConfigError};
+use crate::config::{optional_env, ranged_env, required_env, ConfigError};
 use crate::envelope::EventEnvelope;
 use crate::outbox::{ClaimedEvent, Outcomes};
 use crate::ports::{OutboxStore, OutgoingMessage, PublishOutcome, Publisher, StoreError};
@@ -62,66 +62,36 @@ impl Default for DispatcherConfig {
     }
 }
 
-fn in_range<T: PartialOrd + std::fmt::Display>(
-    name: &'static str,
-    value: T,
-    min: T,
-    max: T,
-) -> Result<T, ConfigError> {
-    if value < min || value > max {
-        return Err(ConfigError::Invalid {
-            name,
-            reason: format!("{value} is outside {min}..={max}"),
-        });
-    }
-    Ok(value)
-}
-
 impl DispatcherConfig {
     /// Reads and validates the settings, falling back to the defaults.
     pub fn from_env() -> Result<Self, ConfigError> {
         let d = Self::default();
         let ms = |d: Duration| d.as_millis() as u64;
         let config = Self {
-            batch_size: in_range(
-                "DISPATCH_BATCH_SIZE",
-                parsed_env("DISPATCH_BATCH_SIZE", d.batch_size)?,
-                1,
-                5_000,
-            )?,
-            max_in_flight: in_range(
-                "DISPATCH_MAX_IN_FLIGHT",
-                parsed_env("DISPATCH_MAX_IN_FLIGHT", d.max_in_flight)?,
-                1,
-                128,
-            )?,
-            lease: Duration::from_secs(in_range(
+            batch_size: ranged_env("DISPATCH_BATCH_SIZE", d.batch_size, 1, 5_000)?,
+            max_in_flight: ranged_env("DISPATCH_MAX_IN_FLIGHT", d.max_in_flight, 1, 128)?,
+            lease: Duration::from_secs(ranged_env(
                 "DISPATCH_LEASE_SECONDS",
-                parsed_env("DISPATCH_LEASE_SECONDS", d.lease.as_secs())?,
+                d.lease.as_secs(),
                 5,
                 900,
             )?),
-            max_attempts: in_range(
-                "DISPATCH_MAX_ATTEMPTS",
-                parsed_env("DISPATCH_MAX_ATTEMPTS", d.max_attempts)?,
-                1,
-                100,
-            )?,
-            backoff_base: Duration::from_millis(in_range(
+            max_attempts: ranged_env("DISPATCH_MAX_ATTEMPTS", d.max_attempts, 1, 100)?,
+            backoff_base: Duration::from_millis(ranged_env(
                 "DISPATCH_BACKOFF_BASE_MS",
-                parsed_env("DISPATCH_BACKOFF_BASE_MS", ms(d.backoff_base))?,
+                ms(d.backoff_base),
                 1,
                 3_600_000,
             )?),
-            backoff_cap: Duration::from_millis(in_range(
+            backoff_cap: Duration::from_millis(ranged_env(
                 "DISPATCH_BACKOFF_CAP_MS",
-                parsed_env("DISPATCH_BACKOFF_CAP_MS", ms(d.backoff_cap))?,
+                ms(d.backoff_cap),
                 1,
                 86_400_000,
             )?),
-            safety_margin: Duration::from_millis(in_range(
+            safety_margin: Duration::from_millis(ranged_env(
                 "DISPATCH_SAFETY_MARGIN_MS",
-                parsed_env("DISPATCH_SAFETY_MARGIN_MS", ms(d.safety_margin))?,
+                ms(d.safety_margin),
                 0,
                 600_000,
             )?),
