@@ -4,4 +4,5 @@ mod dispatcher;
 mod migrations;
 mod payment_command;
 mod sample_events;
+mod secrets;
 mod sink;

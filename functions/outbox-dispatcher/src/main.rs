@@ -2,16 +2,17 @@
 //! per cold start; every invocation drains the outbox.
 
 use lambda_runtime::{run, service_fn, Error};
+use outbox_shared::aws::secrets::database_settings_from_env;
 use outbox_shared::aws::{sdk_config, BusPublisher};
 use outbox_shared::config::init_error;
 use outbox_shared::dispatcher::{DispatcherConfig, OutboxDispatcher, Target};
 use outbox_shared::postgres::outbox::PgOutboxStore;
-use outbox_shared::postgres::{DatabaseSettings, Db};
+use outbox_shared::postgres::Db;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     outbox_shared::telemetry::init_tracing();
-    let settings = DatabaseSettings::from_env().map_err(init_error)?;
+    let settings = database_settings_from_env().await.map_err(init_error)?;
     let target = Target::from_env().map_err(init_error)?;
     let config = DispatcherConfig::from_env().map_err(init_error)?;
     let publisher = BusPublisher::new(&sdk_config().await, &target);

@@ -2,15 +2,16 @@
 //! then serves invocations.
 
 use lambda_runtime::{run, service_fn, Error};
+use outbox_shared::aws::secrets::database_settings_from_env;
 use outbox_shared::config::init_error;
 use outbox_shared::postgres::payments::PgPaymentStore;
-use outbox_shared::postgres::{DatabaseSettings, Db};
+use outbox_shared::postgres::Db;
 use payment_command::{HandlerConfig, PaymentCommandHandler};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     outbox_shared::telemetry::init_tracing();
-    let settings = DatabaseSettings::from_env().map_err(init_error)?;
+    let settings = database_settings_from_env().await.map_err(init_error)?;
     let config = HandlerConfig::from_env().map_err(init_error)?;
     let store = PgPaymentStore::new(Db::new(settings));
     store.db().warm_up().await;

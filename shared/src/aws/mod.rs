@@ -2,6 +2,7 @@
 //! [`crate::ports::Publisher`].
 
 pub mod eventbridge;
+pub mod secrets;
 pub mod sns;
 
 use std::time::Duration;

@@ -70,30 +70,42 @@ impl DatabaseSettings {
             // The parse error may quote the string, which may hold a password.
             reason: "not a valid PostgreSQL connection string".into(),
         })?;
-        let tls = match optional_env("DATABASE_TLS").as_deref() {
-            None | Some("verify-full") => TlsMode::VerifyFull,
-            Some("disable") => TlsMode::Disable,
-            Some(other) => {
-                return Err(ConfigError::Invalid {
-                    name: "DATABASE_TLS",
-                    reason: format!("{other:?} is not one of verify-full, disable"),
-                })
-            }
-        };
-        let extra_root_pem = match optional_env("DATABASE_CA_FILE") {
-            None => None,
-            Some(path) => Some(Secret::new(std::fs::read(&path).map_err(|e| {
-                ConfigError::Invalid {
-                    name: "DATABASE_CA_FILE",
-                    reason: format!("cannot read {path}: {e}"),
-                }
-            })?)),
-        };
         Ok(Self {
             config,
-            tls,
-            extra_root_pem,
+            tls: Self::tls_from_env()?,
+            extra_root_pem: Self::extra_root_from_env()?,
         })
+    }
+
+    /// `DATABASE_TLS`: `verify-full` (the default) or `disable`.
+    pub fn tls_from_env() -> Result<TlsMode, ConfigError> {
+        match optional_env("DATABASE_TLS").as_deref() {
+            None | Some("verify-full") => Ok(TlsMode::VerifyFull),
+            Some("disable") => Ok(TlsMode::Disable),
+            Some(other) => Err(ConfigError::Invalid {
+                name: "DATABASE_TLS",
+                reason: format!("{other:?} is not one of verify-full, disable"),
+            }),
+        }
+    }
+
+    /// `DATABASE_CA_FILE`: an extra PEM root certificate to trust, if set.
+    pub fn extra_root_from_env() -> Result<Option<Secret<Vec<u8>>>, ConfigError> {
+        let Some(path) = optional_env("DATABASE_CA_FILE") else {
+            return Ok(None);
+        };
+        std::fs::read(&path)
+            .map(|pem| Some(Secret::new(pem)))
+            .map_err(|e| ConfigError::Invalid {
+                name: "DATABASE_CA_FILE",
+                reason: format!("cannot read {path}: {e}"),
+            })
+    }
+
+    /// The same settings trusting one more root certificate (PEM).
+    pub fn with_extra_root(mut self, pem: Secret<Vec<u8>>) -> Self {
+        self.extra_root_pem = Some(pem);
+        self
     }
 
     /// The same server and credentials, another database (used to create test databases).

@@ -6,11 +6,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use std::time::{Duration, Instant};
 
+use outbox_shared::aws::secrets::database_settings_from_env;
 use outbox_shared::aws::{sdk_config, BusPublisher};
 use outbox_shared::dispatcher::{DispatcherConfig, OutboxDispatcher, Target};
 use outbox_shared::postgres::migrate::run_migrations;
 use outbox_shared::postgres::outbox::PgOutboxStore;
-use outbox_shared::postgres::{DatabaseSettings, Db};
+use outbox_shared::postgres::Db;
 
 #[derive(Parser)]
 #[command(
@@ -55,7 +56,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
-    let settings = DatabaseSettings::from_env()?;
+    let settings = database_settings_from_env().await?;
     match cli.command {
         Command::Migrate => {
             let mut client = settings.connect().await?;
