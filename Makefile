@@ -1,5 +1,5 @@
 # The two commands a newcomer needs, and a few more for day-to-day work.
-.PHONY: demo test bench up down reset fmt lint
+.PHONY: demo test bench up down reset fmt lint sam-build
 
 demo:   ## run the whole flow locally, end to end
 	scripts/demo
@@ -9,6 +9,9 @@ test:   ## run the whole test suite (brings PostgreSQL and moto up itself)
 
 bench:  ## run the benchmarks against the local environment
 	scripts/bench
+
+sam-build: ## build the Lambda functions with SAM (x86_64; ARCH=arm64 with the aarch64 target installed)
+	scripts/dev-env up && . .local/env && SAM_CLI_TELEMETRY=0 sam build --parameter-overrides Architecture=$(or $(ARCH),x86_64)
 
 up:     ## start the local environment (PostgreSQL, moto)
 	scripts/dev-env up
