@@ -26,3 +26,15 @@ pub fn init_tracing() {
         builder.with_ansi(false).try_init()
     };
 }
+
+/// An error and its whole cause chain on one line (`outer: inner: root`), for logs and messages.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

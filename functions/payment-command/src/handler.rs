@@ -358,14 +358,8 @@ fn error(status: u16, code: &str, message: &str, field: Option<&str>) -> ApiGate
 /// A store failure: logged with its cause chain, answered with a generic 503 the client may retry
 /// (every command is idempotent, so a retry is safe).
 fn unavailable(e: &outbox_shared::ports::StoreError) -> ApiGatewayV2httpResponse {
-    let mut cause = String::new();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        cause.push_str(": ");
-        cause.push_str(&s.to_string());
-        source = s.source();
-    }
-    tracing::error!(error = %e, cause = %cause, "command failed");
+    let cause = outbox_shared::telemetry::error_chain(e);
+    tracing::error!(error = %cause, "command failed");
     let mut response = error(
         503,
         "service_unavailable",

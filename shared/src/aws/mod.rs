@@ -41,7 +41,7 @@ pub fn sdk_config_loader() -> aws_config::ConfigLoader {
 
 /// An SDK error with its whole cause chain, bounded so it fits `last_error`.
 pub(crate) fn describe<E: std::error::Error>(error: &E) -> String {
-    let mut text = aws_smithy_types_display(error);
+    let mut text = crate::telemetry::error_chain(error);
     if text.len() > 1_000 {
         let mut cut = 1_000;
         while !text.is_char_boundary(cut) {
@@ -49,17 +49,6 @@ pub(crate) fn describe<E: std::error::Error>(error: &E) -> String {
         }
         text.truncate(cut);
         text.push('…');
-    }
-    text
-}
-
-fn aws_smithy_types_display<E: std::error::Error>(error: &E) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
     }
     text
 }

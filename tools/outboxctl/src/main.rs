@@ -43,13 +43,10 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprint!("outboxctl: {e}");
-            let mut source = e.source();
-            while let Some(s) = source {
-                eprint!(": {s}");
-                source = s.source();
-            }
-            eprintln!();
+            eprintln!(
+                "outboxctl: {}",
+                outbox_shared::telemetry::error_chain(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }
