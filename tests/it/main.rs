@@ -6,3 +6,4 @@ mod payment_command;
 mod sample_events;
 mod secrets;
 mod sink;
+mod tls;
