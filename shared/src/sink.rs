@@ -285,3 +285,84 @@ mod tests {
         ));
     }
 }
+
+/// Hostile queue messages, generated: parsing never panics, and whatever is accepted is valid.
+/// 10,000 cases per property.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: 10_000,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    fn json_leaf() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(|f| serde_json::json!(f)),
+            any::<String>().prop_map(serde_json::Value::from),
+            Just(serde_json::Value::from("1.0")),
+            Just(serde_json::Value::from("payment.paid")),
+            Just(serde_json::Value::from(
+                "01a20284-d84a-71be-b86d-648203e3519b"
+            )),
+        ]
+    }
+
+    /// Envelope-like objects: the real field names with random values, plus random members.
+    fn envelope_like() -> impl Strategy<Value = String> {
+        let names = prop_oneof![
+            Just("specversion"),
+            Just("id"),
+            Just("type"),
+            Just("schemaversion"),
+            Just("tenantid"),
+            Just("aggregateid"),
+            Just("aggregateversion"),
+            Just("data"),
+            Just("time"),
+            Just("Type"),
+            Just("Message"),
+            Just("detail"),
+            Just("detail-type"),
+        ];
+        prop::collection::vec((names, json_leaf()), 0..14).prop_map(|members| {
+            let map: serde_json::Map<String, serde_json::Value> = members
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect();
+            serde_json::Value::Object(map).to_string()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn arbitrary_text_never_panics(body in ".{0,400}") {
+            if let Ok(envelope) = parse_delivery(&body) {
+                let _ = interpret(&envelope);
+            }
+        }
+
+        #[test]
+        fn envelope_like_objects_are_accepted_only_when_valid(body in envelope_like()) {
+            if let Ok(envelope) = parse_delivery(&body) {
+                prop_assert_eq!(envelope.specversion.as_str(), "1.0");
+                if let Ok(Interpreted::Change(change)) = interpret(&envelope) {
+                    prop_assert!(change.amount_minor > 0);
+                    prop_assert!(change.version >= 1);
+                    prop_assert_eq!(change.payment_id, envelope.aggregateid);
+                }
+            }
+        }
+    }
+}
