@@ -103,3 +103,61 @@ async fn a_missing_secret_fails_start_up_with_a_clear_message() {
         "{err}"
     );
 }
+
+/// The functions' own start-up (configuration, Secrets Manager, the database warm-up) logged at
+/// debug level, captured and searched: neither the password nor the connection string appears.
+#[tokio::test]
+async fn function_start_up_logs_never_contain_the_secret_or_the_connection_string() {
+    let db = TestDb::create().await;
+    let arn = secret_for(&db).await;
+    let url_with_password = db
+        .url
+        .replacen("postgres@", &format!("postgres:{PASSWORD}@"), 1);
+    for function in ["payment-command", "outbox-dispatcher", "projection-sink"] {
+        for (name, value) in [
+            ("DATABASE_SECRET_ARN", arn.as_str()),
+            ("DATABASE_URL", url_with_password.as_str()),
+        ] {
+            let output = std::process::Command::new(workspace_binary(function))
+                .env_remove("DATABASE_URL")
+                .env(name, value)
+                .env("DATABASE_TLS", "disable")
+                .env("AWS_ENDPOINT_URL", moto_endpoint())
+                .env("OUTBOX_TARGET", "sns")
+                .env("SNS_TOPIC_ARN", "arn:aws:sns:us-east-1:123456789012:logs")
+                .env("RUST_LOG", "trace")
+                .env("AWS_LAMBDA_LOG_FORMAT", "JSON")
+                // No runtime API listens here: the function starts, logs, and stops.
+                .env("AWS_LAMBDA_RUNTIME_API", "127.0.0.1:9")
+                .env("AWS_LAMBDA_FUNCTION_NAME", function)
+                .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
+                .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+                .output()
+                .expect("run the function");
+            let logs = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            // Start-up went all the way to asking the runtime API for work.
+            assert!(
+                logs.contains("127.0.0.1:9"),
+                "{function} with {name} stopped early: {logs}"
+            );
+            if name == "DATABASE_SECRET_ARN" {
+                assert!(
+                    logs.contains("read from Secrets Manager"),
+                    "{function}: {logs}"
+                );
+            }
+            assert!(
+                !logs.contains(PASSWORD),
+                "{function} with {name} logged the password: {logs}"
+            );
+            assert!(
+                !logs.contains(&db.url),
+                "{function} with {name} logged the connection string: {logs}"
+            );
+        }
+    }
+}
