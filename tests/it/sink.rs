@@ -318,3 +318,52 @@ async fn end_to_end_commands_to_projections_through_sns_and_sqs() {
     assert_eq!(revenue_mismatches, 0);
     assert_eq!(db.count(&client, "processed_events").await as usize, events);
 }
+
+/// Tenant isolation on the read side: an event of another tenant naming the same payment id, or
+/// crafted identifiers, never touch the first tenant's projections.
+#[tokio::test]
+async fn one_tenants_events_never_change_another_tenants_projections() {
+    let db = TestDb::create().await;
+    let sink = sink(&db);
+    let acme = sample_json("projection-sink", "sns-raw.json");
+    let acme_paid = acme["Records"][0]["body"].as_str().unwrap().to_owned();
+    let event: SqsEvent = typed(acme.clone());
+    assert!(failures(&sink.apply_batch(event).await.0).is_empty());
+    let before = snapshot(&db).await;
+
+    let mut envelope: serde_json::Value = serde_json::from_str(&acme_paid).unwrap();
+    // Globex pays a payment with acme's id: its own row, acme's untouched.
+    envelope["tenantid"] = "globex".into();
+    envelope["id"] = uuid::Uuid::new_v4().to_string().into();
+    let globex = envelope.to_string();
+    // Crafted identifiers are refused, not interpreted.
+    let mut crafted = envelope.clone();
+    crafted["id"] = uuid::Uuid::new_v4().to_string().into();
+    crafted["tenantid"] = "acme' OR '1'='1".into();
+    let mut crafted_payment = envelope.clone();
+    crafted_payment["id"] = uuid::Uuid::new_v4().to_string().into();
+    crafted_payment["aggregateid"] = "pay_2001'; --".into();
+    crafted_payment["data"]["paymentId"] = "pay_2001'; --".into();
+    let batch = sqs_event(&[
+        ("g".into(), globex),
+        ("c1".into(), crafted.to_string()),
+        ("c2".into(), crafted_payment.to_string()),
+    ]);
+    let (response, report) = sink.apply_batch(batch).await;
+    assert_eq!(failures(&response), vec!["c1".to_owned(), "c2".to_owned()]);
+    assert_eq!(report.applied, 1);
+    let (payments, revenue) = snapshot(&db).await;
+    for row in &before.0 {
+        assert!(
+            payments.contains(row),
+            "acme's projection changed: {payments:?}"
+        );
+    }
+    for row in &before.1 {
+        assert!(revenue.contains(row), "acme's revenue changed: {revenue:?}");
+    }
+    assert!(
+        payments.contains(&"globex|pay_2001|paid|EUR|12500|0|1".to_owned()),
+        "{payments:?}"
+    );
+}
