@@ -117,7 +117,7 @@ impl PgOutboxStore {
 }
 
 impl crate::ports::OutboxStore for PgOutboxStore {
-    #[tracing::instrument(skip_all, fields(limit, lease_owner))]
+    #[tracing::instrument(skip_all, fields(limit = limit, lease_owner = %lease_owner))]
     async fn claim_batch(
         &self,
         limit: i64,
