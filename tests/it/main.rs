@@ -1,5 +1,6 @@
 //! Integration tests: one binary, each test on a database of its own on the local PostgreSQL.
 
+mod chaos;
 mod dispatcher;
 mod migrations;
 mod payment_command;

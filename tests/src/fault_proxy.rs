@@ -73,6 +73,11 @@ pub struct ProxyStats {
     pub event_ids: Mutex<Vec<String>>,
     /// The same ids with their arrival time (wall clock, comparable with the database's).
     pub arrivals: Mutex<Vec<(String, chrono::DateTime<chrono::Utc>)>>,
+    /// Whether to keep message bodies (`keep_bodies`).
+    pub keep_bodies: std::sync::atomic::AtomicBool,
+    /// The `Message` of every SNS entry that reached the bus, in arrival order, when kept: what a
+    /// raw-delivery subscriber receives.
+    pub bodies: Mutex<Vec<String>>,
 }
 
 /// The proxy. Dropping it stops it.
@@ -406,6 +411,14 @@ fn record_sns_entries<'a>(
             let id = field(fields, &format!("{slot}.Value.StringValue")).to_owned();
             arrivals.push((id.clone(), now));
             ids.push(id);
+        }
+        if shared.stats.keep_bodies.load(Ordering::Relaxed) {
+            shared
+                .stats
+                .bodies
+                .lock()
+                .unwrap()
+                .push(field(fields, "Message").to_owned());
         }
     }
 }

@@ -1,0 +1,278 @@
+//! The chaos run: thousands of payment commands from concurrent producers (with client retries),
+//! four dispatcher processes killed with SIGKILL at random and restarted, a proxy in front of moto's
+//! FIFO topic injecting faults into at least 10% of publish calls, and a sink fed every published
+//! message with extra duplicates in random order. At the end: nothing lost, nothing applied twice,
+//! projections equal to the payments table, per-aggregate order kept on the wire, and the dead rows
+//! exactly the poisoned events. One summary line; `CHAOS_COMMANDS` scales it (default 5000).
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use outbox_tests::aws::{self, moto_endpoint};
+use outbox_tests::fault_proxy::{FaultProxy, PoisonRule};
+use outbox_tests::sink_fixtures::{sink, sqs_event};
+use outbox_tests::{invoke, paid_body, paid_request, refund_request, workspace_binary, TestDb};
+
+const POISON: &str = "chaos-poison";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_run_loses_nothing_and_applies_everything_once() {
+    let commands: usize = std::env::var("CHAOS_COMMANDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000);
+    let started = Instant::now();
+    let db = TestDb::create().await;
+    let config = aws::sdk_config_for(&moto_endpoint()).await;
+    let topic_arn = aws::create_topic(&config, true).await;
+    let proxy = FaultProxy::start(&moto_endpoint()).await;
+    proxy
+        .stats
+        .keep_bodies
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    proxy.set_random_fault_rate(0.15);
+    proxy.add_poison(PoisonRule {
+        needle: POISON.into(),
+        code: "InvalidParameter".into(),
+        sender_fault: true,
+    });
+
+    // Dispatcher processes, killed at random while the producers run and after.
+    let spawn = |i: usize| {
+        tokio::process::Command::new(workspace_binary("outboxctl"))
+            .args(["dispatch", "--for-seconds", "600"])
+            .env("DATABASE_URL", &db.url)
+            .env("DATABASE_TLS", "disable")
+            .env("AWS_ENDPOINT_URL", &proxy.endpoint)
+            .env("OUTBOX_TARGET", "sns")
+            .env("SNS_TOPIC_ARN", &topic_arn)
+            .env("DISPATCH_BATCH_SIZE", "100")
+            .env("DISPATCH_MAX_IN_FLIGHT", "8")
+            .env("DISPATCH_LEASE_SECONDS", "5")
+            .env("DISPATCH_MAX_ATTEMPTS", "60")
+            .env("DISPATCH_BACKOFF_BASE_MS", "20")
+            .env("DISPATCH_BACKOFF_CAP_MS", "300")
+            .env("RUST_LOG", "error")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("dispatcher {i}: {e}"))
+    };
+
+    // Producers: 4 tenants, payments paid then refunded in parts, 1 in 10 commands sent twice
+    // (a client retry), a few payments poisoned (their paid event can never be published).
+    let producers: Vec<_> = (0..4)
+        .map(|p| {
+            let handler = db.payment_handler();
+            tokio::spawn(async move {
+                let mut rng = fastrand::Rng::with_seed(p as u64);
+                let tenant = ["acme", "globex", "initech", "umbrella"][p];
+                let mut sent = 0;
+                let mut poisoned = Vec::new();
+                let mut n = 0;
+                while sent < commands / 4 {
+                    let payment = format!("pay_{p}_{n}");
+                    n += 1;
+                    let amount = rng.i64(100..10_000);
+                    let mut body = paid_body(amount, ["EUR", "USD"][n % 2]);
+                    if n % 97 == 0 {
+                        body["verifiedBy"] = POISON.into();
+                        poisoned.push(format!("{tenant}/{payment}"));
+                    }
+                    for _ in 0..if rng.u8(0..10) == 0 { 2 } else { 1 } {
+                        let reply =
+                            invoke(&handler, paid_request(tenant, &payment, body.clone())).await;
+                        assert_eq!(reply.status, 200, "{}", reply.body);
+                        sent += 1;
+                    }
+                    for r in 0..rng.usize(0..3) {
+                        let key = format!("{payment}-r{r}");
+                        for _ in 0..if rng.u8(0..10) == 0 { 2 } else { 1 } {
+                            let reply = invoke(
+                                &handler,
+                                refund_request(tenant, &payment, &key, amount / 4),
+                            )
+                            .await;
+                            assert!(reply.status == 201 || reply.status == 200, "{}", reply.body);
+                            sent += 1;
+                        }
+                    }
+                }
+                (sent, poisoned)
+            })
+        })
+        .collect();
+
+    let mut dispatchers: Vec<_> = (0..4).map(spawn).collect();
+    let client = db.client().await;
+    let mut kills = 0;
+    let mut rng = fastrand::Rng::with_seed(42);
+    let producers = futures_util::future::join_all(producers);
+    tokio::pin!(producers);
+    let mut produced = None;
+    loop {
+        tokio::select! {
+            done = &mut producers, if produced.is_none() => produced = Some(done),
+            _ = tokio::time::sleep(Duration::from_millis(rng.u64(150..600))) => {
+                // Kill while the producers run and until 20 kills; then let the drain finish.
+                if produced.is_none() || kills < 20 {
+                    let victim = rng.usize(0..dispatchers.len());
+                    dispatchers[victim].start_kill().expect("SIGKILL");
+                    let _ = dispatchers[victim].wait().await;
+                    kills += 1;
+                    dispatchers[victim] = spawn(victim);
+                }
+            }
+        }
+        if produced.is_some() && kills >= 20 {
+            let due = db
+                .count(&client, "outbox o WHERE status = 'pending' AND NOT EXISTS (
+                    SELECT 1 FROM outbox e WHERE e.tenant_id = o.tenant_id AND e.aggregate_id = o.aggregate_id
+                    AND e.aggregate_version < o.aggregate_version AND e.status = 'dead')")
+                .await;
+            if due == 0 {
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "the outbox did not drain in time"
+        );
+    }
+    for d in &mut dispatchers {
+        let _ = d.start_kill();
+        let _ = d.wait().await;
+    }
+    let produced: Vec<(usize, Vec<String>)> = produced
+        .unwrap()
+        .into_iter()
+        .map(|r| r.expect("producer"))
+        .collect();
+    let sent: usize = produced.iter().map(|p| p.0).sum();
+    let poisoned: HashSet<String> = produced.into_iter().flat_map(|p| p.1).collect();
+
+    // 0 lost: every event that is not dead or parked behind a dead one reached the bus.
+    let outbox: Vec<(String, String, String, i64, String)> = client
+        .query(
+            "SELECT event_id::text, tenant_id, aggregate_id, aggregate_version, status FROM outbox",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    let arrived: Vec<String> = proxy.stats.event_ids.lock().unwrap().clone();
+    let arrived_set: HashSet<&String> = arrived.iter().collect();
+    let dead: HashSet<String> = outbox
+        .iter()
+        .filter(|e| e.4 == "dead")
+        .map(|e| format!("{}/{}", e.1, e.2))
+        .collect();
+    let lost = outbox
+        .iter()
+        .filter(|e| e.4 == "published" && !arrived_set.contains(&e.0))
+        .count();
+    let unpublished = outbox
+        .iter()
+        .filter(|e| e.4 == "pending" && !dead.contains(&format!("{}/{}", e.1, e.2)))
+        .count();
+
+    // Order on the wire: per aggregate, versions first arrive in increasing order.
+    let by_id: HashMap<&String, (&String, &String, i64)> =
+        outbox.iter().map(|e| (&e.0, (&e.1, &e.2, e.3))).collect();
+    let mut last_version: HashMap<(String, String), i64> = HashMap::new();
+    let mut seen = HashSet::new();
+    let mut order_violations = 0;
+    for id in &arrived {
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        let (tenant, aggregate, version) = by_id[id];
+        let last = last_version
+            .entry((tenant.clone(), aggregate.clone()))
+            .or_insert(0);
+        if version <= *last {
+            order_violations += 1;
+        }
+        *last = version;
+    }
+
+    // The sink gets every message that reached the bus, plus 20% more duplicates, shuffled, and
+    // SQS-style redelivery of what it reports failed.
+    let mut queue: Vec<(String, String)> = Vec::new();
+    for body in proxy.stats.bodies.lock().unwrap().iter() {
+        for _ in 0..if rng.u8(0..5) == 0 { 2 } else { 1 } {
+            queue.push((uuid::Uuid::new_v4().to_string(), body.clone()));
+        }
+    }
+    let deliveries = queue.len();
+    rng.shuffle(&mut queue);
+    let sink = sink(&db);
+    let mut rounds = 0;
+    while !queue.is_empty() {
+        rounds += 1;
+        assert!(rounds < 20_000, "the sink did not converge");
+        let batch: Vec<(String, String)> = queue.drain(..queue.len().min(10)).collect();
+        let (response, _) = sink.apply_batch(sqs_event(&batch)).await;
+        let failed: HashSet<String> = response
+            .batch_item_failures
+            .into_iter()
+            .map(|f| f.item_identifier)
+            .collect();
+        for message in batch.into_iter().filter(|(id, _)| failed.contains(id)) {
+            let at = rng.usize(0..=queue.len());
+            queue.insert(at, message);
+        }
+    }
+
+    // Projections equal the payments table for every payment whose events all went out.
+    let mismatches = db
+        .count(
+            &client,
+            "payments p FULL JOIN payment_projection v USING (tenant_id, payment_id)
+             WHERE NOT EXISTS (SELECT 1 FROM outbox d WHERE d.status = 'dead'
+                               AND d.tenant_id = coalesce(p.tenant_id, v.tenant_id)
+                               AND d.aggregate_id = coalesce(p.payment_id, v.payment_id))
+               AND (v.payment_id IS NULL OR p.payment_id IS NULL OR p.amount_minor <> v.paid_minor
+                    OR p.refunded_minor <> v.refunded_minor OR p.status <> v.status OR p.version <> v.last_version)",
+        )
+        .await;
+    let applied = db.count(&client, "processed_events").await as usize;
+    let published_events = outbox.iter().filter(|e| e.4 == "published").count();
+    let duplicates_applied = applied.saturating_sub(published_events);
+    let calls = proxy
+        .stats
+        .publish_calls
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let faulted = proxy
+        .stats
+        .faulted_calls
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let fault_rate = faulted as f64 / calls.max(1) as f64;
+
+    println!(
+        "chaos: commands={sent} events={} published={published_events} lost={lost} unpublished={unpublished} \
+         duplicates_applied={duplicates_applied} projection_mismatches={mismatches} order_violations={order_violations} \
+         dead={} poisoned={} kills={kills} publish_calls={calls} faulted={faulted} ({:.1}%) bus_deliveries={} \
+         sink_deliveries={deliveries} seconds={:.0}",
+        outbox.len(),
+        dead.len(),
+        poisoned.len(),
+        fault_rate * 100.0,
+        arrived.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(sent >= commands);
+    assert_eq!(lost, 0);
+    assert_eq!(unpublished, 0);
+    assert_eq!(duplicates_applied, 0);
+    assert_eq!(
+        applied, published_events,
+        "every published event applied once"
+    );
+    assert_eq!(mismatches, 0);
+    assert_eq!(order_violations, 0);
+    assert_eq!(dead, poisoned, "dead rows are exactly the poisoned events");
+    assert!(kills >= 20);
+    assert!(fault_rate >= 0.10, "fault rate {fault_rate}");
+}
