@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use outbox_shared::dispatcher::{DispatcherConfig, Target};
-use outbox_shared::outbox::Outcomes;
+use outbox_shared::outbox::{ClaimedEvent, Outcomes};
 use outbox_shared::ports::OutboxStore;
 use outbox_shared::postgres::outbox::PgOutboxStore;
 use outbox_shared::postgres::Db;
@@ -74,6 +74,15 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e3
 }
 
+/// Records every claimed row as published (the "mark" half of the SQL floor).
+async fn mark_published(store: &PgOutboxStore, owner: &str, claimed: &[ClaimedEvent]) {
+    let outcomes = Outcomes {
+        published: claimed.iter().map(|c| c.id).collect(),
+        ..Outcomes::default()
+    };
+    store.record_outcomes(owner, &outcomes).await.expect("mark");
+}
+
 /// 1: claim + mark published through the store, no bus, `DISPATCHERS` connections.
 async fn sql_floor(rows: usize) -> f64 {
     let db = TestDb::create().await;
@@ -94,14 +103,7 @@ async fn sql_floor(rows: usize) -> f64 {
                         return done;
                     }
                     done += claimed.len();
-                    let outcomes = Outcomes {
-                        published: claimed.iter().map(|c| c.id).collect(),
-                        ..Outcomes::default()
-                    };
-                    store
-                        .record_outcomes(&owner, &outcomes)
-                        .await
-                        .expect("mark");
+                    mark_published(&store, &owner, &claimed).await;
                 }
             })
         })
@@ -269,14 +271,7 @@ async fn claim_latency(retained: usize, claims: usize) -> (f64, f64) {
             .expect("claim");
         latencies.push(t.elapsed());
         assert_eq!(claimed.len(), 100);
-        let outcomes = Outcomes {
-            published: claimed.iter().map(|c| c.id).collect(),
-            ..Outcomes::default()
-        };
-        store
-            .record_outcomes(&owner, &outcomes)
-            .await
-            .expect("mark");
+        mark_published(&store, &owner, &claimed).await;
     }
     latencies.sort();
     (pct(&latencies, 0.5), pct(&latencies, 0.99))

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use outbox_shared::dispatcher::{StopReason, Target};
+use outbox_shared::aws::BusPublisher;
+use outbox_shared::dispatcher::{DispatcherConfig, OutboxDispatcher, StopReason, Target};
 use outbox_shared::ports::OutboxStore;
 use outbox_shared::postgres::outbox::PgOutboxStore;
 use outbox_shared::postgres::Db;
@@ -20,6 +21,19 @@ use outbox_tests::{
 
 fn aggregates(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+/// A topic without subscribers in moto, a fault-injecting proxy in front of moto, and a dispatcher
+/// on `db` publishing to that topic through the proxy.
+async fn behind_proxy(
+    db: &TestDb,
+    settings: DispatcherConfig,
+) -> (OutboxDispatcher<PgOutboxStore, BusPublisher>, FaultProxy) {
+    let config = aws::sdk_config_for(&moto_endpoint()).await;
+    let topic_arn = aws::create_topic(&config, false).await;
+    let proxy = FaultProxy::start(&moto_endpoint()).await;
+    let d = dispatcher(db, &proxy.endpoint, Target::Sns { topic_arn }, settings).await;
+    (d, proxy)
 }
 
 async fn statuses(db: &TestDb) -> HashMap<String, i64> {
@@ -407,14 +421,11 @@ async fn throttling_5xx_timeouts_and_partial_failures_are_retried_with_backoff()
     let db = TestDb::create().await;
     let client = db.client().await;
     seed_outbox(&client, "acme", &aggregates("agg", 10), 1, "{}").await;
-    let config = aws::sdk_config_for(&moto_endpoint()).await;
-    let topic_arn = aws::create_topic(&config, false).await;
-    let proxy = FaultProxy::start(&moto_endpoint()).await;
     let mut settings = test_dispatcher_config();
     settings.backoff_base = Duration::from_secs(2);
     settings.backoff_cap = Duration::from_secs(2);
     settings.max_attempts = 10;
-    let d = dispatcher(&db, &proxy.endpoint, Target::Sns { topic_arn }, settings).await;
+    let (d, proxy) = behind_proxy(&db, settings).await;
 
     // One call of 10 entries, throttled: every row backs off, attempts and error recorded.
     proxy.push_faults([Fault::Throttle]);
@@ -529,21 +540,12 @@ async fn a_row_that_keeps_failing_is_dead_after_the_configured_attempts_and_the_
         r#"{"marker":"always-throttled"}"#,
     )
     .await;
-    let config = aws::sdk_config_for(&moto_endpoint()).await;
-    let topic_arn = aws::create_topic(&config, false).await;
-    let proxy = FaultProxy::start(&moto_endpoint()).await;
+    let (d, proxy) = behind_proxy(&db, test_dispatcher_config()).await;
     proxy.add_poison(PoisonRule {
         needle: "always-throttled".into(),
         code: "Throttled".into(),
         sender_fault: true,
     });
-    let d = dispatcher(
-        &db,
-        &proxy.endpoint,
-        Target::Sns { topic_arn },
-        test_dispatcher_config(),
-    )
-    .await;
     drain_until_settled(&d, &db, Duration::from_secs(30)).await;
 
     let row = client
@@ -581,21 +583,12 @@ async fn a_poison_event_is_dead_at_once_and_parks_only_its_aggregate() {
         )
         .await
         .unwrap();
-    let config = aws::sdk_config_for(&moto_endpoint()).await;
-    let topic_arn = aws::create_topic(&config, false).await;
-    let proxy = FaultProxy::start(&moto_endpoint()).await;
+    let (d, proxy) = behind_proxy(&db, test_dispatcher_config()).await;
     proxy.add_poison(PoisonRule {
         needle: "bad-request".into(),
         code: "InvalidParameter".into(),
         sender_fault: true,
     });
-    let d = dispatcher(
-        &db,
-        &proxy.endpoint,
-        Target::Sns { topic_arn },
-        test_dispatcher_config(),
-    )
-    .await;
     drain_until_settled(&d, &db, Duration::from_secs(30)).await;
 
     let bad: Vec<(i64, String, i32)> = client
