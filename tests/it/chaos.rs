@@ -113,6 +113,13 @@ async fn chaos_run_loses_nothing_and_applies_everything_once() {
         tokio::select! {
             done = &mut producers, if produced.is_none() => produced = Some(done),
             _ = tokio::time::sleep(Duration::from_millis(rng.u64(150..600))) => {
+                // A dispatcher that found nothing due has exited, as a Lambda invocation would:
+                // start it again, as the schedule would.
+                for (i, d) in dispatchers.iter_mut().enumerate() {
+                    if d.try_wait().ok().flatten().is_some() {
+                        *d = spawn(i);
+                    }
+                }
                 // Kill while the producers run and until 20 kills; then let the drain finish.
                 if produced.is_none() || kills < 20 {
                     let victim = rng.usize(0..dispatchers.len());

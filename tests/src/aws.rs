@@ -20,7 +20,7 @@ pub fn moto_endpoint() -> String {
 }
 
 /// The SDK configuration the functions use, pointed at `endpoint`, with the SDK's own retries off
-/// (so every injected fault reaches the dispatcher) and a short attempt timeout.
+/// (so every injected fault reaches the dispatcher) and a bounded attempt timeout.
 pub async fn sdk_config_for(endpoint: &str) -> SdkConfig {
     outbox_shared::aws::sdk_config_loader()
         .endpoint_url(endpoint)
@@ -28,8 +28,10 @@ pub async fn sdk_config_for(endpoint: &str) -> SdkConfig {
         .timeout_config(
             TimeoutConfig::builder()
                 .connect_timeout(Duration::from_secs(2))
-                .operation_attempt_timeout(Duration::from_millis(1_500))
-                .operation_timeout(Duration::from_secs(3))
+                // Long enough for moto on a loaded 2-core machine; the proxy's injected timeout
+                // holds a call for 30 s, well past it.
+                .operation_attempt_timeout(Duration::from_secs(4))
+                .operation_timeout(Duration::from_secs(8))
                 .build(),
         )
         .load()
