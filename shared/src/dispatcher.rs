@@ -46,7 +46,27 @@ pub struct DispatcherConfig {
     /// Stop claiming when less than this is left before the deadline
     /// (`DISPATCH_SAFETY_MARGIN_MS`, default 10000).
     pub safety_margin: Duration,
+    /// When a claim finds nothing due: `None` returns, `Some(pause)` polls again after `pause`
+    /// until the deadline (`DISPATCH_IDLE_POLL_MS`, 0 = return, default 0; the template sets
+    /// 100 so an invocation keeps publishing new rows within 100 ms for its whole run).
+    pub idle_poll: Option<Duration>,
+    /// Published rows older than this are deleted between claims (`OUTBOX_RETENTION_HOURS`,
+    /// 0 = keep them, default 168 = 7 days).
+    pub retention: Option<Duration>,
+    /// Rows deleted per cleanup statement (`OUTBOX_CLEANUP_BATCH`, 100..=50000, default 5000):
+    /// one short transaction each, so cleanup never holds locks for long.
+    pub cleanup_batch: i32,
 }
+
+/// How long a heartbeat holds: commands do not wake the dispatcher while it does.
+pub const HEARTBEAT_TTL: Duration = Duration::from_secs(3);
+/// How often a polling drain renews its heartbeat.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// Pause between cleanup statements while expired rows remain: at most one 5000-row delete a
+/// second beside the claims, so a large backlog of expired rows never crowds out publishing.
+pub const CLEANUP_BUSY_PAUSE: Duration = Duration::from_secs(1);
+/// Pause after a cleanup statement found less than a full batch (or failed).
+pub const CLEANUP_IDLE_PAUSE: Duration = Duration::from_secs(60);
 
 impl Default for DispatcherConfig {
     fn default() -> Self {
@@ -58,6 +78,9 @@ impl Default for DispatcherConfig {
             backoff_base: Duration::from_millis(1_000),
             backoff_cap: Duration::from_millis(300_000),
             safety_margin: Duration::from_millis(10_000),
+            idle_poll: None,
+            retention: Some(Duration::from_secs(168 * 3600)),
+            cleanup_batch: 5_000,
         }
     }
 }
@@ -95,6 +118,15 @@ impl DispatcherConfig {
                 0,
                 600_000,
             )?),
+            idle_poll: match ranged_env("DISPATCH_IDLE_POLL_MS", 0u64, 0, 60_000)? {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
+            retention: match ranged_env("OUTBOX_RETENTION_HOURS", 168u64, 0, 100_000)? {
+                0 => None,
+                hours => Some(Duration::from_secs(hours * 3600)),
+            },
+            cleanup_batch: ranged_env("OUTBOX_CLEANUP_BATCH", d.cleanup_batch, 100, 50_000)?,
         };
         if config.backoff_cap < config.backoff_base {
             return Err(ConfigError::Invalid {
@@ -144,7 +176,7 @@ pub enum StopReason {
 }
 
 /// What one invocation did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DispatchSummary {
     /// Rows claimed.
@@ -159,10 +191,64 @@ pub struct DispatchSummary {
     pub claims: usize,
     /// Publish calls made.
     pub publish_calls: usize,
+    /// Published rows deleted by the retention cleanup.
+    pub cleaned: u64,
     /// Wall time, milliseconds.
     pub duration_ms: u64,
     /// Why it stopped.
     pub stopped: Option<StopReason>,
+    /// The outbox after the drain, when measured (the Lambda handler does, for its metrics).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backlog: Option<crate::outbox::Backlog>,
+    /// How long each claim statement took.
+    #[serde(skip)]
+    pub claim_latencies: Vec<Duration>,
+    /// How long each publish call to the bus took.
+    #[serde(skip)]
+    pub publish_latencies: Vec<Duration>,
+}
+
+impl DispatchSummary {
+    fn add(&mut self, batch: DispatchSummary) {
+        self.claims += 1;
+        self.claimed += batch.claimed;
+        self.published += batch.published;
+        self.retried += batch.retried;
+        self.dead += batch.dead;
+        self.publish_calls += batch.publish_calls;
+        self.claim_latencies.extend(batch.claim_latencies);
+        self.publish_latencies.extend(batch.publish_latencies);
+    }
+
+    /// The summary as CloudWatch metrics (EMF), with the backlog when it was measured.
+    pub fn metrics(&self, service: &str) -> crate::metrics::MetricsDocument {
+        use crate::metrics::{MetricsDocument, Unit};
+        let mut doc = MetricsDocument::from_env(service);
+        doc.count("Published", self.published)
+            .count("Retried", self.retried)
+            .count("DeadLettered", self.dead)
+            .count("Claimed", self.claimed)
+            .count("Cleaned", self.cleaned as usize)
+            .latencies("ClaimLatency", &self.claim_latencies)
+            .latencies("PublishLatency", &self.publish_latencies);
+        if let Some(backlog) = self.backlog {
+            doc.count("PendingRows", backlog.pending.max(0) as usize)
+                .value(
+                    "OldestPendingAge",
+                    Unit::Seconds,
+                    backlog.oldest_pending_age_seconds,
+                )
+                .count("DeadRows", backlog.dead.max(0) as usize);
+        }
+        doc.property("claims", self.claims)
+            .property("publishCalls", self.publish_calls)
+            .property("durationMs", self.duration_ms)
+            .property(
+                "stopped",
+                serde_json::to_value(self.stopped).unwrap_or_default(),
+            );
+        doc
+    }
 }
 
 /// The claim → publish → record loop over a store and a bus.
@@ -194,32 +280,97 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
         &self.store
     }
 
-    /// Drains batch after batch until a claim comes back empty or `deadline` minus the safety
-    /// margin is reached. A store failure ends the drain with the error; rows it had leased are
+    /// Drains batch after batch until a claim comes back empty (or, with `idle_poll`, until
+    /// `deadline` minus the safety margin, polling meanwhile), deleting expired published rows
+    /// between claims. A store failure ends the drain with the error; rows it had leased are
     /// claimable again when their lease runs out.
     pub async fn drain(&self, deadline: Instant) -> Result<DispatchSummary, StoreError> {
         let started = Instant::now();
+        let stop_at = deadline
+            .checked_sub(self.config.safety_margin)
+            .unwrap_or(started);
         let mut summary = DispatchSummary::default();
+        let owner = format!("{}/{}", self.worker_id, uuid::Uuid::new_v4().simple());
+        let mut next_heartbeat = started;
+        let mut next_cleanup = started;
         loop {
-            if deadline.saturating_duration_since(Instant::now()) <= self.config.safety_margin {
+            let now = Instant::now();
+            if now >= stop_at {
                 summary.stopped = Some(StopReason::Deadline);
                 break;
             }
+            if self.config.idle_poll.is_some() && now >= next_heartbeat {
+                self.store.heartbeat(&owner, HEARTBEAT_TTL).await?;
+                next_heartbeat = now + HEARTBEAT_EVERY;
+            }
+            if now >= next_cleanup {
+                next_cleanup = now + self.clean_up(&mut summary).await;
+            }
             let batch = self.dispatch_batch().await?;
-            summary.claims += 1;
-            summary.claimed += batch.claimed;
-            summary.published += batch.published;
-            summary.retried += batch.retried;
-            summary.dead += batch.dead;
-            summary.publish_calls += batch.publish_calls;
-            if batch.claimed == 0 {
-                summary.stopped = Some(StopReason::Empty);
-                break;
+            let empty = batch.claimed == 0;
+            summary.add(batch);
+            if empty {
+                let Some(pause) = self.config.idle_poll else {
+                    summary.stopped = Some(StopReason::Empty);
+                    break;
+                };
+                tokio::time::sleep(pause.min(stop_at.saturating_duration_since(Instant::now())))
+                    .await;
+            }
+        }
+        if self.config.idle_poll.is_some() {
+            self.store.release(&owner).await?;
+            // A command that committed while the heartbeat still held did not wake anyone: take
+            // what is due now, while there is time left, before the invocation ends.
+            let final_stop = stop_at + self.config.safety_margin / 2;
+            while Instant::now() < final_stop {
+                let batch = self.dispatch_batch().await?;
+                let empty = batch.claimed == 0;
+                summary.add(batch);
+                if empty {
+                    break;
+                }
             }
         }
         summary.duration_ms = started.elapsed().as_millis() as u64;
-        tracing::info!(?summary, "drain finished");
+        tracing::info!(
+            claimed = summary.claimed,
+            published = summary.published,
+            retried = summary.retried,
+            dead = summary.dead,
+            cleaned = summary.cleaned,
+            claims = summary.claims,
+            duration_ms = summary.duration_ms,
+            stopped = ?summary.stopped,
+            "drain finished"
+        );
         Ok(summary)
+    }
+
+    /// One retention cleanup statement; returns how long to wait before the next. A failure is
+    /// logged, not returned: cleanup must never stop publishing.
+    async fn clean_up(&self, summary: &mut DispatchSummary) -> Duration {
+        let Some(retention) = self.config.retention else {
+            return Duration::MAX / 4;
+        };
+        match self
+            .store
+            .delete_published(retention, self.config.cleanup_batch)
+            .await
+        {
+            Ok(deleted) => {
+                summary.cleaned += deleted;
+                if deleted >= self.config.cleanup_batch as u64 {
+                    CLEANUP_BUSY_PAUSE
+                } else {
+                    CLEANUP_IDLE_PAUSE
+                }
+            }
+            Err(error) => {
+                tracing::warn!(error = %crate::telemetry::error_chain(&error), "retention cleanup failed");
+                CLEANUP_IDLE_PAUSE
+            }
+        }
     }
 
     /// One claim, published and recorded.
@@ -227,12 +378,17 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
     pub async fn dispatch_batch(&self) -> Result<DispatchSummary, StoreError> {
         let lease_owner = format!("{}/{}", self.worker_id, uuid::Uuid::new_v4().simple());
         tracing::Span::current().record("lease_owner", lease_owner.as_str());
+        let claim_started = Instant::now();
         let claimed = self
             .store
             .claim_batch(self.config.batch_size, self.config.lease, &lease_owner)
             .await?;
+        let claim_latencies = vec![claim_started.elapsed()];
         if claimed.is_empty() {
-            return Ok(DispatchSummary::default());
+            return Ok(DispatchSummary {
+                claim_latencies,
+                ..DispatchSummary::default()
+            });
         }
         let count = claimed.len();
         let mut outcomes = Outcomes::default();
@@ -242,15 +398,18 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
         }
         let calls = self.plan_calls(messages);
         let publish_calls = calls.len();
-        let results: Vec<(Vec<OutgoingMessage>, Vec<PublishOutcome>)> = stream::iter(calls)
-            .map(|call| async move {
-                let results = self.publisher.publish(&call).await;
-                (call, results)
-            })
-            .buffer_unordered(self.config.max_in_flight)
-            .collect()
-            .await;
-        for (call, results) in results {
+        let results: Vec<(Vec<OutgoingMessage>, Vec<PublishOutcome>, Duration)> =
+            stream::iter(calls)
+                .map(|call| async move {
+                    let started = Instant::now();
+                    let results = self.publisher.publish(&call).await;
+                    (call, results, started.elapsed())
+                })
+                .buffer_unordered(self.config.max_in_flight)
+                .collect()
+                .await;
+        let publish_latencies = results.iter().map(|r| r.2).collect();
+        for (call, results, _) in results {
             for (message, outcome) in call.iter().zip(results) {
                 self.record(&mut outcomes, &message.event, outcome);
             }
@@ -262,6 +421,8 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
             retried: outcomes.retries.len(),
             dead: outcomes.dead.len(),
             publish_calls,
+            claim_latencies,
+            publish_latencies,
             ..DispatchSummary::default()
         })
     }

@@ -10,6 +10,7 @@
 //! - [`dispatcher`]: the claim → publish → record loop.
 //! - [`envelope`]: the message format every bus carries.
 //! - [`sink`]: reading delivered messages back into projection changes.
+//! - [`metrics`]: CloudWatch metrics as Embedded Metric Format log lines.
 //! - [`config`], [`telemetry`]: read once at cold start.
 
 pub mod aws;
@@ -17,6 +18,7 @@ pub mod config;
 pub mod dispatcher;
 pub mod domain;
 pub mod envelope;
+pub mod metrics;
 pub mod outbox;
 pub mod ports;
 pub mod postgres;

@@ -92,3 +92,15 @@ pub struct Outcomes {
     /// Rows that can never be published, or ran out of attempts: id, the reason.
     pub dead: Vec<(i64, String)>,
 }
+
+/// How far behind the outbox is: what the dispatcher reports as metrics after each invocation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Backlog {
+    /// Rows not published yet (due, leased, backing off, or parked behind a dead event).
+    pub pending: i64,
+    /// Age of the oldest pending row, seconds (0 when none is pending).
+    pub oldest_pending_age_seconds: f64,
+    /// Rows that will not be published until an operator re-drives them.
+    pub dead: i64,
+}

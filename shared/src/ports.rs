@@ -156,6 +156,28 @@ pub trait PaymentCommandStore: Send + Sync {
         &self,
         cmd: RefundCommand,
     ) -> impl Future<Output = Result<RefundOutcome, StoreError>> + Send;
+
+    /// After a commit: whether to wake the dispatcher, at most once per `debounce` across all
+    /// callers, and never while a dispatcher says (by its heartbeat) that it is draining.
+    fn request_wake(
+        &self,
+        debounce: std::time::Duration,
+    ) -> impl Future<Output = Result<WakeDecision, StoreError>> + Send;
+}
+
+/// Whether a command that just committed an event should wake the dispatcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WakeDecision {
+    /// This caller is the one to wake it (no dispatcher active, no wake-up in the debounce window).
+    pub wake: bool,
+    /// How long the answer stays "no need" (the dispatcher's heartbeat or the debounce window).
+    pub quiet_for: std::time::Duration,
+}
+
+/// Starts a dispatcher run now, without waiting for it (an asynchronous Lambda invoke).
+pub trait WakeDispatcher: Send + Sync {
+    /// Asks for a run; an error says why it could not be asked (the schedule still runs it).
+    fn wake(&self) -> impl Future<Output = Result<(), String>> + Send;
 }
 
 /// What the dispatcher needs from the outbox table.
@@ -177,6 +199,28 @@ pub trait OutboxStore: Send + Sync {
         lease_owner: &str,
         outcomes: &crate::outbox::Outcomes,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Pending and dead counts and the oldest pending row's age.
+    fn backlog(&self) -> impl Future<Output = Result<crate::outbox::Backlog, StoreError>> + Send;
+
+    /// Says that `owner` is draining and will see new rows within `ttl`: commands do not wake
+    /// the dispatcher meanwhile. Renewed while the drain polls.
+    fn heartbeat(
+        &self,
+        owner: &str,
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Withdraws `owner`'s heartbeat: from now on commands wake a dispatcher again.
+    fn release(&self, owner: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Deletes up to `max_rows` rows published more than `retention` ago, in one short
+    /// transaction; returns how many.
+    fn delete_published(
+        &self,
+        retention: std::time::Duration,
+        max_rows: i32,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
 
 /// A claimed row with its serialized envelope, ready for a bus.

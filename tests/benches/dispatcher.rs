@@ -39,6 +39,7 @@ fn config() -> DispatcherConfig {
         backoff_base: Duration::from_millis(100),
         backoff_cap: Duration::from_secs(5),
         safety_margin: Duration::ZERO,
+        ..DispatcherConfig::default()
     }
 }
 

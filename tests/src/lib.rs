@@ -274,6 +274,7 @@ pub fn test_dispatcher_config() -> DispatcherConfig {
         backoff_base: Duration::from_millis(20),
         backoff_cap: Duration::from_millis(100),
         safety_margin: Duration::ZERO,
+        ..DispatcherConfig::default()
     }
 }
 

@@ -28,7 +28,11 @@ pub fn deadline_of(context: &Context) -> Instant {
     Instant::now() + remaining
 }
 
-/// Handles one invocation: drains until empty or the deadline minus the safety margin.
+/// Service name in the metrics' `Service` dimension.
+pub const SERVICE: &str = "outbox-dispatcher";
+
+/// Handles one invocation: drains until empty or the deadline minus the safety margin, then
+/// measures the backlog and writes the invocation's metrics (EMF) to stdout.
 pub async fn handle<S: OutboxStore, P: Publisher>(
     dispatcher: &OutboxDispatcher<S, P>,
     event: LambdaEvent<ScheduledEvent>,
@@ -38,7 +42,16 @@ pub async fn handle<S: OutboxStore, P: Publisher>(
         .saturating_duration_since(Instant::now())
         .as_millis() as u64;
     tracing::info!(trigger = %event.payload.detail_type, remaining_ms, "dispatch started");
-    Ok(dispatcher.drain(deadline).await?)
+    let mut summary = dispatcher.drain(deadline).await?;
+    // Measured after the drain: what is left is what the alarms are about.
+    match dispatcher.store().backlog().await {
+        Ok(backlog) => summary.backlog = Some(backlog),
+        Err(e) => {
+            tracing::warn!(error = %outbox_shared::telemetry::error_chain(&e), "backlog not measured")
+        }
+    }
+    summary.metrics(SERVICE).emit();
+    Ok(summary)
 }
 
 #[cfg(test)]

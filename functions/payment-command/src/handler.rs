@@ -8,11 +8,14 @@ use lambda_runtime::{Context, LambdaEvent};
 use serde::Serialize;
 use serde_json::json;
 
-use outbox_shared::config::{optional_env, parsed_env, ConfigError};
+use std::time::{Duration, Instant};
+
+use outbox_shared::config::{optional_env, parsed_env, ranged_env, ConfigError};
 use outbox_shared::domain::{IdempotencyKey, PaymentId, TenantId};
 use outbox_shared::outbox::EventMetadata;
 use outbox_shared::ports::{
     MarkPaidCommand, MarkPaidOutcome, PaymentCommandStore, RefundCommand, RefundOutcome,
+    WakeDispatcher,
 };
 
 use crate::request::{
@@ -33,7 +36,15 @@ pub struct HandlerConfig {
     pub source: String,
     /// Largest accepted body in bytes (`MAX_BODY_BYTES`, default 8192).
     pub max_body_bytes: usize,
+    /// At most one dispatcher wake-up per this window across all instances
+    /// (`WAKE_DEBOUNCE_MS`, 100..=60000, default 2000).
+    pub wake_debounce: Duration,
 }
+
+/// How long an instance trusts "no need to wake the dispatcher" before asking again. Short: a
+/// dispatcher that stops draining right after the answer must not leave this instance's events
+/// waiting for long.
+pub const WAKE_QUIET_CAP: Duration = Duration::from_millis(100);
 
 impl Default for HandlerConfig {
     fn default() -> Self {
@@ -41,6 +52,7 @@ impl Default for HandlerConfig {
             tenant_claim: "tenant_id".into(),
             source: "payments".into(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            wake_debounce: Duration::from_secs(2),
         }
     }
 }
@@ -53,14 +65,32 @@ impl HandlerConfig {
             tenant_claim: optional_env("TENANT_CLAIM").unwrap_or(defaults.tenant_claim),
             source: optional_env("EVENT_SOURCE").unwrap_or(defaults.source),
             max_body_bytes: parsed_env("MAX_BODY_BYTES", defaults.max_body_bytes)?,
+            wake_debounce: Duration::from_millis(ranged_env(
+                "WAKE_DEBOUNCE_MS",
+                defaults.wake_debounce.as_millis() as u64,
+                100,
+                60_000,
+            )?),
         })
     }
 }
 
 /// The payment command function: one per Lambda instance, built in `main`.
-pub struct PaymentCommandHandler<S> {
+pub struct PaymentCommandHandler<S, W = NoWake> {
     store: S,
     config: HandlerConfig,
+    wake: Option<W>,
+    /// Until when this instance need not ask whether to wake the dispatcher.
+    quiet_until: std::sync::Mutex<Option<Instant>>,
+}
+
+/// No dispatcher to wake: events wait for the schedule.
+pub struct NoWake;
+
+impl WakeDispatcher for NoWake {
+    async fn wake(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 enum Route {
@@ -69,11 +99,28 @@ enum Route {
 }
 
 impl<S: PaymentCommandStore> PaymentCommandHandler<S> {
-    /// A handler over `store`.
+    /// A handler over `store`; events wait for the dispatcher's schedule.
     pub fn new(store: S, config: HandlerConfig) -> Self {
-        Self { store, config }
+        Self {
+            store,
+            config,
+            wake: None,
+            quiet_until: std::sync::Mutex::new(None),
+        }
     }
 
+    /// The same handler, waking the dispatcher through `wake` after each new event.
+    pub fn with_wake<W: WakeDispatcher>(self, wake: W) -> PaymentCommandHandler<S, W> {
+        PaymentCommandHandler {
+            store: self.store,
+            config: self.config,
+            wake: Some(wake),
+            quiet_until: self.quiet_until,
+        }
+    }
+}
+
+impl<S: PaymentCommandStore, W: WakeDispatcher> PaymentCommandHandler<S, W> {
     /// The store, for wiring and tests.
     pub fn store(&self) -> &S {
         &self.store
@@ -143,7 +190,10 @@ impl<S: PaymentCommandStore> PaymentCommandHandler<S> {
             metadata,
         };
         Ok(match self.store.mark_paid(cmd).await {
-            Ok(MarkPaidOutcome::Paid(receipt)) => ok(200, &receipt, false),
+            Ok(MarkPaidOutcome::Paid(receipt)) => {
+                self.wake_dispatcher().await;
+                ok(200, &receipt, false)
+            }
             Ok(MarkPaidOutcome::Replayed(receipt)) => ok(200, &receipt, true),
             Ok(MarkPaidOutcome::Conflict) => error(
                 409,
@@ -181,7 +231,10 @@ impl<S: PaymentCommandStore> PaymentCommandHandler<S> {
             metadata,
         };
         Ok(match self.store.record_refund(cmd).await {
-            Ok(RefundOutcome::Refunded(receipt)) => ok(201, &receipt, false),
+            Ok(RefundOutcome::Refunded(receipt)) => {
+                self.wake_dispatcher().await;
+                ok(201, &receipt, false)
+            }
             Ok(RefundOutcome::Replayed(receipt)) => ok(200, &receipt, true),
             Ok(RefundOutcome::PaymentNotFound) => {
                 error(404, "payment_not_found", "no such payment", None)
@@ -212,6 +265,48 @@ impl<S: PaymentCommandStore> PaymentCommandHandler<S> {
         })
     }
 }
+
+impl<S: PaymentCommandStore, W: WakeDispatcher> PaymentCommandHandler<S, W> {
+    /// After a commit that wrote an event: wakes the dispatcher unless one is draining or was
+    /// woken within the debounce window. Runs before the response is returned, because Lambda
+    /// freezes the instance after that. Never fails the command: the event is committed, and
+    /// the schedule publishes it if this does not.
+    async fn wake_dispatcher(&self) {
+        let Some(wake) = &self.wake else {
+            return;
+        };
+        let now = Instant::now();
+        if let Ok(quiet) = self.quiet_until.lock() {
+            if quiet.is_some_and(|until| now < until) {
+                return;
+            }
+        }
+        let decision = match self.store.request_wake(self.config.wake_debounce).await {
+            Ok(decision) => decision,
+            Err(e) => {
+                tracing::warn!(error = %outbox_shared::telemetry::error_chain(&e), "could not check whether to wake the dispatcher");
+                return;
+            }
+        };
+        if let Ok(mut quiet) = self.quiet_until.lock() {
+            *quiet = Some(now + decision.quiet_for.min(WAKE_QUIET_CAP));
+        }
+        if decision.wake {
+            match tokio::time::timeout(WAKE_TIMEOUT, wake.wake()).await {
+                Ok(Ok(())) => tracing::info!("dispatcher woken"),
+                Ok(Err(reason)) => {
+                    tracing::warn!(%reason, "could not wake the dispatcher; the schedule will run it")
+                }
+                Err(_) => {
+                    tracing::warn!("waking the dispatcher timed out; the schedule will run it")
+                }
+            }
+        }
+    }
+}
+
+/// Longest a command waits for the wake-up call (an asynchronous invoke answers in tens of ms).
+pub const WAKE_TIMEOUT: Duration = Duration::from_millis(1_000);
 
 fn parse_payment_id(raw: &str) -> Result<PaymentId, FieldError> {
     PaymentId::parse(raw).map_err(|e| FieldError::new("paymentId", e.to_string()))

@@ -5,4 +5,4 @@
 pub mod handler;
 pub mod request;
 
-pub use handler::{HandlerConfig, PaymentCommandHandler};
+pub use handler::{HandlerConfig, NoWake, PaymentCommandHandler};

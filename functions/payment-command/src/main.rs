@@ -1,9 +1,12 @@
 //! Lambda entry point: reads configuration and opens the database connection once per cold start,
-//! then serves invocations.
+//! then serves invocations. With `DISPATCHER_FUNCTION_NAME` set, each new event wakes the
+//! dispatcher right after its commit.
 
 use lambda_runtime::{run, service_fn, Error};
+use outbox_shared::aws::sdk_config;
 use outbox_shared::aws::secrets::database_settings_from_env;
-use outbox_shared::config::init_error;
+use outbox_shared::aws::wake::LambdaWake;
+use outbox_shared::config::{init_error, optional_env};
 use outbox_shared::postgres::payments::PgPaymentStore;
 use outbox_shared::postgres::Db;
 use payment_command::{HandlerConfig, PaymentCommandHandler};
@@ -15,6 +18,14 @@ async fn main() -> Result<(), Error> {
     let config = HandlerConfig::from_env().map_err(init_error)?;
     let store = PgPaymentStore::new(Db::new(settings));
     store.db().warm_up().await;
+    let source = config.source.clone();
     let handler = PaymentCommandHandler::new(store, config);
-    run(service_fn(|event| handler.handle(event))).await
+    match optional_env("DISPATCHER_FUNCTION_NAME") {
+        Some(function) => {
+            let client = aws_sdk_lambda::Client::new(&sdk_config().await);
+            let handler = handler.with_wake(LambdaWake::new(client, function, source));
+            run(service_fn(|event| handler.handle(event))).await
+        }
+        None => run(service_fn(|event| handler.handle(event))).await,
+    }
 }

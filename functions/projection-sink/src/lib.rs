@@ -13,6 +13,7 @@ use aws_lambda_events::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
 use lambda_runtime::LambdaEvent;
 use serde::Serialize;
 
+use outbox_shared::metrics::MetricsDocument;
 use outbox_shared::ports::ProjectionStore;
 use outbox_shared::sink::{interpret, parse_delivery, ApplyOutcome, Interpreted, PaymentChange};
 
@@ -113,10 +114,30 @@ impl<S: ProjectionStore> ProjectionSink<S> {
     }
 }
 
-/// The Lambda handler.
+/// Service name in the metrics' `Service` dimension.
+pub const SERVICE: &str = "projection-sink";
+
+impl SinkReport {
+    /// The report as CloudWatch metrics (EMF).
+    pub fn metrics(&self, apply_latency: std::time::Duration) -> MetricsDocument {
+        let mut doc = MetricsDocument::from_env(SERVICE);
+        doc.count("Applied", self.applied)
+            .count("DuplicatesSkipped", self.duplicates)
+            .count("StaleSkipped", self.stale)
+            .count("UnknownTypes", self.unknown_types)
+            .count("Failures", self.failures)
+            .latencies("BatchLatency", &[apply_latency]);
+        doc
+    }
+}
+
+/// The Lambda handler: applies the batch and writes its metrics (EMF) to stdout.
 pub async fn handle<S: ProjectionStore>(
     sink: &ProjectionSink<S>,
     event: LambdaEvent<SqsEvent>,
 ) -> Result<SqsBatchResponse, lambda_runtime::Error> {
-    Ok(sink.apply_batch(event.payload).await.0)
+    let started = std::time::Instant::now();
+    let (response, report) = sink.apply_batch(event.payload).await;
+    report.metrics(started.elapsed()).emit();
+    Ok(response)
 }

@@ -4,6 +4,7 @@
 pub mod eventbridge;
 pub mod secrets;
 pub mod sns;
+pub mod wake;
 
 use std::time::Duration;
 

@@ -89,15 +89,38 @@ const MARK_PUBLISHED: &str = "
 const SCHEDULE_RETRIES: &str = "
     UPDATE outbox o
     SET next_attempt_at = now() + make_interval(secs => r.delay_secs),
-        last_error = r.error, locked_until = NULL, locked_by = NULL
+        last_error = r.error, failed_at = now(), locked_until = NULL, locked_by = NULL
     FROM unnest($1::bigint[], $2::float8[], $3::text[]) AS r(id, delay_secs, error)
     WHERE o.id = r.id AND o.locked_by = $4 AND o.status = 'pending'";
 
 const MARK_DEAD: &str = "
     UPDATE outbox o
-    SET status = 'dead', last_error = r.error, locked_until = NULL, locked_by = NULL
+    SET status = 'dead', last_error = r.error, failed_at = now(), locked_until = NULL, locked_by = NULL
     FROM unnest($1::bigint[], $2::text[]) AS r(id, error)
     WHERE o.id = r.id AND o.locked_by = $3 AND o.status = 'pending'";
+
+/// Served by the two partial indexes (pending, dead): the cost follows the backlog, not the
+/// rows retained.
+const BACKLOG: &str = "
+    SELECT p.pending,
+           coalesce(extract(epoch FROM now() - p.oldest), 0)::float8 AS oldest_age,
+           (SELECT count(*) FROM outbox WHERE status = 'dead') AS dead
+    FROM (SELECT count(*) AS pending, min(created_at) AS oldest
+          FROM outbox WHERE status = 'pending') p";
+
+/// Extends the heartbeat; another owner's later heartbeat is kept (two dispatchers may drain).
+const HEARTBEAT: &str = "
+    UPDATE outbox_dispatch_state
+    SET active_until = greatest(active_until, now() + make_interval(secs => $2)),
+        active_owner = $1
+    WHERE id = 1";
+
+/// Only the owner's own heartbeat is withdrawn: a second dispatcher still draining keeps its own.
+const RELEASE: &str = "
+    UPDATE outbox_dispatch_state SET active_until = NULL, active_owner = NULL
+    WHERE id = 1 AND active_owner = $1";
+
+const DELETE_PUBLISHED: &str = "SELECT outbox_delete_published(make_interval(secs => $1), $2)";
 
 /// The dispatcher's [`OutboxStore`](crate::ports::OutboxStore) on PostgreSQL.
 pub struct PgOutboxStore {
@@ -187,6 +210,59 @@ impl crate::ports::OutboxStore for PgOutboxStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn backlog(&self) -> Result<crate::outbox::Backlog, crate::ports::StoreError> {
+        let client = self.db.client().await?;
+        let row = client.query_one(BACKLOG, &[]).await?;
+        Ok(crate::outbox::Backlog {
+            pending: row.try_get("pending")?,
+            oldest_pending_age_seconds: row.try_get("oldest_age")?,
+            dead: row.try_get("dead")?,
+        })
+    }
+
+    async fn heartbeat(
+        &self,
+        owner: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), crate::ports::StoreError> {
+        let client = self.db.client().await?;
+        client
+            .execute_typed(
+                HEARTBEAT,
+                &[(&owner, Type::TEXT), (&ttl.as_secs_f64(), Type::FLOAT8)],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn release(&self, owner: &str) -> Result<(), crate::ports::StoreError> {
+        let client = self.db.client().await?;
+        client
+            .execute_typed(RELEASE, &[(&owner, Type::TEXT)])
+            .await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all, fields(max_rows = max_rows))]
+    async fn delete_published(
+        &self,
+        retention: std::time::Duration,
+        max_rows: i32,
+    ) -> Result<u64, crate::ports::StoreError> {
+        let client = self.db.client().await?;
+        let row = client
+            .query_typed(
+                DELETE_PUBLISHED,
+                &[
+                    (&retention.as_secs_f64(), Type::FLOAT8),
+                    (&max_rows, Type::INT4),
+                ],
+            )
+            .await?;
+        let deleted: i32 = row.first().map(|r| r.try_get(0)).transpose()?.unwrap_or(0);
+        Ok(deleted as u64)
     }
 }
 

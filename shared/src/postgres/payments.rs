@@ -280,6 +280,27 @@ impl PaymentCommandStore for PgPaymentStore {
             created_at,
         }))
     }
+
+    async fn request_wake(
+        &self,
+        debounce: std::time::Duration,
+    ) -> Result<crate::ports::WakeDecision, StoreError> {
+        let client = self.db.client().await?;
+        let row = client
+            .query_typed(
+                "SELECT kick, wait_ms FROM outbox_request_kick(make_interval(secs => $1))",
+                &[(&debounce.as_secs_f64(), tokio_postgres::types::Type::FLOAT8)],
+            )
+            .await?;
+        let row = row
+            .first()
+            .ok_or_else(|| StoreError::Corrupt("outbox_request_kick returned no row".into()))?;
+        let wait_ms: f64 = row.try_get("wait_ms")?;
+        Ok(crate::ports::WakeDecision {
+            wake: row.try_get("kick")?,
+            quiet_for: std::time::Duration::from_secs_f64(wait_ms.max(0.0) / 1000.0),
+        })
+    }
 }
 
 /// What the paid command found when the payment already existed.

@@ -1,0 +1,89 @@
+-- Operating the outbox: finding dead rows fast, retention of published rows in bounded batches,
+-- and the state behind the command handler's wake-up call to the dispatcher.
+
+-- When the row last failed to publish (a retry was scheduled or it went dead): orders the
+-- "last errors" an operator looks at first.
+ALTER TABLE outbox ADD COLUMN failed_at timestamptz;
+
+-- Dead rows are few and looked up often (metrics on every dispatcher invocation, status,
+-- redrive): a partial index keeps those lookups independent of the table's size.
+CREATE INDEX outbox_dead_idx ON outbox (id) WHERE status = 'dead';
+
+-- One row: is a dispatcher draining right now (it renews active_until while it polls), and when
+-- was one last woken up by a command. Lets a command decide in one cheap statement whether to
+-- wake the dispatcher, and lets thousands of commands a second wake it at most once per debounce.
+CREATE TABLE outbox_dispatch_state (
+    id            smallint    PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    active_until  timestamptz,
+    active_owner  text,
+    kicked_at     timestamptz
+);
+INSERT INTO outbox_dispatch_state (id) VALUES (1);
+
+-- Called by a command after it committed an event. kick = true for exactly one caller per
+-- debounce window while no dispatcher is active: that caller invokes the dispatcher.
+-- wait_ms: how long the answer stays "no need" (the dispatcher's heartbeat or the debounce).
+CREATE FUNCTION outbox_request_kick(debounce interval, OUT kick boolean, OUT wait_ms double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    state outbox_dispatch_state;
+BEGIN
+    SELECT * INTO state FROM outbox_dispatch_state WHERE id = 1;
+    IF state.active_until > now() THEN
+        kick := false;
+        wait_ms := extract(epoch FROM state.active_until - now()) * 1000;
+        RETURN;
+    END IF;
+    -- The WHERE is re-checked after a concurrent update commits, so only one caller wins.
+    UPDATE outbox_dispatch_state SET kicked_at = now()
+    WHERE id = 1
+      AND (kicked_at IS NULL OR kicked_at <= now() - debounce)
+      AND (active_until IS NULL OR active_until <= now());
+    kick := FOUND;
+    wait_ms := CASE WHEN FOUND THEN extract(epoch FROM debounce) * 1000
+                    ELSE greatest(extract(epoch FROM state.kicked_at + debounce - now()) * 1000, 0) END;
+END $$;
+
+-- Deletes up to max_rows published rows whose publication is older than retention, oldest
+-- first, in one short transaction; returns how many. Run it again until it returns less than
+-- max_rows. Rows are visited in primary-key order up to the first row created after the cutoff
+-- (found by binary search over the key: about 25 index probes), so a run never scans the rows
+-- still retained, and SKIP LOCKED means it never waits for, nor blocks, a dispatcher.
+-- Dead and pending rows are never deleted.
+CREATE FUNCTION outbox_delete_published(retention interval, max_rows integer)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    cutoff   timestamptz := now() - retention;
+    lo       bigint;
+    hi       bigint;
+    mid      bigint;
+    probe_id bigint;
+    probe_at timestamptz;
+    deleted  integer;
+BEGIN
+    SELECT min(id), max(id) + 1 INTO lo, hi FROM outbox;
+    IF lo IS NULL THEN
+        RETURN 0;
+    END IF;
+    -- Ids are taken in insertion order, so created_at grows with id (up to the length of a
+    -- transaction, which only delays a row by one run).
+    WHILE lo < hi LOOP
+        mid := lo + (hi - lo) / 2;
+        SELECT id, created_at INTO probe_id, probe_at
+        FROM outbox WHERE id >= mid ORDER BY id LIMIT 1;
+        IF probe_id IS NULL OR probe_at >= cutoff THEN
+            hi := mid;
+        ELSE
+            lo := probe_id + 1;
+        END IF;
+    END LOOP;
+    DELETE FROM outbox
+    WHERE id = ANY (ARRAY(
+        SELECT id FROM outbox
+        WHERE id < lo AND status = 'published' AND published_at < cutoff
+        ORDER BY id
+        LIMIT max_rows
+        FOR UPDATE SKIP LOCKED));
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN deleted;
+END $$;
