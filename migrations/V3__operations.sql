@@ -44,43 +44,53 @@ BEGIN
                     ELSE greatest(extract(epoch FROM state.kicked_at + debounce - now()) * 1000, 0) END;
 END $$;
 
--- Deletes up to max_rows published rows whose publication is older than retention, oldest
--- first, in one short transaction; returns how many. Run it again until it returns less than
--- max_rows. Rows are visited in primary-key order up to the first row created after the cutoff
--- (found by binary search over the key: about 25 index probes), so a run never scans the rows
--- still retained, and SKIP LOCKED means it never waits for, nor blocks, a dispatcher.
--- Dead and pending rows are never deleted.
-CREATE FUNCTION outbox_delete_published(retention interval, max_rows integer)
-RETURNS integer LANGUAGE plpgsql AS $$
+-- The first outbox id whose row was created at or after `at` (one past the last id when none
+-- was), by binary search over the primary key: about 25 index probes whatever the table's size.
+-- Ids are taken in insertion order, so created_at grows with id up to the length of a
+-- transaction; callers use the id as a bound and still test the row's own timestamps.
+CREATE FUNCTION outbox_first_id_at(at timestamptz)
+RETURNS bigint LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    cutoff   timestamptz := now() - retention;
     lo       bigint;
     hi       bigint;
     mid      bigint;
     probe_id bigint;
     probe_at timestamptz;
-    deleted  integer;
 BEGIN
     SELECT min(id), max(id) + 1 INTO lo, hi FROM outbox;
     IF lo IS NULL THEN
-        RETURN 0;
+        RETURN 1;
     END IF;
-    -- Ids are taken in insertion order, so created_at grows with id (up to the length of a
-    -- transaction, which only delays a row by one run).
     WHILE lo < hi LOOP
         mid := lo + (hi - lo) / 2;
         SELECT id, created_at INTO probe_id, probe_at
         FROM outbox WHERE id >= mid ORDER BY id LIMIT 1;
-        IF probe_id IS NULL OR probe_at >= cutoff THEN
+        IF probe_id IS NULL OR probe_at >= at THEN
             hi := mid;
         ELSE
             lo := probe_id + 1;
         END IF;
     END LOOP;
+    RETURN lo;
+END $$;
+
+-- Deletes up to max_rows published rows whose publication is older than retention, oldest
+-- first, in one short transaction; returns how many. Run it again until it returns less than
+-- max_rows. Only rows below the first id created after the cutoff are visited, so a run never
+-- scans the rows still retained, and SKIP LOCKED means it never waits for, nor blocks, a
+-- dispatcher. Dead and pending rows are never deleted.
+CREATE FUNCTION outbox_delete_published(retention interval, max_rows integer)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    cutoff  timestamptz := now() - retention;
+    bound   bigint := outbox_first_id_at(cutoff);
+    deleted integer;
+BEGIN
     DELETE FROM outbox
     WHERE id = ANY (ARRAY(
         SELECT id FROM outbox
-        WHERE id < lo AND status = 'published' AND published_at < cutoff
+        WHERE id < bound
+          AND status = 'published' AND published_at < cutoff
         ORDER BY id
         LIMIT max_rows
         FOR UPDATE SKIP LOCKED));

@@ -3,6 +3,7 @@
 mod chaos;
 mod dispatcher;
 mod migrations;
+mod operations;
 mod payment_command;
 mod sample_events;
 mod secrets;

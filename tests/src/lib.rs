@@ -224,8 +224,8 @@ pub struct Reply {
 }
 
 /// Invokes a handler the way the Lambda runtime does and unpacks the response.
-pub async fn invoke(
-    handler: &PaymentCommandHandler<PgPaymentStore>,
+pub async fn invoke<W: outbox_shared::ports::WakeDispatcher>(
+    handler: &PaymentCommandHandler<PgPaymentStore, W>,
     request: ApiGatewayV2httpRequest,
 ) -> Reply {
     let response = handler
@@ -256,6 +256,7 @@ pub fn reply(response: ApiGatewayV2httpResponse) -> Reply {
 }
 
 pub mod aws;
+pub mod fake_lambda;
 pub mod fault_proxy;
 
 use std::time::Duration;

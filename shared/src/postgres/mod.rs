@@ -1,6 +1,7 @@
 //! PostgreSQL adapters: connection settings and the one connection a Lambda instance keeps,
 //! migrations, and the SQL behind each port (one module per table).
 
+pub mod admin;
 mod connection;
 pub mod migrate;
 pub mod outbox;

@@ -120,8 +120,6 @@ const RELEASE: &str = "
     UPDATE outbox_dispatch_state SET active_until = NULL, active_owner = NULL
     WHERE id = 1 AND active_owner = $1";
 
-const DELETE_PUBLISHED: &str = "SELECT outbox_delete_published(make_interval(secs => $1), $2)";
-
 /// The dispatcher's [`OutboxStore`](crate::ports::OutboxStore) on PostgreSQL.
 pub struct PgOutboxStore {
     db: super::Db,
@@ -252,17 +250,7 @@ impl crate::ports::OutboxStore for PgOutboxStore {
         max_rows: i32,
     ) -> Result<u64, crate::ports::StoreError> {
         let client = self.db.client().await?;
-        let row = client
-            .query_typed(
-                DELETE_PUBLISHED,
-                &[
-                    (&retention.as_secs_f64(), Type::FLOAT8),
-                    (&max_rows, Type::INT4),
-                ],
-            )
-            .await?;
-        let deleted: i32 = row.first().map(|r| r.try_get(0)).transpose()?.unwrap_or(0);
-        Ok(deleted as u64)
+        Ok(super::admin::delete_published(&client, retention, max_rows).await?)
     }
 }
 

@@ -1,0 +1,554 @@
+//! SQL of the `outbox` table for operators (`outboxctl`): what is stuck and why, putting dead
+//! events back in line, re-publishing published ones, and deleting old published rows. Every
+//! change runs in bounded batches of short transactions, so it never holds locks a dispatcher
+//! or a command waits on for long.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+use crate::outbox::Backlog;
+
+/// Rows per statement when redriving or replaying.
+pub const CHANGE_BATCH: i64 = 1_000;
+
+/// Row counts of one tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantCounts {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Not published yet.
+    pub pending: i64,
+    /// Published and still retained.
+    pub published: i64,
+    /// Dead.
+    pub dead: i64,
+}
+
+/// An aggregate held back by a dead event: its later events wait until it is redriven.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ParkedAggregate {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// Aggregate id.
+    pub aggregate_id: String,
+    /// Version of its first dead event.
+    pub dead_version: i64,
+    /// Dead events of the aggregate.
+    pub dead_events: i64,
+    /// Pending events waiting behind them.
+    pub waiting: i64,
+}
+
+/// A row whose last publish attempt failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailedEvent {
+    /// Event id.
+    pub event_id: Uuid,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// Aggregate id.
+    pub aggregate_id: String,
+    /// Aggregate version.
+    pub aggregate_version: i64,
+    /// Event type.
+    pub event_type: String,
+    /// `pending` (will be retried) or `dead`.
+    pub status: String,
+    /// Attempts so far.
+    pub attempts: i32,
+    /// When it last failed.
+    pub failed_at: Option<DateTime<Utc>>,
+    /// The error.
+    pub last_error: String,
+}
+
+/// Whether a dispatcher is draining, and when one was last woken.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DispatcherState {
+    /// A draining dispatcher's heartbeat holds until then.
+    pub active_until: Option<DateTime<Utc>>,
+    /// Who renewed it last.
+    pub active_owner: Option<String>,
+    /// Last wake-up by a command.
+    pub kicked_at: Option<DateTime<Utc>>,
+}
+
+/// Everything `outboxctl status` shows.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReport {
+    /// When it was taken.
+    pub taken_at: DateTime<Utc>,
+    /// Counts per tenant.
+    pub tenants: Vec<TenantCounts>,
+    /// Totals (and the oldest pending row's age).
+    pub backlog: Backlog,
+    /// The oldest pending row.
+    pub oldest_pending: Option<FailedEventRef>,
+    /// Aggregates held back by a dead event, most blocked first.
+    pub parked: Vec<ParkedAggregate>,
+    /// The latest publish failures, newest first.
+    pub last_errors: Vec<FailedEvent>,
+    /// The dispatcher's heartbeat.
+    pub dispatcher: DispatcherState,
+}
+
+/// A pointer to one row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailedEventRef {
+    /// Event id.
+    pub event_id: Uuid,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Event type.
+    pub event_type: String,
+    /// Attempts so far.
+    pub attempts: i32,
+    /// When it was recorded.
+    pub created_at: DateTime<Utc>,
+}
+
+const COUNTS: &str = "
+    SELECT tenant_id,
+           count(*) FILTER (WHERE status = 'pending')   AS pending,
+           count(*) FILTER (WHERE status = 'published') AS published,
+           count(*) FILTER (WHERE status = 'dead')      AS dead
+    FROM outbox
+    WHERE $1::text IS NULL OR tenant_id = $1
+    GROUP BY tenant_id
+    ORDER BY tenant_id";
+
+const BACKLOG: &str = "
+    SELECT (SELECT count(*) FROM outbox
+            WHERE status = 'pending' AND ($1::text IS NULL OR tenant_id = $1)) AS pending,
+           (SELECT count(*) FROM outbox
+            WHERE status = 'dead' AND ($1::text IS NULL OR tenant_id = $1)) AS dead";
+
+/// The oldest by id among pending rows (ids follow insertion order).
+const OLDEST_PENDING: &str = "
+    SELECT event_id, tenant_id, event_type, attempts, created_at,
+           extract(epoch FROM now() - created_at)::float8 AS age
+    FROM outbox
+    WHERE status = 'pending' AND ($1::text IS NULL OR tenant_id = $1)
+    ORDER BY created_at, id
+    LIMIT 1";
+
+const PARKED: &str = "
+    SELECT d.tenant_id, d.aggregate_type, d.aggregate_id,
+           min(d.aggregate_version) AS dead_version, count(*) AS dead_events,
+           (SELECT count(*) FROM outbox p
+            WHERE p.tenant_id = d.tenant_id AND p.aggregate_type = d.aggregate_type
+              AND p.aggregate_id = d.aggregate_id AND p.status = 'pending') AS waiting
+    FROM outbox d
+    WHERE d.status = 'dead' AND ($1::text IS NULL OR d.tenant_id = $1)
+    GROUP BY d.tenant_id, d.aggregate_type, d.aggregate_id
+    ORDER BY waiting DESC, dead_events DESC, d.tenant_id, d.aggregate_id
+    LIMIT $2";
+
+/// Two branches so each is served by its partial index (pending, dead).
+const LAST_ERRORS: &str = "
+    SELECT * FROM (
+        SELECT event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version, event_type,
+               status, attempts, failed_at, last_error
+        FROM outbox
+        WHERE status = 'pending' AND last_error IS NOT NULL
+          AND ($1::text IS NULL OR tenant_id = $1)
+        UNION ALL
+        SELECT event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version, event_type,
+               status, attempts, failed_at, last_error
+        FROM outbox
+        WHERE status = 'dead' AND ($1::text IS NULL OR tenant_id = $1)
+    ) failed
+    ORDER BY failed_at DESC NULLS LAST
+    LIMIT $2";
+
+const DISPATCHER_STATE: &str =
+    "SELECT active_until, active_owner, kicked_at FROM outbox_dispatch_state WHERE id = 1";
+
+/// Reads the whole status, for one tenant or all; `limit` bounds the parked and error lists.
+pub async fn status(
+    client: &Client,
+    tenant: Option<&str>,
+    limit: i64,
+) -> Result<StatusReport, tokio_postgres::Error> {
+    let t: &(dyn ToSql + Sync) = &tenant;
+    let tenants = client
+        .query_typed(COUNTS, &[(t, Type::TEXT)])
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(TenantCounts {
+                tenant_id: r.try_get("tenant_id")?,
+                pending: r.try_get("pending")?,
+                published: r.try_get("published")?,
+                dead: r.try_get("dead")?,
+            })
+        })
+        .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
+    let totals = client.query_typed(BACKLOG, &[(t, Type::TEXT)]).await?;
+    let oldest = client
+        .query_typed(OLDEST_PENDING, &[(t, Type::TEXT)])
+        .await?;
+    let oldest_pending = oldest
+        .first()
+        .map(|r| {
+            Ok::<_, tokio_postgres::Error>(FailedEventRef {
+                event_id: r.try_get("event_id")?,
+                tenant_id: r.try_get("tenant_id")?,
+                event_type: r.try_get("event_type")?,
+                attempts: r.try_get("attempts")?,
+                created_at: r.try_get("created_at")?,
+            })
+        })
+        .transpose()?;
+    let backlog = Backlog {
+        pending: totals[0].try_get("pending")?,
+        dead: totals[0].try_get("dead")?,
+        oldest_pending_age_seconds: match oldest.first() {
+            Some(r) => r.try_get("age")?,
+            None => 0.0,
+        },
+    };
+    let parked = client
+        .query_typed(PARKED, &[(t, Type::TEXT), (&limit, Type::INT8)])
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(ParkedAggregate {
+                tenant_id: r.try_get("tenant_id")?,
+                aggregate_type: r.try_get("aggregate_type")?,
+                aggregate_id: r.try_get("aggregate_id")?,
+                dead_version: r.try_get("dead_version")?,
+                dead_events: r.try_get("dead_events")?,
+                waiting: r.try_get("waiting")?,
+            })
+        })
+        .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
+    let last_errors = client
+        .query_typed(LAST_ERRORS, &[(t, Type::TEXT), (&limit, Type::INT8)])
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(FailedEvent {
+                event_id: r.try_get("event_id")?,
+                tenant_id: r.try_get("tenant_id")?,
+                aggregate_type: r.try_get("aggregate_type")?,
+                aggregate_id: r.try_get("aggregate_id")?,
+                aggregate_version: r.try_get("aggregate_version")?,
+                event_type: r.try_get("event_type")?,
+                status: r.try_get("status")?,
+                attempts: r.try_get("attempts")?,
+                failed_at: r.try_get("failed_at")?,
+                last_error: r.try_get("last_error")?,
+            })
+        })
+        .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
+    let state = client.query(DISPATCHER_STATE, &[]).await?;
+    let dispatcher = match state.first() {
+        Some(r) => DispatcherState {
+            active_until: r.try_get("active_until")?,
+            active_owner: r.try_get("active_owner")?,
+            kicked_at: r.try_get("kicked_at")?,
+        },
+        None => DispatcherState::default(),
+    };
+    Ok(StatusReport {
+        taken_at: Utc::now(),
+        tenants,
+        backlog,
+        oldest_pending,
+        parked,
+        last_errors,
+        dispatcher,
+    })
+}
+
+/// Which rows a redrive or replay takes. Empty fields match everything; at least one must be
+/// set (checked by [`Selection::validate`]) unless `all` is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// These events.
+    pub event_ids: Vec<Uuid>,
+    /// Of this tenant.
+    pub tenant_id: Option<String>,
+    /// Of this aggregate type.
+    pub aggregate_type: Option<String>,
+    /// Of this aggregate id.
+    pub aggregate_id: Option<String>,
+    /// Of this event type.
+    pub event_type: Option<String>,
+    /// Created at or after.
+    pub from: Option<DateTime<Utc>>,
+    /// Created before.
+    pub to: Option<DateTime<Utc>>,
+    /// Everything (the other fields still narrow it).
+    pub all: bool,
+}
+
+impl Selection {
+    /// Refuses a selection that names nothing (so `redrive` alone never means "everything").
+    pub fn validate(&self) -> Result<(), String> {
+        let narrowed = !self.event_ids.is_empty()
+            || self.aggregate_id.is_some()
+            || self.aggregate_type.is_some()
+            || self.event_type.is_some()
+            || self.tenant_id.is_some()
+            || self.from.is_some()
+            || self.to.is_some();
+        if !narrowed && !self.all {
+            return Err(
+                "select events with --event-id, --aggregate, --event-type, --tenant, \
+                        --from/--to, or pass --all"
+                    .into(),
+            );
+        }
+        if let (Some(from), Some(to)) = (self.from, self.to) {
+            if from >= to {
+                return Err(format!("--from {from} is not before --to {to}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rows of a selection, in id order, one batch at a time after the last id seen. Dead rows come
+/// from their partial index, an aggregate's rows from its unique index; a time range walks the
+/// primary key (an operator's occasional command: exact, whatever order rows were created in).
+const SELECT_BATCH: &str = "
+    SELECT id FROM outbox o
+    WHERE o.status = $1 AND o.id > $2 AND o.id < $3
+      AND (cardinality($4::uuid[]) = 0 OR o.event_id = ANY ($4))
+      AND ($5::text IS NULL OR o.tenant_id = $5)
+      AND ($6::text IS NULL OR o.aggregate_type = $6)
+      AND ($7::text IS NULL OR o.aggregate_id = $7)
+      AND ($8::text IS NULL OR o.event_type = $8)
+      AND ($9::timestamptz IS NULL OR o.created_at >= $9)
+      AND ($10::timestamptz IS NULL OR o.created_at < $10)
+    ORDER BY o.id
+    LIMIT $11";
+
+/// Puts rows back in line: pending, due now, attempts from zero. The dispatcher's claim keeps
+/// each aggregate's order, so they go out in version order whatever order they come back in.
+const REQUEUE: &str = "
+    UPDATE outbox
+    SET status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL,
+        failed_at = NULL, locked_until = NULL, locked_by = NULL, published_at = NULL
+    WHERE id = ANY ($1) AND status = $2";
+
+/// What a redrive or replay would take or took.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SelectedEvent {
+    /// Event id.
+    pub event_id: Uuid,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// Aggregate id.
+    pub aggregate_id: String,
+    /// Aggregate version.
+    pub aggregate_version: i64,
+    /// Event type.
+    pub event_type: String,
+    /// When it was recorded.
+    pub created_at: DateTime<Utc>,
+    /// The last error, for dead rows.
+    pub last_error: Option<String>,
+}
+
+/// Which rows: dead ones (redrive) or published ones (replay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requeue {
+    /// Dead rows, to be published for the first time.
+    Dead,
+    /// Published rows, to be published again.
+    Published,
+}
+
+impl Requeue {
+    fn status(self) -> &'static str {
+        match self {
+            Self::Dead => "dead",
+            Self::Published => "published",
+        }
+    }
+}
+
+async fn select_batch(
+    client: &Client,
+    which: Requeue,
+    selection: &Selection,
+    after: i64,
+    before: i64,
+    limit: i64,
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    let rows = client
+        .query_typed(
+            SELECT_BATCH,
+            &[
+                (&which.status(), Type::TEXT),
+                (&after, Type::INT8),
+                (&before, Type::INT8),
+                (&selection.event_ids, Type::UUID_ARRAY),
+                (&selection.tenant_id, Type::TEXT),
+                (&selection.aggregate_type, Type::TEXT),
+                (&selection.aggregate_id, Type::TEXT),
+                (&selection.event_type, Type::TEXT),
+                (&selection.from, Type::TIMESTAMPTZ),
+                (&selection.to, Type::TIMESTAMPTZ),
+                (&limit, Type::INT8),
+            ],
+        )
+        .await?;
+    rows.iter().map(|r| r.try_get(0)).collect()
+}
+
+/// How many rows the selection takes, and the first `sample` of them, for the confirmation.
+pub async fn preview(
+    client: &Client,
+    which: Requeue,
+    selection: &Selection,
+    sample: usize,
+) -> Result<(u64, Vec<SelectedEvent>), tokio_postgres::Error> {
+    let (lo, hi) = (0, i64::MAX);
+    let mut count = 0u64;
+    let mut first = Vec::new();
+    let mut after = lo;
+    loop {
+        let ids = select_batch(client, which, selection, after, hi, 10_000).await?;
+        let Some(&last) = ids.last() else { break };
+        count += ids.len() as u64;
+        if first.len() < sample {
+            let take: Vec<i64> = ids.iter().take(sample - first.len()).copied().collect();
+            first.extend(describe(client, &take).await?);
+        }
+        after = last;
+    }
+    Ok((count, first))
+}
+
+async fn describe(
+    client: &Client,
+    ids: &[i64],
+) -> Result<Vec<SelectedEvent>, tokio_postgres::Error> {
+    let rows = client
+        .query_typed(
+            "SELECT event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
+                    event_type, created_at, last_error
+             FROM outbox WHERE id = ANY ($1) ORDER BY id",
+            &[(&ids, Type::INT8_ARRAY)],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(SelectedEvent {
+                event_id: r.try_get("event_id")?,
+                tenant_id: r.try_get("tenant_id")?,
+                aggregate_type: r.try_get("aggregate_type")?,
+                aggregate_id: r.try_get("aggregate_id")?,
+                aggregate_version: r.try_get("aggregate_version")?,
+                event_type: r.try_get("event_type")?,
+                created_at: r.try_get("created_at")?,
+                last_error: r.try_get("last_error")?,
+            })
+        })
+        .collect()
+}
+
+/// Puts the selected rows back in line in batches of [`CHANGE_BATCH`], oldest first, each batch
+/// its own short transaction; returns how many rows changed. A row that changed status since it
+/// was selected (deleted by retention, redriven by someone else) is skipped.
+pub async fn requeue(
+    client: &Client,
+    which: Requeue,
+    selection: &Selection,
+) -> Result<u64, tokio_postgres::Error> {
+    let (lo, hi) = (0, i64::MAX);
+    let mut changed = 0;
+    let mut after = lo;
+    loop {
+        let ids = select_batch(client, which, selection, after, hi, CHANGE_BATCH).await?;
+        let Some(&last) = ids.last() else { break };
+        changed += client
+            .execute_typed(
+                REQUEUE,
+                &[(&ids, Type::INT8_ARRAY), (&which.status(), Type::TEXT)],
+            )
+            .await?;
+        after = last;
+    }
+    Ok(changed)
+}
+
+/// Dead events that still hold back events of `selection` after a redrive: an aggregate's
+/// events go out in version order, so a redriven event waits behind an earlier dead one.
+pub async fn blocking_dead(
+    client: &Client,
+    selection: &Selection,
+) -> Result<Vec<SelectedEvent>, tokio_postgres::Error> {
+    let rows = client
+        .query_typed(
+            "SELECT d.id FROM outbox d
+             WHERE d.status = 'dead'
+               AND EXISTS (SELECT 1 FROM outbox p
+                           WHERE p.status = 'pending'
+                             AND (cardinality($1::uuid[]) = 0 OR p.event_id = ANY ($1))
+                             AND p.tenant_id = d.tenant_id
+                             AND p.aggregate_type = d.aggregate_type
+                             AND p.aggregate_id = d.aggregate_id
+                             AND p.aggregate_version > d.aggregate_version)
+             ORDER BY d.id LIMIT 100",
+            &[(&selection.event_ids, Type::UUID_ARRAY)],
+        )
+        .await?;
+    let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    describe(client, &ids).await
+}
+
+/// Published rows a cleanup with this retention would delete now.
+pub async fn count_expired(
+    client: &Client,
+    retention: std::time::Duration,
+) -> Result<i64, tokio_postgres::Error> {
+    let row = client
+        .query_typed(
+            "SELECT count(*) FROM outbox
+             WHERE id < (SELECT outbox_first_id_at(now() - make_interval(secs => $1)))
+               AND status = 'published' AND published_at < now() - make_interval(secs => $1)",
+            &[(&retention.as_secs_f64(), Type::FLOAT8)],
+        )
+        .await?;
+    row[0].try_get(0)
+}
+
+/// One cleanup statement: deletes up to `max_rows` expired published rows, returns how many.
+pub async fn delete_published(
+    client: &Client,
+    retention: std::time::Duration,
+    max_rows: i32,
+) -> Result<u64, tokio_postgres::Error> {
+    let row = client
+        .query_typed(
+            "SELECT outbox_delete_published(make_interval(secs => $1), $2)",
+            &[
+                (&retention.as_secs_f64(), Type::FLOAT8),
+                (&max_rows, Type::INT4),
+            ],
+        )
+        .await?;
+    let deleted: i32 = row[0].try_get(0)?;
+    Ok(deleted as u64)
+}
