@@ -13,22 +13,15 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use outbox_shared::dispatcher::{DispatcherConfig, Target};
-use outbox_shared::outbox::{ClaimedEvent, Outcomes};
 use outbox_shared::ports::OutboxStore;
 use outbox_shared::postgres::outbox::PgOutboxStore;
 use outbox_shared::postgres::Db;
+use outbox_tests::bench::{env_usize, mark_published, pct, seed};
 use outbox_tests::fault_proxy::FaultProxy;
 use outbox_tests::{dispatcher, TestDb};
 
 const DISPATCHERS: usize = 2;
 const BATCH: i64 = 500;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn config() -> DispatcherConfig {
     DispatcherConfig {
@@ -43,51 +36,10 @@ fn config() -> DispatcherConfig {
     }
 }
 
-/// `rows` pending events, each of its own aggregate (so every claim is full), ~300 B payloads.
-async fn seed(db: &TestDb, rows: usize, status: &str) {
-    let client = db.client().await;
-    client
-        .execute(
-            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
-                                 event_type, schema_version, payload, metadata, status, published_at)
-             SELECT gen_random_uuid(), 'bench', 'payment', 'p' || g || '-' || $2, 1, 'payment.paid', 1,
-                    jsonb_build_object('paymentId', 'p' || g, 'amountMinor', 1250, 'currency', 'EUR',
-                        'verificationMethod', 'card_3ds', 'verifiedBy', 'acs.examplebank.com',
-                        'paidAt', now(), 'note', repeat('x', 120)),
-                    '{\"correlation_id\":\"bench\",\"causation_id\":\"bench\",\"source\":\"payments\"}',
-                    $2, CASE WHEN $2 = 'published' THEN now() END
-             FROM generate_series(1, $1::bigint) AS g",
-            &[&(rows as i64), &status],
-        )
-        .await
-        .expect("seed");
-    client
-        .batch_execute("VACUUM ANALYZE outbox")
-        .await
-        .expect("vacuum");
-}
-
-fn pct(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 * p) as usize).min(sorted.len() - 1);
-    sorted[i].as_secs_f64() * 1e3
-}
-
-/// Records every claimed row as published (the "mark" half of the SQL floor).
-async fn mark_published(store: &PgOutboxStore, owner: &str, claimed: &[ClaimedEvent]) {
-    let outcomes = Outcomes {
-        published: claimed.iter().map(|c| c.id).collect(),
-        ..Outcomes::default()
-    };
-    store.record_outcomes(owner, &outcomes).await.expect("mark");
-}
-
 /// 1: claim + mark published through the store, no bus, `DISPATCHERS` connections.
 async fn sql_floor(rows: usize) -> f64 {
     let db = TestDb::create().await;
-    seed(&db, rows, "pending").await;
+    seed(&db, rows, "pending", Duration::ZERO).await;
     let started = Instant::now();
     let workers: Vec<_> = (0..DISPATCHERS)
         .map(|w| {
@@ -120,7 +72,7 @@ async fn sql_floor(rows: usize) -> f64 {
 /// 2 and 3: the dispatcher loop publishing to the standalone SNS endpoint.
 async fn dispatcher_loop(rows: usize, latency: Duration) -> (f64, usize) {
     let db = TestDb::create().await;
-    seed(&db, rows, "pending").await;
+    seed(&db, rows, "pending", Duration::ZERO).await;
     let endpoint = FaultProxy::standalone_sns().await;
     endpoint.set_latency(latency);
     let target = Target::Sns {
@@ -252,8 +204,8 @@ async fn commit_to_publish(rate: usize, seconds: u64) -> (f64, f64, f64, usize) 
 /// published rows in the table.
 async fn claim_latency(retained: usize, claims: usize) -> (f64, f64) {
     let db = TestDb::create().await;
-    seed(&db, retained, "published").await;
-    seed(&db, claims * 100, "pending").await;
+    seed(&db, retained, "published", Duration::ZERO).await;
+    seed(&db, claims * 100, "pending", Duration::ZERO).await;
     if retained >= 1_000_000 {
         let client = db.client().await;
         let plan = outbox_shared::postgres::outbox::explain_claim(&client, 100, true)

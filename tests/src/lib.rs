@@ -256,6 +256,7 @@ pub fn reply(response: ApiGatewayV2httpResponse) -> Reply {
 }
 
 pub mod aws;
+pub mod bench;
 pub mod fake_lambda;
 pub mod fault_proxy;
 

@@ -1,0 +1,64 @@
+//! Helpers shared by the benchmarks: seeding the outbox in bulk, percentiles, settings from the
+//! environment.
+
+use std::time::Duration;
+
+use outbox_shared::outbox::{ClaimedEvent, Outcomes};
+use outbox_shared::ports::OutboxStore;
+use outbox_shared::postgres::outbox::PgOutboxStore;
+
+use crate::TestDb;
+
+/// A benchmark setting from the environment, or `default`.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Inserts `rows` events with `status`, each of its own aggregate (so every claim is full),
+/// ~300 B payloads; published ones were published `published_ago` ago. Vacuums and analyzes.
+pub async fn seed(db: &TestDb, rows: usize, status: &str, published_ago: Duration) {
+    let client = db.client().await;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    client
+        .execute(
+            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
+                                 event_type, schema_version, payload, metadata, status, published_at,
+                                 created_at)
+             SELECT gen_random_uuid(), 'bench', 'payment', 'p' || g || '-' || $3, 1, 'payment.paid', 1,
+                    jsonb_build_object('paymentId', 'p' || g, 'amountMinor', 1250, 'currency', 'EUR',
+                        'verificationMethod', 'card_3ds', 'verifiedBy', 'acs.examplebank.com',
+                        'paidAt', now(), 'note', repeat('x', 120)),
+                    '{\"correlation_id\":\"bench\",\"causation_id\":\"bench\",\"source\":\"payments\"}',
+                    $2, CASE WHEN $2 = 'published' THEN now() - make_interval(secs => $4) END,
+                    CASE WHEN $2 = 'published' THEN now() - make_interval(secs => $4) ELSE now() END
+             FROM generate_series(1, $1::bigint) AS g",
+            &[&(rows as i64), &status, &tag, &published_ago.as_secs_f64()],
+        )
+        .await
+        .expect("seed");
+    client
+        .batch_execute("VACUUM ANALYZE outbox")
+        .await
+        .expect("vacuum");
+}
+
+/// The `p` quantile of sorted latencies, in milliseconds.
+pub fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * p) as usize).min(sorted.len() - 1);
+    sorted[i].as_secs_f64() * 1e3
+}
+
+/// Records every claimed row as published (the "mark" half of the SQL floor).
+pub async fn mark_published(store: &PgOutboxStore, owner: &str, claimed: &[ClaimedEvent]) {
+    let outcomes = Outcomes {
+        published: claimed.iter().map(|c| c.id).collect(),
+        ..Outcomes::default()
+    };
+    store.record_outcomes(owner, &outcomes).await.expect("mark");
+}
