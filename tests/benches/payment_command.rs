@@ -7,7 +7,12 @@
 
 use std::time::{Duration, Instant};
 
+use outbox_shared::ports::{OutboxStore, WakeDispatcher};
+use outbox_shared::postgres::outbox::PgOutboxStore;
+use outbox_shared::postgres::payments::PgPaymentStore;
+use outbox_shared::postgres::Db;
 use outbox_tests::{invoke, paid_body, paid_request, refund_request, TestDb};
+use payment_command::PaymentCommandHandler;
 
 struct Run {
     label: String,
@@ -44,6 +49,48 @@ enum Scenario {
     Replay,
     /// A partial refund of an existing payment per command.
     Refund,
+    /// `NewPaid` by a handler that wakes the dispatcher after each commit while a dispatcher's
+    /// heartbeat holds (the steady state in Lambda): the cost of the wake-up check.
+    NewPaidWakeCheck,
+}
+
+/// Counts nothing, invokes nothing: with a heartbeat held it is never called.
+struct NeverCalled;
+
+impl WakeDispatcher for NeverCalled {
+    async fn wake(&self) -> Result<(), String> {
+        panic!("a dispatcher is draining: nobody should be woken");
+    }
+}
+
+async fn client<W: WakeDispatcher>(
+    handler: PaymentCommandHandler<PgPaymentStore, W>,
+    scenario: Scenario,
+    tag: String,
+    c: usize,
+    per_client: usize,
+) -> Vec<Duration> {
+    let mut latencies = Vec::with_capacity(per_client);
+    for i in 0..per_client {
+        let request = match scenario {
+            Scenario::NewPaid | Scenario::NewPaidWakeCheck => {
+                paid_request("bench", &format!("{tag}-{c}-{i}"), paid_body(1_250, "EUR"))
+            }
+            Scenario::Replay => paid_request(
+                "bench",
+                &format!("{tag}-{c}"),
+                paid_body(1_000_000_000_000, "EUR"),
+            ),
+            Scenario::Refund => {
+                refund_request("bench", &format!("{tag}-{c}"), &format!("{tag}-{c}-{i}"), 1)
+            }
+        };
+        let t = Instant::now();
+        let reply = invoke(&handler, request).await;
+        latencies.push(t.elapsed());
+        assert!(reply.status < 300, "{}", reply.body);
+    }
+    latencies
 }
 
 async fn run(db: &TestDb, scenario: Scenario, clients: usize, commands: usize, tag: &str) -> Run {
@@ -65,38 +112,26 @@ async fn run(db: &TestDb, scenario: Scenario, clients: usize, commands: usize, t
         }
     }
     let started = Instant::now();
+    if let Scenario::NewPaidWakeCheck = scenario {
+        PgOutboxStore::new(Db::new(db.settings.clone()))
+            .heartbeat("bench-dispatcher", Duration::from_secs(3_600))
+            .await
+            .expect("heartbeat");
+    }
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
             let handler = db.payment_handler();
             let tag = tag.to_owned();
-            tokio::spawn(async move {
-                let mut latencies = Vec::with_capacity(per_client);
-                for i in 0..per_client {
-                    let request = match scenario {
-                        Scenario::NewPaid => paid_request(
-                            "bench",
-                            &format!("{tag}-{c}-{i}"),
-                            paid_body(1_250, "EUR"),
-                        ),
-                        Scenario::Replay => paid_request(
-                            "bench",
-                            &format!("{tag}-{c}"),
-                            paid_body(1_000_000_000_000, "EUR"),
-                        ),
-                        Scenario::Refund => refund_request(
-                            "bench",
-                            &format!("{tag}-{c}"),
-                            &format!("{tag}-{c}-{i}"),
-                            1,
-                        ),
-                    };
-                    let t = Instant::now();
-                    let reply = invoke(&handler, request).await;
-                    latencies.push(t.elapsed());
-                    assert!(reply.status < 300, "{}", reply.body);
-                }
-                latencies
-            })
+            match scenario {
+                Scenario::NewPaidWakeCheck => tokio::spawn(client(
+                    handler.with_wake(NeverCalled),
+                    scenario,
+                    tag,
+                    c,
+                    per_client,
+                )),
+                _ => tokio::spawn(client(handler, scenario, tag, c, per_client)),
+            }
         })
         .collect();
     let mut latencies = Vec::new();
@@ -107,6 +142,9 @@ async fn run(db: &TestDb, scenario: Scenario, clients: usize, commands: usize, t
         Scenario::NewPaid => "paid, new payment (writes payment + outbox row)",
         Scenario::Replay => "paid, replayed (idempotent hit, no write)",
         Scenario::Refund => "refund (writes payment + refund + outbox row)",
+        Scenario::NewPaidWakeCheck => {
+            "paid, new payment, with the wake-up check (dispatcher draining)"
+        }
     };
     Run {
         label: label.into(),
@@ -134,6 +172,7 @@ async fn main() {
             (Scenario::NewPaid, "new"),
             (Scenario::Replay, "replay"),
             (Scenario::Refund, "refund"),
+            (Scenario::NewPaidWakeCheck, "wakecheck"),
         ] {
             let mut result =
                 run(&db, scenario, clients, commands, &format!("{tag}{clients}")).await;

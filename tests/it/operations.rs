@@ -490,6 +490,28 @@ async fn bad_command_lines_are_refused_with_a_reason() {
             ],
             "batch-size",
         ),
+        (
+            &[
+                "cleanup",
+                "--older-than",
+                "7d",
+                "--duty-cycle",
+                "0",
+                "--yes",
+            ],
+            "between 0.01 and 1",
+        ),
+        (
+            &[
+                "cleanup",
+                "--older-than",
+                "7d",
+                "--duty-cycle",
+                "1.5",
+                "--yes",
+            ],
+            "between 0.01 and 1",
+        ),
         (&["status", "--bogus"], "--bogus"),
     ];
     for (args, says) in cases {

@@ -552,3 +552,64 @@ pub async fn delete_published(
     let deleted: i32 = row[0].try_get(0)?;
     Ok(deleted as u64)
 }
+
+/// How a cleanup run paces its statements.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pace {
+    /// Spend at most this share of the time (0 < share <= 1) in delete statements: after a
+    /// statement that took `t`, wait `t · (1 − share) / share`. 1.0 runs them back to back.
+    Duty(f64),
+    /// One statement per interval, as the dispatcher does between its claims.
+    Every(std::time::Duration),
+}
+
+/// What a cleanup run did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CleanupRun {
+    /// Rows deleted.
+    pub deleted: u64,
+    /// Delete statements run.
+    pub statements: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Deletes expired published rows statement after statement, paced by `pace`, until a statement
+/// deletes less than a full batch, `max_statements` ran, or `stop` is set. `progress` is called
+/// after each statement with the totals so far.
+pub async fn run_cleanup(
+    client: &Client,
+    retention: std::time::Duration,
+    batch: i32,
+    pace: Pace,
+    max_statements: Option<u64>,
+    stop: &std::sync::atomic::AtomicBool,
+    mut progress: impl FnMut(&CleanupRun),
+) -> Result<CleanupRun, tokio_postgres::Error> {
+    let started = std::time::Instant::now();
+    let mut run = CleanupRun::default();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let statement = std::time::Instant::now();
+        let deleted = delete_published(client, retention, batch).await?;
+        let took = statement.elapsed();
+        run.deleted += deleted;
+        run.statements += 1;
+        run.seconds = started.elapsed().as_secs_f64();
+        progress(&run);
+        if deleted < batch as u64 || max_statements.is_some_and(|max| run.statements >= max) {
+            break;
+        }
+        let wait = match pace {
+            Pace::Duty(share) => {
+                took.mul_f64((1.0 - share.clamp(0.01, 1.0)) / share.clamp(0.01, 1.0))
+            }
+            Pace::Every(interval) => interval.saturating_sub(took),
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    run.seconds = started.elapsed().as_secs_f64();
+    Ok(run)
+}

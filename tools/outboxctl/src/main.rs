@@ -89,9 +89,10 @@ enum Command {
         /// Rows per delete statement (one short transaction each).
         #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(i32).range(1..=50_000))]
         batch_size: i32,
-        /// Pause between statements, to leave the database to the dispatchers.
-        #[arg(long, default_value_t = 0)]
-        pause_ms: u64,
+        /// Share of the time spent deleting (0.01–1): after a statement that took t, wait
+        /// t·(1−share)/share, leaving the database to the dispatchers. 1 runs back to back.
+        #[arg(long, default_value_t = 0.25, value_parser = parse_share)]
+        duty_cycle: f64,
         /// Stop after this many statements.
         #[arg(long)]
         max_batches: Option<u64>,
@@ -265,7 +266,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Cleanup {
             older_than,
             batch_size,
-            pause_ms,
+            duty_cycle,
             max_batches,
             confirm,
         } => {
@@ -276,15 +277,8 @@ async fn run(cli: Cli) -> CliResult {
                     .ok_or("OUTBOX_RETENTION_HOURS is 0 (keep everything): pass --older-than")?,
             };
             let client = settings.connect().await?;
-            cleanup(
-                &client,
-                retention,
-                batch_size,
-                pause_ms,
-                max_batches,
-                &confirm,
-            )
-            .await?;
+            let pace = admin::Pace::Duty(duty_cycle);
+            cleanup(&client, retention, batch_size, pace, max_batches, &confirm).await?;
         }
     }
     Ok(())
@@ -375,7 +369,7 @@ async fn cleanup(
     client: &Client,
     retention: Duration,
     batch_size: i32,
-    pause_ms: u64,
+    pace: admin::Pace,
     max_batches: Option<u64>,
     confirm: &Confirm,
 ) -> CliResult {
@@ -394,36 +388,44 @@ async fn cleanup(
         println!("nothing changed");
         return Ok(());
     }
-    let started = Instant::now();
-    let mut deleted = 0u64;
-    let mut batches = 0u64;
-    loop {
-        let n = admin::delete_published(client, retention, batch_size).await?;
-        deleted += n;
-        batches += 1;
-        if n < batch_size as u64 || max_batches.is_some_and(|max| batches >= max) {
-            break;
-        }
-        if !confirm.json && batches % 20 == 0 {
-            eprintln!("… {deleted} deleted");
-        }
-        if pause_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(pause_ms)).await;
-        }
-    }
-    let seconds = started.elapsed().as_secs_f64();
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let quiet = confirm.json;
+    let run = admin::run_cleanup(
+        client,
+        retention,
+        batch_size,
+        pace,
+        max_batches,
+        &never,
+        |run| {
+            if !quiet && run.statements % 20 == 0 {
+                eprintln!("… {} deleted", run.deleted);
+            }
+        },
+    )
+    .await?;
     if confirm.json {
         println!(
             "{}",
-            json!({"expired": expired, "deleted": deleted, "statements": batches, "seconds": seconds})
+            json!({"expired": expired, "deleted": run.deleted, "statements": run.statements, "seconds": run.seconds})
         );
     } else {
         println!(
-            "deleted {deleted} events in {batches} statements, {seconds:.1} s ({:.0} rows/s)",
-            deleted as f64 / seconds.max(1e-9)
+            "deleted {} events in {} statements, {:.1} s ({:.0} rows/s)",
+            run.deleted,
+            run.statements,
+            run.seconds,
+            run.deleted as f64 / run.seconds.max(1e-9)
         );
     }
     Ok(())
+}
+
+fn parse_share(raw: &str) -> Result<f64, String> {
+    match raw.parse::<f64>() {
+        Ok(share) if (0.01..=1.0).contains(&share) => Ok(share),
+        _ => Err(format!("{raw:?} is not a share between 0.01 and 1")),
+    }
 }
 
 #[cfg(test)]
