@@ -9,39 +9,49 @@ ALTER TABLE outbox ADD COLUMN failed_at timestamptz;
 -- redrive): a partial index keeps those lookups independent of the table's size.
 CREATE INDEX outbox_dead_idx ON outbox (id) WHERE status = 'dead';
 
--- One row: is a dispatcher draining right now (it renews active_until while it polls), and when
--- was one last woken up by a command. Lets a command decide in one cheap statement whether to
--- wake the dispatcher, and lets thousands of commands a second wake it at most once per debounce.
+-- Draining dispatchers, one row each: a dispatcher that polls until its deadline renews its row
+-- (a few seconds ahead) and deletes it when it stops; the row of one that died expires. While
+-- any row holds, commands need not wake a dispatcher.
+CREATE TABLE outbox_dispatcher_heartbeats (
+    owner         text        PRIMARY KEY,
+    active_until  timestamptz NOT NULL
+);
+
+-- One row: when a command last woke a dispatcher. Lets thousands of commands a second wake it at
+-- most once per debounce window.
 CREATE TABLE outbox_dispatch_state (
-    id            smallint    PRIMARY KEY DEFAULT 1 CHECK (id = 1),
-    active_until  timestamptz,
-    active_owner  text,
-    kicked_at     timestamptz
+    id         smallint    PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    kicked_at  timestamptz
 );
 INSERT INTO outbox_dispatch_state (id) VALUES (1);
 
 -- Called by a command after it committed an event. kick = true for exactly one caller per
--- debounce window while no dispatcher is active: that caller invokes the dispatcher.
--- wait_ms: how long the answer stays "no need" (the dispatcher's heartbeat or the debounce).
+-- debounce window while no dispatcher is draining: that caller invokes the dispatcher.
+-- wait_ms: how long the answer stays "no need" (the heartbeat or the debounce window).
 CREATE FUNCTION outbox_request_kick(debounce interval, OUT kick boolean, OUT wait_ms double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
-    state outbox_dispatch_state;
+    active  timestamptz;
+    kicked  timestamptz;
 BEGIN
-    SELECT * INTO state FROM outbox_dispatch_state WHERE id = 1;
-    IF state.active_until > now() THEN
+    SELECT max(active_until) INTO active
+    FROM outbox_dispatcher_heartbeats WHERE active_until > now();
+    IF active IS NOT NULL THEN
         kick := false;
-        wait_ms := extract(epoch FROM state.active_until - now()) * 1000;
+        wait_ms := extract(epoch FROM active - now()) * 1000;
         RETURN;
     END IF;
     -- The WHERE is re-checked after a concurrent update commits, so only one caller wins.
     UPDATE outbox_dispatch_state SET kicked_at = now()
-    WHERE id = 1
-      AND (kicked_at IS NULL OR kicked_at <= now() - debounce)
-      AND (active_until IS NULL OR active_until <= now());
-    kick := FOUND;
-    wait_ms := CASE WHEN FOUND THEN extract(epoch FROM debounce) * 1000
-                    ELSE greatest(extract(epoch FROM state.kicked_at + debounce - now()) * 1000, 0) END;
+    WHERE id = 1 AND (kicked_at IS NULL OR kicked_at <= now() - debounce);
+    IF FOUND THEN
+        kick := true;
+        wait_ms := extract(epoch FROM debounce) * 1000;
+    ELSE
+        SELECT kicked_at INTO kicked FROM outbox_dispatch_state WHERE id = 1;
+        kick := false;
+        wait_ms := greatest(extract(epoch FROM kicked + debounce - now()) * 1000, 0);
+    END IF;
 END $$;
 
 -- The first outbox id whose row was created at or after `at` (one past the last id when none

@@ -239,23 +239,30 @@ struct Instance {
 }
 
 /// The dispatcher function as Lambda runs it: at most `instances.len()` at once (reserved
-/// concurrency), an invoke that finds them all busy is dropped (no retries), each invocation
-/// drains until 60 s minus the 10 s safety margin, polling every 100 ms.
+/// concurrency); an asynchronous invoke that finds them all busy waits in Lambda's queue until
+/// one is free, for at most a minute (the template's `MaximumEventAgeInSeconds: 60`); each
+/// invocation starts `start_delay` after it is taken and drains until 60 s minus the 10 s safety
+/// margin, polling every 100 ms.
 fn lambda_service(
     instances: Arc<Vec<Instance>>,
     start_delay: Duration,
     invocations: Arc<AtomicUsize>,
 ) -> Arc<dyn Fn(Instant) + Send + Sync> {
-    Arc::new(move |_at| {
+    Arc::new(move |at| {
         let instances = instances.clone();
         let invocations = invocations.clone();
         tokio::spawn(async move {
-            let Some(instance) = instances.iter().find(|i| {
-                i.busy
-                    .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-            }) else {
-                return;
+            let instance = loop {
+                let free = instances.iter().find(|i| {
+                    i.busy
+                        .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                });
+                match free {
+                    Some(instance) => break instance,
+                    None if at.elapsed() > Duration::from_secs(60) => return,
+                    None => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
             };
             invocations.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(start_delay).await;

@@ -638,15 +638,15 @@ async fn a_polling_drain_holds_a_heartbeat_publishes_new_rows_and_releases_it() 
     .await;
     let drain = tokio::spawn(async move { d.drain(Instant::now() + Duration::from_secs(3)).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let active: bool = client
-        .query_one(
-            "SELECT active_until > now() FROM outbox_dispatch_state",
-            &[],
+    let active = db
+        .count(
+            &client,
+            "outbox_dispatcher_heartbeats WHERE active_until > now()",
         )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(active, "a polling drain announces itself");
+        .await;
+    assert_eq!(active, 1, "a polling drain announces itself");
+    let status = json_of(&outboxctl(&db, &["status", "--json"]));
+    assert_eq!(status["dispatcher"]["active"].as_array().unwrap().len(), 1);
     // Committed while it polls: published by the same invocation, without a wake-up.
     seed_outbox(
         &client,
@@ -664,12 +664,11 @@ async fn a_polling_drain_holds_a_heartbeat_publishes_new_rows_and_releases_it() 
         "it kept polling: {} claims",
         summary.claims
     );
-    let released: Option<chrono::DateTime<chrono::Utc>> = client
-        .query_one("SELECT active_until FROM outbox_dispatch_state", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(released, None, "the heartbeat is withdrawn at the end");
+    assert_eq!(
+        db.count(&client, "outbox_dispatcher_heartbeats").await,
+        0,
+        "the heartbeat is withdrawn at the end"
+    );
 }
 
 /// Counts wake-ups instead of invoking anything.

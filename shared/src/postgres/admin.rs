@@ -72,14 +72,22 @@ pub struct FailedEvent {
     pub last_error: String,
 }
 
-/// Whether a dispatcher is draining, and when one was last woken.
+/// A dispatcher draining now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ActiveDispatcher {
+    /// Its lease-owner name (the Lambda log stream and a run id).
+    pub owner: String,
+    /// Its heartbeat holds until then.
+    pub active_until: DateTime<Utc>,
+}
+
+/// Which dispatchers are draining, and when one was last woken.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DispatcherState {
-    /// A draining dispatcher's heartbeat holds until then.
-    pub active_until: Option<DateTime<Utc>>,
-    /// Who renewed it last.
-    pub active_owner: Option<String>,
+    /// Dispatchers whose heartbeat holds.
+    pub active: Vec<ActiveDispatcher>,
     /// Last wake-up by a command.
     pub kicked_at: Option<DateTime<Utc>>,
 }
@@ -174,8 +182,9 @@ const LAST_ERRORS: &str = "
     ORDER BY failed_at DESC NULLS LAST
     LIMIT $2";
 
-const DISPATCHER_STATE: &str =
-    "SELECT active_until, active_owner, kicked_at FROM outbox_dispatch_state WHERE id = 1";
+const ACTIVE_DISPATCHERS: &str = "
+    SELECT owner, active_until FROM outbox_dispatcher_heartbeats
+    WHERE active_until > now() ORDER BY active_until DESC";
 
 /// Reads the whole status, for one tenant or all; `limit` bounds the parked and error lists.
 pub async fn status(
@@ -255,14 +264,29 @@ pub async fn status(
             })
         })
         .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
-    let state = client.query(DISPATCHER_STATE, &[]).await?;
-    let dispatcher = match state.first() {
-        Some(r) => DispatcherState {
-            active_until: r.try_get("active_until")?,
-            active_owner: r.try_get("active_owner")?,
-            kicked_at: r.try_get("kicked_at")?,
+    let active = client
+        .query(ACTIVE_DISPATCHERS, &[])
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(ActiveDispatcher {
+                owner: r.try_get("owner")?,
+                active_until: r.try_get("active_until")?,
+            })
+        })
+        .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
+    let kicked = client
+        .query(
+            "SELECT kicked_at FROM outbox_dispatch_state WHERE id = 1",
+            &[],
+        )
+        .await?;
+    let dispatcher = DispatcherState {
+        active,
+        kicked_at: match kicked.first() {
+            Some(r) => r.try_get("kicked_at")?,
+            None => None,
         },
-        None => DispatcherState::default(),
     };
     Ok(StatusReport {
         taken_at: Utc::now(),
@@ -328,16 +352,16 @@ impl Selection {
 /// primary key (an operator's occasional command: exact, whatever order rows were created in).
 const SELECT_BATCH: &str = "
     SELECT id FROM outbox o
-    WHERE o.status = $1 AND o.id > $2 AND o.id < $3
-      AND (cardinality($4::uuid[]) = 0 OR o.event_id = ANY ($4))
-      AND ($5::text IS NULL OR o.tenant_id = $5)
-      AND ($6::text IS NULL OR o.aggregate_type = $6)
-      AND ($7::text IS NULL OR o.aggregate_id = $7)
-      AND ($8::text IS NULL OR o.event_type = $8)
-      AND ($9::timestamptz IS NULL OR o.created_at >= $9)
-      AND ($10::timestamptz IS NULL OR o.created_at < $10)
+    WHERE o.status = $1 AND o.id > $2
+      AND (cardinality($3::uuid[]) = 0 OR o.event_id = ANY ($3))
+      AND ($4::text IS NULL OR o.tenant_id = $4)
+      AND ($5::text IS NULL OR o.aggregate_type = $5)
+      AND ($6::text IS NULL OR o.aggregate_id = $6)
+      AND ($7::text IS NULL OR o.event_type = $7)
+      AND ($8::timestamptz IS NULL OR o.created_at >= $8)
+      AND ($9::timestamptz IS NULL OR o.created_at < $9)
     ORDER BY o.id
-    LIMIT $11";
+    LIMIT $10";
 
 /// Puts rows back in line: pending, due now, attempts from zero. The dispatcher's claim keeps
 /// each aggregate's order, so they go out in version order whatever order they come back in.
@@ -392,7 +416,6 @@ async fn select_batch(
     which: Requeue,
     selection: &Selection,
     after: i64,
-    before: i64,
     limit: i64,
 ) -> Result<Vec<i64>, tokio_postgres::Error> {
     let rows = client
@@ -401,7 +424,6 @@ async fn select_batch(
             &[
                 (&which.status(), Type::TEXT),
                 (&after, Type::INT8),
-                (&before, Type::INT8),
                 (&selection.event_ids, Type::UUID_ARRAY),
                 (&selection.tenant_id, Type::TEXT),
                 (&selection.aggregate_type, Type::TEXT),
@@ -423,12 +445,11 @@ pub async fn preview(
     selection: &Selection,
     sample: usize,
 ) -> Result<(u64, Vec<SelectedEvent>), tokio_postgres::Error> {
-    let (lo, hi) = (0, i64::MAX);
     let mut count = 0u64;
     let mut first = Vec::new();
-    let mut after = lo;
+    let mut after = 0;
     loop {
-        let ids = select_batch(client, which, selection, after, hi, 10_000).await?;
+        let ids = select_batch(client, which, selection, after, 10_000).await?;
         let Some(&last) = ids.last() else { break };
         count += ids.len() as u64;
         if first.len() < sample {
@@ -476,11 +497,10 @@ pub async fn requeue(
     which: Requeue,
     selection: &Selection,
 ) -> Result<u64, tokio_postgres::Error> {
-    let (lo, hi) = (0, i64::MAX);
     let mut changed = 0;
-    let mut after = lo;
+    let mut after = 0;
     loop {
-        let ids = select_batch(client, which, selection, after, hi, CHANGE_BATCH).await?;
+        let ids = select_batch(client, which, selection, after, CHANGE_BATCH).await?;
         let Some(&last) = ids.last() else { break };
         changed += client
             .execute_typed(

@@ -108,17 +108,17 @@ const BACKLOG: &str = "
     FROM (SELECT count(*) AS pending, min(created_at) AS oldest
           FROM outbox WHERE status = 'pending') p";
 
-/// Extends the heartbeat; another owner's later heartbeat is kept (two dispatchers may drain).
+/// Renews the owner's heartbeat, and forgets those of dispatchers that died a while ago.
 const HEARTBEAT: &str = "
-    UPDATE outbox_dispatch_state
-    SET active_until = greatest(active_until, now() + make_interval(secs => $2)),
-        active_owner = $1
-    WHERE id = 1";
+    WITH expired AS (
+        DELETE FROM outbox_dispatcher_heartbeats
+        WHERE active_until < now() - interval '1 minute' AND owner <> $1)
+    INSERT INTO outbox_dispatcher_heartbeats (owner, active_until)
+    VALUES ($1, now() + make_interval(secs => $2))
+    ON CONFLICT (owner) DO UPDATE SET active_until = excluded.active_until";
 
-/// Only the owner's own heartbeat is withdrawn: a second dispatcher still draining keeps its own.
-const RELEASE: &str = "
-    UPDATE outbox_dispatch_state SET active_until = NULL, active_owner = NULL
-    WHERE id = 1 AND active_owner = $1";
+/// Only the owner's own heartbeat goes: another dispatcher still draining keeps its own.
+const RELEASE: &str = "DELETE FROM outbox_dispatcher_heartbeats WHERE owner = $1";
 
 /// The dispatcher's [`OutboxStore`](crate::ports::OutboxStore) on PostgreSQL.
 pub struct PgOutboxStore {

@@ -115,21 +115,20 @@ pub fn status(report: &StatusReport) -> String {
         None => out.push_str("Oldest pending: none, every event is published or dead\n"),
     }
     let d = &report.dispatcher;
-    match d.active_until {
-        Some(until) if until > report.taken_at => {
+    if d.active.is_empty() {
+        let woken = d
+            .kicked_at
+            .map(|t| format!("last woken by a command at {} UTC", time(t)))
+            .unwrap_or_else(|| "never woken by a command".into());
+        let _ = writeln!(out, "Dispatcher: not draining ({woken})");
+    } else {
+        for a in &d.active {
             let _ = writeln!(
                 out,
-                "Dispatcher: draining (heartbeat holds until {} UTC, {})",
-                time(until),
-                d.active_owner.as_deref().unwrap_or("unknown owner")
+                "Dispatcher: draining, {} (heartbeat holds until {} UTC)",
+                a.owner,
+                time(a.active_until)
             );
-        }
-        _ => {
-            let woken = d
-                .kicked_at
-                .map(|t| format!("last woken by a command at {} UTC", time(t)))
-                .unwrap_or_else(|| "never woken by a command".into());
-            let _ = writeln!(out, "Dispatcher: not draining ({woken})");
         }
     }
     out.push('\n');
