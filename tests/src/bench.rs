@@ -18,7 +18,9 @@ pub fn env_usize(name: &str, default: usize) -> usize {
 }
 
 /// Inserts `rows` events with `status`, each of its own aggregate (so every claim is full),
-/// ~300 B payloads; published ones were published `published_ago` ago. Vacuums and analyzes.
+/// ~300 B payloads; published ones were published `published_ago` ago. Vacuums, analyzes and
+/// checkpoints, so the writes of seeding a large table are not still being flushed while the
+/// measurement runs.
 pub async fn seed(db: &TestDb, rows: usize, status: &str, published_ago: Duration) {
     let client = db.client().await;
     let tag = uuid::Uuid::new_v4().simple().to_string();
@@ -43,6 +45,10 @@ pub async fn seed(db: &TestDb, rows: usize, status: &str, published_ago: Duratio
         .batch_execute("VACUUM ANALYZE outbox")
         .await
         .expect("vacuum");
+    client
+        .batch_execute("CHECKPOINT")
+        .await
+        .expect("checkpoint");
 }
 
 /// The `p` quantile of sorted latencies, in milliseconds.
