@@ -9,14 +9,13 @@
 //! sourced). `BENCH_ROWS` sets the rows per throughput scenario (default 200000),
 //! `BENCH_RETAINED` the large retained set (default 1000000).
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use outbox_shared::dispatcher::{DispatcherConfig, Target};
 use outbox_shared::ports::OutboxStore;
 use outbox_shared::postgres::outbox::PgOutboxStore;
 use outbox_shared::postgres::Db;
-use outbox_tests::bench::{env_usize, mark_published, pct, seed};
+use outbox_tests::bench::{arrival_latencies, env_usize, mark_published, pct, seed};
 use outbox_tests::fault_proxy::FaultProxy;
 use outbox_tests::{dispatcher, TestDb};
 
@@ -164,34 +163,8 @@ async fn commit_to_publish(rate: usize, seconds: u64) -> (f64, f64, f64, usize) 
     for t in tasks {
         t.await.expect("dispatcher task");
     }
-    let arrivals: HashMap<String, chrono::DateTime<chrono::Utc>> = endpoint
-        .stats
-        .arrivals
-        .lock()
-        .unwrap()
-        .iter()
-        .cloned()
-        .collect();
-    let rows = client
-        .query("SELECT event_id::text, bench_committed_at FROM outbox", &[])
-        .await
-        .expect("rows");
-    let mut latencies: Vec<Duration> = rows
-        .iter()
-        .filter_map(|r| {
-            let id: String = r.get(0);
-            let committed: chrono::DateTime<chrono::Utc> = r.get(1);
-            arrivals
-                .get(&id)
-                .map(|at| (*at - committed).to_std().unwrap_or_default())
-        })
-        .collect();
-    assert_eq!(
-        latencies.len(),
-        produced,
-        "every committed event was published"
-    );
-    latencies.sort();
+    let arrivals = endpoint.stats.arrivals.lock().unwrap().clone();
+    let latencies = arrival_latencies(&client, "bench_committed_at", &arrivals, produced).await;
     (
         pct(&latencies, 0.5),
         pct(&latencies, 0.99),

@@ -11,7 +11,6 @@
 //! `BENCH_WAKE_RATE` (commands/s, default 20), `BENCH_INVOKE_START_MS` (time the stand-in takes
 //! to start a function after an invoke, default 100: a warm Lambda start, conservatively).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,7 +24,7 @@ use outbox_shared::postgres::outbox::PgOutboxStore;
 use outbox_shared::postgres::payments::PgPaymentStore;
 use outbox_shared::postgres::Db;
 use outbox_tests::aws::sdk_config_for;
-use outbox_tests::bench::{env_usize, mark_published, pct, seed};
+use outbox_tests::bench::{arrival_latencies, env_usize, mark_published, pct, seed};
 use outbox_tests::fake_lambda::{FakeLambda, Invocation};
 use outbox_tests::fault_proxy::FaultProxy;
 use outbox_tests::{dispatcher, invoke, paid_body, paid_request, TestDb};
@@ -384,32 +383,10 @@ async fn wake_scenario(wake: bool, seconds: u64, rate: usize, start_delay: Durat
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     schedule.abort();
-    let arrivals: HashMap<String, chrono::DateTime<chrono::Utc>> =
-        sns.stats.arrivals.lock().unwrap().iter().cloned().collect();
     // created_at is the command transaction's start: a few ms before its commit, so the
     // latencies below are slightly pessimistic.
-    let rows = db
-        .client()
-        .await
-        .query("SELECT event_id::text, created_at FROM outbox", &[])
-        .await
-        .expect("rows");
-    let mut latencies: Vec<Duration> = rows
-        .iter()
-        .filter_map(|r| {
-            let id: String = r.get(0);
-            let committed: chrono::DateTime<chrono::Utc> = r.get(1);
-            arrivals
-                .get(&id)
-                .map(|at| (*at - committed).to_std().unwrap_or_default())
-        })
-        .collect();
-    assert_eq!(
-        latencies.len(),
-        produced,
-        "every committed event was published"
-    );
-    latencies.sort();
+    let arrivals = sns.stats.arrivals.lock().unwrap().clone();
+    let latencies = arrival_latencies(&db.client().await, "created_at", &arrivals, produced).await;
     WakeResult {
         p50: pct(&latencies, 0.5),
         p99: pct(&latencies, 0.99),

@@ -68,3 +68,40 @@ pub async fn mark_published(store: &PgOutboxStore, owner: &str, claimed: &[Claim
     };
     store.record_outcomes(owner, &outcomes).await.expect("mark");
 }
+
+/// Sorted latencies from each event's `committed` column (a timestamptz of the outbox) to its
+/// arrival at the endpoint; asserts that all `produced` events arrived.
+pub async fn arrival_latencies(
+    client: &tokio_postgres::Client,
+    committed: &str,
+    arrivals: &[(String, chrono::DateTime<chrono::Utc>)],
+    produced: usize,
+) -> Vec<Duration> {
+    let arrivals: std::collections::HashMap<&str, chrono::DateTime<chrono::Utc>> =
+        arrivals.iter().map(|(id, at)| (id.as_str(), *at)).collect();
+    // The column name comes from the benchmark's code, never from input.
+    let rows = client
+        .query(
+            &format!("SELECT event_id::text, {committed} FROM outbox"),
+            &[],
+        )
+        .await
+        .expect("rows");
+    let mut latencies: Vec<Duration> = rows
+        .iter()
+        .filter_map(|r| {
+            let id: String = r.get(0);
+            let at: chrono::DateTime<chrono::Utc> = r.get(1);
+            arrivals
+                .get(id.as_str())
+                .map(|arrived| (*arrived - at).to_std().unwrap_or_default())
+        })
+        .collect();
+    assert_eq!(
+        latencies.len(),
+        produced,
+        "every committed event was published"
+    );
+    latencies.sort();
+    latencies
+}
