@@ -50,7 +50,9 @@ BEGIN
     ELSE
         SELECT kicked_at INTO kicked FROM outbox_dispatch_state WHERE id = 1;
         kick := false;
-        wait_ms := greatest(extract(epoch FROM kicked + debounce - now()) * 1000, 0);
+        -- The winner's transaction may have started after this one: never more than a window.
+        wait_ms := least(greatest(extract(epoch FROM kicked + debounce - now()) * 1000, 0),
+                         extract(epoch FROM debounce) * 1000);
     END IF;
 END $$;
 
