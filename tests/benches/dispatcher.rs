@@ -15,7 +15,7 @@ use outbox_shared::dispatcher::{DispatcherConfig, Target};
 use outbox_shared::ports::OutboxStore;
 use outbox_shared::postgres::outbox::PgOutboxStore;
 use outbox_shared::postgres::Db;
-use outbox_tests::bench::{arrival_latencies, env_usize, mark_published, pct, seed};
+use outbox_tests::bench::{self, arrival_latencies, env_usize, mark_published, pct, seed};
 use outbox_tests::fault_proxy::FaultProxy;
 use outbox_tests::{dispatcher, TestDb};
 
@@ -175,7 +175,7 @@ async fn commit_to_publish(rate: usize, seconds: u64) -> (f64, f64, f64, usize) 
 
 /// 5: claim latency (batch of 100, each claim marked published right after) with `retained`
 /// published rows in the table.
-async fn claim_latency(retained: usize, claims: usize) -> (f64, f64) {
+async fn retained_claim_latency(retained: usize, claims: usize) -> (f64, f64) {
     let db = TestDb::create().await;
     seed(&db, retained, "published", Duration::ZERO).await;
     seed(&db, claims * 100, "pending", Duration::ZERO).await;
@@ -186,21 +186,7 @@ async fn claim_latency(retained: usize, claims: usize) -> (f64, f64) {
             .expect("explain");
         println!("\nEXPLAIN ANALYZE of the claim, {retained} published rows retained, {} pending:\n\n```\n{plan}\n```\n", claims * 100);
     }
-    let store = PgOutboxStore::new(Db::new(db.settings.clone()));
-    let mut latencies = Vec::with_capacity(claims);
-    for i in 0..claims {
-        let owner = format!("lat-{i}");
-        let t = Instant::now();
-        let claimed = store
-            .claim_batch(100, Duration::from_secs(60), &owner)
-            .await
-            .expect("claim");
-        latencies.push(t.elapsed());
-        assert_eq!(claimed.len(), 100);
-        mark_published(&store, &owner, &claimed).await;
-    }
-    latencies.sort();
-    (pct(&latencies, 0.5), pct(&latencies, 0.99))
+    bench::claim_latency(&db, claims).await
 }
 
 #[tokio::main]
@@ -230,8 +216,8 @@ async fn main() {
     println!("|---|---|---|---|");
     println!("| {produced} | {p50:.1} | {p99:.1} | {max:.1} |");
 
-    let (small50, small99) = claim_latency(10_000, 200).await;
-    let (large50, large99) = claim_latency(retained, 200).await;
+    let (small50, small99) = retained_claim_latency(10_000, 200).await;
+    let (large50, large99) = retained_claim_latency(retained, 200).await;
     println!("## Claim latency (batch of 100, 200 claims each)\n");
     println!("| published rows retained | p50 ms | p99 ms |");
     println!("|---|---|---|");

@@ -18,13 +18,13 @@ use std::time::{Duration, Instant};
 use outbox_shared::aws::wake::LambdaWake;
 use outbox_shared::aws::BusPublisher;
 use outbox_shared::dispatcher::{DispatcherConfig, OutboxDispatcher, Target};
-use outbox_shared::ports::{OutboxStore, WakeDispatcher};
+use outbox_shared::ports::WakeDispatcher;
 use outbox_shared::postgres::admin;
 use outbox_shared::postgres::outbox::PgOutboxStore;
 use outbox_shared::postgres::payments::PgPaymentStore;
 use outbox_shared::postgres::Db;
 use outbox_tests::aws::sdk_config_for;
-use outbox_tests::bench::{arrival_latencies, env_usize, mark_published, pct, seed};
+use outbox_tests::bench::{arrival_latencies, claim_latency, env_usize, pct, seed};
 use outbox_tests::fake_lambda::{FakeLambda, Invocation};
 use outbox_tests::fault_proxy::FaultProxy;
 use outbox_tests::{dispatcher, invoke, paid_body, paid_request, TestDb};
@@ -41,25 +41,6 @@ fn throughput_config() -> DispatcherConfig {
         retention: None,
         ..DispatcherConfig::default()
     }
-}
-
-/// Claim latency, batch of 100, each claim marked published right after: (p50, p99) ms.
-async fn claim_latency(db: &TestDb, claims: usize) -> (f64, f64) {
-    let store = PgOutboxStore::new(Db::new(db.settings.clone()));
-    let mut latencies = Vec::with_capacity(claims);
-    for i in 0..claims {
-        let owner = format!("lat-{i}");
-        let t = Instant::now();
-        let claimed = store
-            .claim_batch(100, Duration::from_secs(60), &owner)
-            .await
-            .expect("claim");
-        latencies.push(t.elapsed());
-        assert_eq!(claimed.len(), 100);
-        mark_published(&store, &owner, &claimed).await;
-    }
-    latencies.sort();
-    (pct(&latencies, 0.5), pct(&latencies, 0.99))
 }
 
 /// The `rows` pending rows left drained by two dispatchers to a zero-latency SNS endpoint: rows/s.
