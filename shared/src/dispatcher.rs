@@ -351,7 +351,7 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
     /// logged, not returned: cleanup must never stop publishing.
     async fn clean_up(&self, summary: &mut DispatchSummary) -> Duration {
         let Some(retention) = self.config.retention else {
-            return Duration::MAX / 4;
+            return CLEANUP_IDLE_PAUSE;
         };
         match self
             .store

@@ -144,7 +144,7 @@ async fn wait_for_horizon(client: &Client) {
 #[tokio::test]
 async fn status_shows_counts_parked_aggregates_and_last_errors() {
     let db = TestDb::create().await;
-    let _client = seed_operations(&db).await;
+    let client = seed_operations(&db).await;
 
     let report = json_of(&outboxctl(&db, &["status", "--json"]));
     let tenants = report["tenants"].as_array().expect("tenants");
@@ -162,12 +162,13 @@ async fn status_shows_counts_parked_aggregates_and_last_errors() {
     assert_eq!(tenants[1]["published"], 2);
     assert_eq!(report["backlog"]["pending"], 5);
     assert_eq!(report["backlog"]["dead"], 3);
-    assert!(
-        report["backlog"]["oldestPendingAgeSeconds"]
-            .as_f64()
-            .unwrap()
-            >= 0.0
-    );
+    // The oldest pending row is pay_c v3, created 30 days ago.
+    let age = report["backlog"]["oldestPendingAgeSeconds"]
+        .as_f64()
+        .unwrap();
+    assert!((29.0 * 86_400.0..31.0 * 86_400.0).contains(&age), "{age}");
+    let oldest = event_id(&client, "pay_c", 3).await;
+    assert_eq!(report["oldestPending"]["eventId"], oldest.as_str());
     // pay_c is held back by two dead events, pay_b by one; each has one event waiting.
     let parked = report["parked"].as_array().expect("parked");
     let parked: Vec<(&str, i64, i64, i64)> = parked
@@ -825,7 +826,9 @@ async fn the_dispatcher_function_reports_its_work_and_the_backlog_as_metrics() {
     assert_eq!(doc["Published"], 4.0);
     assert_eq!(doc["DeadRows"], 1.0);
     assert_eq!(doc["PendingRows"], 1.0);
-    assert!(doc["OldestPendingAge"].as_f64().unwrap() >= 0.0);
+    // The one pending row (m_dead v2) was written moments ago.
+    let age = doc["OldestPendingAge"].as_f64().unwrap();
+    assert!((0.0..60.0).contains(&age), "{age}");
     let claims = doc["ClaimLatency"].as_array().map(Vec::len).unwrap_or(1);
     assert_eq!(claims, summary.claims);
     let names: Vec<&str> = doc["_aws"]["CloudWatchMetrics"][0]["Metrics"]
