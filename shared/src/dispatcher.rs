@@ -193,6 +193,9 @@ pub struct DispatchSummary {
     pub publish_calls: usize,
     /// Published rows deleted by the retention cleanup.
     pub cleaned: u64,
+    /// Store operations that failed because the database was unavailable (restarting, failing
+    /// over, refusing credentials, not answering); the drain paused and carried on after each.
+    pub store_errors: usize,
     /// Wall time, milliseconds.
     pub duration_ms: u64,
     /// Why it stopped.
@@ -229,6 +232,7 @@ impl DispatchSummary {
             .count("DeadLettered", self.dead)
             .count("Claimed", self.claimed)
             .count("Cleaned", self.cleaned as usize)
+            .count("StoreErrors", self.store_errors)
             .latencies("ClaimLatency", &self.claim_latencies)
             .latencies("PublishLatency", &self.publish_latencies);
         if let Some(backlog) = self.backlog {
@@ -282,8 +286,13 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
 
     /// Drains batch after batch until a claim comes back empty (or, with `idle_poll`, until
     /// `deadline` minus the safety margin, polling meanwhile), deleting expired published rows
-    /// between claims. A store failure ends the drain with the error; rows it had leased are
-    /// claimable again when their lease runs out.
+    /// between claims.
+    ///
+    /// A database that becomes unavailable (a restart, a failover, a rotated password, a
+    /// connection that stops answering) does not end the drain: it pauses (100 ms, doubling to
+    /// 2 s) and carries on until the deadline, recording first the outcomes it could not record,
+    /// so rows already published are not published again. It returns an error only when the
+    /// store failed for good (a statement error) or never answered during the whole drain.
     pub async fn drain(&self, deadline: Instant) -> Result<DispatchSummary, StoreError> {
         let started = Instant::now();
         let stop_at = deadline
@@ -293,22 +302,54 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
         let owner = format!("{}/{}", self.worker_id, uuid::Uuid::new_v4().simple());
         let mut next_heartbeat = started;
         let mut next_cleanup = started;
+        let mut outage = Outage::default();
+        let mut unrecorded: Option<ClaimedBatch> = None;
         loop {
             let now = Instant::now();
             if now >= stop_at {
                 summary.stopped = Some(StopReason::Deadline);
                 break;
             }
+            if let Some(batch) = unrecorded.take() {
+                match self.record_batch(batch).await {
+                    Ok(done) => {
+                        summary.add(done);
+                        outage.over();
+                    }
+                    Err((batch, e)) => {
+                        unrecorded = Some(batch);
+                        outage.pause(e, &mut summary, stop_at).await?;
+                        continue;
+                    }
+                }
+            }
             if self.config.idle_poll.is_some() && now >= next_heartbeat {
-                self.store.heartbeat(&owner, HEARTBEAT_TTL).await?;
+                if let Err(e) = self.store.heartbeat(&owner, HEARTBEAT_TTL).await {
+                    outage.pause(e, &mut summary, stop_at).await?;
+                    continue;
+                }
                 next_heartbeat = now + HEARTBEAT_EVERY;
             }
             if now >= next_cleanup {
                 next_cleanup = now + self.clean_up(&mut summary).await;
             }
-            let batch = self.dispatch_batch().await?;
+            let batch = match self.claim_and_publish().await {
+                Ok(batch) => batch,
+                Err(e) => {
+                    outage.pause(e, &mut summary, stop_at).await?;
+                    continue;
+                }
+            };
+            outage.over();
             let empty = batch.claimed == 0;
-            summary.add(batch);
+            match self.record_batch(batch).await {
+                Ok(done) => summary.add(done),
+                Err((batch, e)) => {
+                    unrecorded = Some(batch);
+                    outage.pause(e, &mut summary, stop_at).await?;
+                    continue;
+                }
+            }
             if empty {
                 let Some(pause) = self.config.idle_poll else {
                     summary.stopped = Some(StopReason::Empty);
@@ -318,18 +359,45 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
                     .await;
             }
         }
+        if let Some(batch) = &unrecorded {
+            tracing::warn!(
+                rows = batch.claimed,
+                "outcomes not recorded before the deadline; the rows are claimable again when \
+                 their lease ends, and published ones go out once more (consumers dedupe)"
+            );
+        }
         if self.config.idle_poll.is_some() {
-            self.store.release(&owner).await?;
-            // A command that committed while the heartbeat still held did not wake anyone: take
-            // what is due now, while there is time left, before the invocation ends.
-            let final_stop = stop_at + self.config.safety_margin / 2;
-            while Instant::now() < final_stop {
-                let batch = self.dispatch_batch().await?;
-                let empty = batch.claimed == 0;
-                summary.add(batch);
-                if empty {
-                    break;
+            match self.store.release(&owner).await {
+                Ok(()) => {
+                    // A command that committed while the heartbeat still held did not wake
+                    // anyone: take what is due now, while there is time left.
+                    let final_stop = stop_at + self.config.safety_margin / 2;
+                    while unrecorded.is_none() && Instant::now() < final_stop {
+                        let batch = self.dispatch_batch().await;
+                        match batch {
+                            Ok(batch) if batch.claimed == 0 => {
+                                summary.add(batch);
+                                break;
+                            }
+                            Ok(batch) => summary.add(batch),
+                            Err(e) if e.is_transient() => {
+                                summary.store_errors += 1;
+                                break;
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
                 }
+                // Not released: it expires by itself within its TTL.
+                Err(e) if e.is_transient() => summary.store_errors += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        if summary.claims == 0 {
+            if let Some(e) = outage.last_error.take() {
+                // Not one claim went through during the whole invocation: fail it, so the
+                // function's error metric (and its alarm) shows the outage.
+                return Err(e);
             }
         }
         summary.duration_ms = started.elapsed().as_millis() as u64;
@@ -340,6 +408,7 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
             dead = summary.dead,
             cleaned = summary.cleaned,
             claims = summary.claims,
+            store_errors = summary.store_errors,
             duration_ms = summary.duration_ms,
             stopped = ?summary.stopped,
             "drain finished"
@@ -374,8 +443,14 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
     }
 
     /// One claim, published and recorded.
-    #[tracing::instrument(skip_all, fields(lease_owner))]
     pub async fn dispatch_batch(&self) -> Result<DispatchSummary, StoreError> {
+        let batch = self.claim_and_publish().await?;
+        self.record_batch(batch).await.map_err(|(_, e)| e)
+    }
+
+    /// One claim, published; the outcomes are not recorded yet.
+    #[tracing::instrument(skip_all, fields(lease_owner))]
+    async fn claim_and_publish(&self) -> Result<ClaimedBatch, StoreError> {
         let lease_owner = format!("{}/{}", self.worker_id, uuid::Uuid::new_v4().simple());
         tracing::Span::current().record("lease_owner", lease_owner.as_str());
         let claim_started = Instant::now();
@@ -383,21 +458,23 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
             .store
             .claim_batch(self.config.batch_size, self.config.lease, &lease_owner)
             .await?;
-        let claim_latencies = vec![claim_started.elapsed()];
+        let mut batch = ClaimedBatch {
+            lease_owner,
+            claimed: claimed.len(),
+            outcomes: Outcomes::default(),
+            publish_calls: 0,
+            claim_latency: claim_started.elapsed(),
+            publish_latencies: Vec::new(),
+        };
         if claimed.is_empty() {
-            return Ok(DispatchSummary {
-                claim_latencies,
-                ..DispatchSummary::default()
-            });
+            return Ok(batch);
         }
-        let count = claimed.len();
-        let mut outcomes = Outcomes::default();
         let (messages, rejected) = self.prepare(claimed);
         for (event, reason) in rejected {
-            self.record(&mut outcomes, &event, PublishOutcome::Reject(reason));
+            self.record(&mut batch.outcomes, &event, PublishOutcome::Reject(reason));
         }
         let calls = self.plan_calls(messages);
-        let publish_calls = calls.len();
+        batch.publish_calls = calls.len();
         let results: Vec<(Vec<OutgoingMessage>, Vec<PublishOutcome>, Duration)> =
             stream::iter(calls)
                 .map(|call| async move {
@@ -408,21 +485,37 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
                 .buffer_unordered(self.config.max_in_flight)
                 .collect()
                 .await;
-        let publish_latencies = results.iter().map(|r| r.2).collect();
+        batch.publish_latencies = results.iter().map(|r| r.2).collect();
         for (call, results, _) in results {
             for (message, outcome) in call.iter().zip(results) {
-                self.record(&mut outcomes, &message.event, outcome);
+                self.record(&mut batch.outcomes, &message.event, outcome);
             }
         }
-        self.store.record_outcomes(&lease_owner, &outcomes).await?;
+        Ok(batch)
+    }
+
+    /// Records a published batch's outcomes; on failure hands the batch back to try again.
+    async fn record_batch(
+        &self,
+        batch: ClaimedBatch,
+    ) -> Result<DispatchSummary, (ClaimedBatch, StoreError)> {
+        if batch.claimed > 0 {
+            if let Err(e) = self
+                .store
+                .record_outcomes(&batch.lease_owner, &batch.outcomes)
+                .await
+            {
+                return Err((batch, e));
+            }
+        }
         Ok(DispatchSummary {
-            claimed: count,
-            published: outcomes.published.len(),
-            retried: outcomes.retries.len(),
-            dead: outcomes.dead.len(),
-            publish_calls,
-            claim_latencies,
-            publish_latencies,
+            claimed: batch.claimed,
+            published: batch.outcomes.published.len(),
+            retried: batch.outcomes.retries.len(),
+            dead: batch.outcomes.dead.len(),
+            publish_calls: batch.publish_calls,
+            claim_latencies: vec![batch.claim_latency],
+            publish_latencies: batch.publish_latencies,
             ..DispatchSummary::default()
         })
     }
@@ -506,6 +599,63 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
                 outcomes.retries.push((event.id, delay, reason));
             }
         }
+    }
+}
+
+/// A claim that was published but whose outcomes are not recorded yet.
+struct ClaimedBatch {
+    lease_owner: String,
+    claimed: usize,
+    outcomes: Outcomes,
+    publish_calls: usize,
+    claim_latency: Duration,
+    publish_latencies: Vec<Duration>,
+}
+
+/// Pacing while the database is unavailable.
+#[derive(Default)]
+struct Outage {
+    pause: Duration,
+    last_error: Option<StoreError>,
+}
+
+/// First pause after a store failure; doubled after each further one.
+const OUTAGE_FIRST_PAUSE: Duration = Duration::from_millis(100);
+/// Longest pause between attempts while the database is unavailable.
+const OUTAGE_MAX_PAUSE: Duration = Duration::from_secs(2);
+
+impl Outage {
+    /// After a failed store operation: a transient failure pauses (never past `stop_at`) and
+    /// counts; any other failure ends the drain.
+    async fn pause(
+        &mut self,
+        error: StoreError,
+        summary: &mut DispatchSummary,
+        stop_at: Instant,
+    ) -> Result<(), StoreError> {
+        if !error.is_transient() {
+            return Err(error);
+        }
+        summary.store_errors += 1;
+        self.pause = if self.pause.is_zero() {
+            OUTAGE_FIRST_PAUSE
+        } else {
+            (self.pause * 2).min(OUTAGE_MAX_PAUSE)
+        };
+        tracing::warn!(error = %crate::telemetry::error_chain(&error),
+            pause_ms = self.pause.as_millis() as u64, "database unavailable; the drain waits and carries on");
+        self.last_error = Some(error);
+        tokio::time::sleep(
+            self.pause
+                .min(stop_at.saturating_duration_since(Instant::now())),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// A store operation went through: the next failure starts pacing afresh.
+    fn over(&mut self) {
+        self.pause = Duration::ZERO;
     }
 }
 

@@ -13,12 +13,16 @@ use crate::outbox::EventMetadata;
 /// A failure of the store itself (not a business rule): the command may be retried as is.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// No connection could be opened.
+    /// No connection could be opened (the server is down or refused the credentials).
     #[error("database unavailable")]
     Connect(#[from] crate::postgres::DbError),
     /// The connection broke while the command ran.
     #[error("database connection lost")]
     Unavailable(#[source] tokio_postgres::Error),
+    /// The operation did not finish within its bound (`DATABASE_OPERATION_TIMEOUT_MS`): the
+    /// server or the network stopped answering, or the statement waited too long for a lock.
+    #[error("database did not answer within {} ms", .0.as_millis())]
+    Timeout(std::time::Duration),
     /// A statement failed (a constraint the rules should have prevented, a serialization failure,
     /// a trigger): the transaction was rolled back and nothing was written.
     #[error("database statement failed")]
@@ -28,9 +32,38 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// The connection broke under the operation: a new connection may succeed at once.
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+
+    /// A failure of the database's availability (down, restarting, refusing credentials, not
+    /// answering) rather than of the statement: worth retrying later as it is.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Connect(_) | StoreError::Unavailable(_) | StoreError::Timeout(_)
+        )
+    }
+
+    /// The server refused the credentials, also after they were re-read.
+    pub fn is_authentication(&self) -> bool {
+        matches!(self, StoreError::Connect(e) if e.is_authentication())
+    }
+}
+
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
-        if e.is_closed() || e.as_db_error().is_none() {
+        use tokio_postgres::error::SqlState;
+        // A session ended by the server (restart, failover, pg_terminate_backend) arrives as an
+        // error of class 57P (operator intervention) before the socket closes.
+        let ended_by_server = e.code().is_some_and(|c| {
+            *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW
+        });
+        if e.is_closed() || e.as_db_error().is_none() || ended_by_server {
             StoreError::Unavailable(e)
         } else {
             StoreError::Statement(e)

@@ -50,7 +50,19 @@ pub struct TestDb {
 impl TestDb {
     /// Creates and migrates a new database. Panics, naming the cause, when PostgreSQL is not there.
     pub async fn create() -> Self {
-        let admin = admin_settings();
+        Self::create_with(&admin_settings(), &test_url()).await
+    }
+
+    /// Creates and migrates a new database on a private cluster (superuser connection).
+    pub async fn create_on(cluster: &cluster::PrivateCluster) -> Self {
+        Self::create_with(
+            &cluster.admin_settings("postgres"),
+            &cluster.admin_url("postgres"),
+        )
+        .await
+    }
+
+    async fn create_with(admin: &DatabaseSettings, admin_url: &str) -> Self {
         let client = admin.connect().await.unwrap_or_else(|e| {
             panic!(
                 "cannot reach the test PostgreSQL ({e:?}); run `scripts/dev-env up` or `make test`"
@@ -70,7 +82,7 @@ impl TestDb {
         run_migrations(&mut client)
             .await
             .expect("migrate the test database");
-        let url = match test_url().rsplit_once('/') {
+        let url = match admin_url.rsplit_once('/') {
             Some((server, _)) if server.contains("://") => format!("{server}/{name}"),
             _ => panic!(
                 "OUTBOX_TEST_DATABASE_URL must be a postgres:// URL ending in a database name"
@@ -257,8 +269,10 @@ pub fn reply(response: ApiGatewayV2httpResponse) -> Reply {
 
 pub mod aws;
 pub mod bench;
+pub mod cluster;
 pub mod fake_lambda;
 pub mod fault_proxy;
+pub mod tcp_proxy;
 
 use std::time::Duration;
 

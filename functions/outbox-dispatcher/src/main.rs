@@ -2,21 +2,20 @@
 //! per cold start; every invocation drains the outbox.
 
 use lambda_runtime::{run, service_fn, Error};
-use outbox_shared::aws::secrets::database_settings_from_env;
+use outbox_shared::aws::secrets::database_from_env;
 use outbox_shared::aws::{sdk_config, BusPublisher};
 use outbox_shared::config::init_error;
 use outbox_shared::dispatcher::{DispatcherConfig, OutboxDispatcher, Target};
 use outbox_shared::postgres::outbox::PgOutboxStore;
-use outbox_shared::postgres::Db;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     outbox_shared::telemetry::init_tracing();
-    let settings = database_settings_from_env().await.map_err(init_error)?;
+    let db = database_from_env().await.map_err(init_error)?;
     let target = Target::from_env().map_err(init_error)?;
     let config = DispatcherConfig::from_env().map_err(init_error)?;
     let publisher = BusPublisher::new(&sdk_config().await, &target);
-    let store = PgOutboxStore::new(Db::new(settings));
+    let store = PgOutboxStore::new(db);
     store.db().warm_up().await;
     // The log stream names this execution environment: it identifies the lease holder.
     let worker = std::env::var("AWS_LAMBDA_LOG_STREAM_NAME")

@@ -4,19 +4,18 @@
 
 use lambda_runtime::{run, service_fn, Error};
 use outbox_shared::aws::sdk_config;
-use outbox_shared::aws::secrets::database_settings_from_env;
+use outbox_shared::aws::secrets::database_from_env;
 use outbox_shared::aws::wake::LambdaWake;
 use outbox_shared::config::{init_error, optional_env};
 use outbox_shared::postgres::payments::PgPaymentStore;
-use outbox_shared::postgres::Db;
 use payment_command::{HandlerConfig, PaymentCommandHandler};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     outbox_shared::telemetry::init_tracing();
-    let settings = database_settings_from_env().await.map_err(init_error)?;
+    let db = database_from_env().await.map_err(init_error)?;
     let config = HandlerConfig::from_env().map_err(init_error)?;
-    let store = PgPaymentStore::new(Db::new(settings));
+    let store = PgPaymentStore::new(db);
     store.db().warm_up().await;
     let source = config.source.clone();
     let handler = PaymentCommandHandler::new(store, config);

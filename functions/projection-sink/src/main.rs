@@ -1,18 +1,17 @@
 //! Lambda entry point: configuration and the database connection once per cold start.
 
 use lambda_runtime::{run, service_fn, Error};
-use outbox_shared::aws::secrets::database_settings_from_env;
+use outbox_shared::aws::secrets::database_from_env;
 use outbox_shared::config::{init_error, optional_env};
 use outbox_shared::postgres::projections::PgProjectionStore;
-use outbox_shared::postgres::Db;
 use projection_sink::{ProjectionSink, DEFAULT_CONSUMER};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     outbox_shared::telemetry::init_tracing();
-    let settings = database_settings_from_env().await.map_err(init_error)?;
+    let db = database_from_env().await.map_err(init_error)?;
     let consumer = optional_env("SINK_CONSUMER").unwrap_or_else(|| DEFAULT_CONSUMER.into());
-    let store = PgProjectionStore::new(Db::new(settings));
+    let store = PgProjectionStore::new(db);
     store.db().warm_up().await;
     let sink = ProjectionSink::new(store, consumer);
     run(service_fn(|event| projection_sink::handle(&sink, event))).await

@@ -4,13 +4,17 @@
 //! Every statement is sent with `query_typed` (unnamed statements, one round trip), so nothing
 //! outlives a transaction on the server: the connection works behind RDS Proxy without pinning.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::{Mutex, MutexGuard, OwnedMappedMutexGuard, OwnedMutexGuard};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, Config, NoTls};
 
-use crate::config::{optional_env, required_env, ConfigError, Secret};
+use futures_util::future::BoxFuture;
+
+use crate::config::{optional_env, ranged_env, required_env, ConfigError, Secret};
+use crate::ports::StoreError;
 
 /// How the connection is protected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,9 +49,106 @@ pub enum DbError {
     /// The TLS connector could not be built (bad CA file, TLS library error).
     #[error("cannot set up TLS for the database connection")]
     Tls(#[source] native_tls::Error),
-    /// Connecting or authenticating failed.
+    /// The server could not be reached, refused the connection, or is starting up or shutting
+    /// down. Transient: the next attempt may succeed.
     #[error("cannot connect to the database")]
     Connect(#[source] tokio_postgres::Error),
+    /// The server refused the credentials (SQLSTATE 28P01 or 28000), also after re-reading them:
+    /// the secret (`DATABASE_SECRET_ARN`) or `DATABASE_URL` holds a user or password the
+    /// database does not accept.
+    #[error(
+        "the database refused the credentials (check the secret named by DATABASE_SECRET_ARN, \
+         or DATABASE_URL)"
+    )]
+    Authentication(#[source] tokio_postgres::Error),
+    /// Re-reading the credentials after an authentication failure failed.
+    #[error("cannot re-read the database credentials")]
+    Credentials(#[source] ConfigError),
+}
+
+impl DbError {
+    fn from_connect(e: tokio_postgres::Error) -> Self {
+        if is_authentication_failure(&e) {
+            DbError::Authentication(e)
+        } else {
+            DbError::Connect(e)
+        }
+    }
+
+    /// Whether the server refused the credentials.
+    pub fn is_authentication(&self) -> bool {
+        matches!(self, DbError::Authentication(_) | DbError::Credentials(_))
+    }
+}
+
+/// SQLSTATE 28P01 (invalid password) or 28000 (invalid authorization, e.g. no `pg_hba.conf`
+/// entry for the user, or an unknown user).
+fn is_authentication_failure(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::INVALID_PASSWORD || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+    )
+}
+
+/// Where fresh credentials come from after the server refused the current ones (a rotated
+/// secret). Implemented by [`crate::aws::secrets::SecretCredentials`].
+pub trait CredentialSource: Send + Sync {
+    /// The settings to try, best first (the secret's current value, then its pending one).
+    fn candidates(&self) -> BoxFuture<'_, Result<Vec<DatabaseSettings>, ConfigError>>;
+}
+
+/// Bounds on every wait of a function's connection, so a database that fails over, restarts or
+/// silently stops answering costs a bounded error, never the Lambda timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// One connection attempt, TCP and TLS and authentication (`DATABASE_CONNECT_TIMEOUT_MS`,
+    /// 100..=60000, default 3000).
+    pub connect: Duration,
+    /// One store operation from start to end, connecting included (`DATABASE_OPERATION_TIMEOUT_MS`,
+    /// 100..=300000, default 5000).
+    pub operation: Duration,
+    /// The session's `statement_timeout`, sent at connect so the server gives up on a statement
+    /// the client gave up on (`DATABASE_STATEMENT_TIMEOUT_MS`, 0 = do not send one, default: the
+    /// operation timeout). `None` for administrative commands whose statements may run long.
+    pub statement_timeout: Option<Duration>,
+    /// Least time between two reads of the credentials (`DATABASE_CREDENTIALS_REFRESH_MS`,
+    /// 0..=600000, default 5000): a wrong secret cannot make an instance hammer Secrets Manager.
+    pub refresh_interval: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_millis(3_000),
+            operation: Duration::from_millis(5_000),
+            statement_timeout: Some(Duration::from_millis(5_000)),
+            refresh_interval: Duration::from_millis(5_000),
+        }
+    }
+}
+
+impl ConnectionLimits {
+    /// Reads the three settings, falling back to the defaults.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let d = Self::default();
+        let ms = |name, default: Duration, min, max| {
+            ranged_env(name, default.as_millis() as u64, min, max).map(Duration::from_millis)
+        };
+        let operation = ms("DATABASE_OPERATION_TIMEOUT_MS", d.operation, 100, 300_000)?;
+        let statement_timeout = ms("DATABASE_STATEMENT_TIMEOUT_MS", operation, 0, 3_600_000)?;
+        Ok(Self {
+            connect: ms("DATABASE_CONNECT_TIMEOUT_MS", d.connect, 100, 60_000)?,
+            operation,
+            statement_timeout: (!statement_timeout.is_zero()).then_some(statement_timeout),
+            refresh_interval: ms(
+                "DATABASE_CREDENTIALS_REFRESH_MS",
+                d.refresh_interval,
+                0,
+                600_000,
+            )?,
+        })
+    }
 }
 
 impl DatabaseSettings {
@@ -120,19 +221,49 @@ impl DatabaseSettings {
         self.config.get_dbname()
     }
 
-    /// Opens a new connection and drives it on the current runtime.
+    /// Opens a new connection and drives it on the current runtime (for tools and tests: a
+    /// 5 s connect timeout unless the connection string sets one, no statement timeout).
     pub async fn connect(&self) -> Result<Client, DbError> {
         let mut config = self.config.clone();
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
+        self.connect_config(config).await
+    }
+
+    /// Opens a connection for a function: every wait bounded by `limits`. TCP keepalives and
+    /// `TCP_USER_TIMEOUT` find a peer that vanished (a failover, a NAT that dropped its state)
+    /// while the connection idles between invocations; the session's `statement_timeout` makes
+    /// the server stop a statement the client has given up on.
+    pub async fn connect_bounded(&self, limits: &ConnectionLimits) -> Result<Client, DbError> {
+        let mut config = self.config.clone();
+        config
+            .connect_timeout(limits.connect)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(2))
+            .keepalives_retries(3)
+            .tcp_user_timeout(limits.operation);
+        if let Some(timeout) = limits.statement_timeout {
+            let timeout = format!("-c statement_timeout={}", timeout.as_millis());
+            let options = match config.get_options() {
+                Some(given) if !given.trim().is_empty() => format!("{given} {timeout}"),
+                _ => timeout,
+            };
+            config.options(options);
+        }
+        self.connect_config(config).await
+    }
+
+    async fn connect_config(&self, mut config: Config) -> Result<Client, DbError> {
         if config.get_application_name().is_none() {
             config.application_name(env!("CARGO_PKG_NAME"));
         }
         let client = match self.tls {
             TlsMode::Disable => {
                 config.ssl_mode(SslMode::Disable);
-                let (client, connection) = config.connect(NoTls).await.map_err(DbError::Connect)?;
+                let (client, connection) =
+                    config.connect(NoTls).await.map_err(DbError::from_connect)?;
                 tokio::spawn(drive(connection));
                 client
             }
@@ -149,12 +280,18 @@ impl DatabaseSettings {
                 let tls = postgres_native_tls::MakeTlsConnector::new(
                     builder.build().map_err(DbError::Tls)?,
                 );
-                let (client, connection) = config.connect(tls).await.map_err(DbError::Connect)?;
+                let (client, connection) =
+                    config.connect(tls).await.map_err(DbError::from_connect)?;
                 tokio::spawn(drive(connection));
                 client
             }
         };
         Ok(client)
+    }
+
+    /// Whether both settings reach the same server as the same user with the same password.
+    pub fn same_credentials(&self, other: &DatabaseSettings) -> bool {
+        self.config == other.config
     }
 }
 
@@ -167,28 +304,172 @@ where
     }
 }
 
-/// The single connection of a Lambda instance: opened on first use, reopened after it breaks.
+/// The single connection of a Lambda instance: opened on first use, reopened after it breaks,
+/// with the credentials re-read when the server refuses them.
 pub struct Db {
-    settings: DatabaseSettings,
-    slot: Mutex<Option<Client>>,
+    settings: std::sync::Mutex<DatabaseSettings>,
+    credentials: Option<Arc<dyn CredentialSource>>,
+    last_refresh: std::sync::Mutex<Option<Instant>>,
+    limits: ConnectionLimits,
+    slot: Arc<Mutex<Option<Client>>>,
 }
 
+/// The instance's connection, held exclusively by one operation (see [`Db::run`]).
+pub type Connection = OwnedMappedMutexGuard<Option<Client>, Client>;
+
 impl Db {
-    /// A handle that connects on first use.
+    /// A handle that connects on first use, with the default [`ConnectionLimits`] and no way to
+    /// re-read its credentials.
     pub fn new(settings: DatabaseSettings) -> Self {
         Self {
-            settings,
-            slot: Mutex::new(None),
+            settings: std::sync::Mutex::new(settings),
+            credentials: None,
+            last_refresh: std::sync::Mutex::new(None),
+            limits: ConnectionLimits::default(),
+            slot: Arc::new(Mutex::new(None)),
         }
     }
 
-    /// The connection, (re)opened if needed. Held exclusively until the guard drops.
+    /// Re-reads the credentials from `source` when the server refuses them.
+    pub fn with_credentials(mut self, source: Arc<dyn CredentialSource>) -> Self {
+        self.credentials = Some(source);
+        self
+    }
+
+    /// Other bounds on connecting and on each operation.
+    pub fn with_limits(mut self, limits: ConnectionLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The bounds in force.
+    pub fn limits(&self) -> ConnectionLimits {
+        self.limits
+    }
+
+    fn current_settings(&self) -> DatabaseSettings {
+        self.settings
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Opens a connection. When the server refuses the credentials and a [`CredentialSource`]
+    /// is set, re-reads them (at most once per `refresh_interval`) and tries each candidate once,
+    /// keeping the first that works: a rotated password costs one extra connection attempt, not
+    /// a failed request.
+    async fn open(&self) -> Result<Client, DbError> {
+        let current = self.current_settings();
+        let refused = match current.connect_bounded(&self.limits).await {
+            Ok(client) => return Ok(client),
+            Err(DbError::Authentication(e)) => e,
+            Err(other) => return Err(other),
+        };
+        let Some(source) = &self.credentials else {
+            return Err(DbError::Authentication(refused));
+        };
+        {
+            let mut last = self
+                .last_refresh
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if last.is_some_and(|at| at.elapsed() < self.limits.refresh_interval) {
+                tracing::warn!(
+                    "database refused the credentials; re-read them less than {} ms ago, not again",
+                    self.limits.refresh_interval.as_millis()
+                );
+                return Err(DbError::Authentication(refused));
+            }
+            *last = Some(Instant::now());
+        }
+        tracing::warn!("database refused the credentials; re-reading them");
+        let candidates = source.candidates().await.map_err(DbError::Credentials)?;
+        let mut last_refusal = refused;
+        for candidate in candidates {
+            if candidate.same_credentials(&current) {
+                continue;
+            }
+            match candidate.connect_bounded(&self.limits).await {
+                Ok(client) => {
+                    tracing::info!("connected with the re-read credentials");
+                    *self
+                        .settings
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()) = candidate;
+                    return Ok(client);
+                }
+                Err(DbError::Authentication(e)) => last_refusal = e,
+                Err(other) => return Err(other),
+            }
+        }
+        Err(DbError::Authentication(last_refusal))
+    }
+
+    /// The connection, (re)opened if needed. Held exclusively until the guard drops. Not bounded
+    /// by the operation timeout: stores use [`Db::run`].
     pub async fn client(&self) -> Result<tokio::sync::MappedMutexGuard<'_, Client>, DbError> {
         let mut slot = self.slot.lock().await;
         if slot.as_ref().is_none_or(Client::is_closed) {
-            *slot = Some(self.settings.connect().await?);
+            *slot = Some(self.open().await?);
         }
         Ok(MutexGuard::map(slot, |slot| match slot {
+            Some(client) => client,
+            None => unreachable!("the slot was filled above"),
+        }))
+    }
+
+    /// Runs one store operation on the connection, bounded by the operation timeout (connecting
+    /// included). When the connection turns out to be broken (the server restarted, failed over,
+    /// or ended the session) the operation runs once more on a new connection, within the same
+    /// bound: every operation of this crate's stores is safe to repeat (idempotent writes,
+    /// leases, the inbox). When the bound passes, the connection is dropped (it may be one that
+    /// silently stopped answering) and the next operation opens a new one.
+    ///
+    /// `operation` gets the connection as an owned guard, so the future it returns borrows
+    /// nothing from `run`: `db.run(|mut client| async move { f(&mut client, args).await })`.
+    pub async fn run<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
+    where
+        F: Fn(Connection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let attempts = async {
+            let mut retried = false;
+            loop {
+                let connection = self.connection().await?;
+                match operation(connection).await {
+                    Err(e) if e.is_connection_lost() => {
+                        // The guard went with the operation's future; take the broken client out.
+                        self.slot.lock().await.take();
+                        if retried {
+                            return Err(e);
+                        }
+                        tracing::warn!(error = %crate::telemetry::error_chain(&e),
+                            "database connection broken; running the operation again on a new one");
+                        retried = true;
+                    }
+                    other => return other,
+                }
+            }
+        };
+        match tokio::time::timeout(self.limits.operation, attempts).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.slot.lock().await.take();
+                tracing::warn!(
+                    timeout_ms = self.limits.operation.as_millis() as u64,
+                    "database did not answer in time; connection dropped"
+                );
+                Err(StoreError::Timeout(self.limits.operation))
+            }
+        }
+    }
+
+    async fn connection(&self) -> Result<Connection, DbError> {
+        let mut slot = self.slot.clone().lock_owned().await;
+        if slot.as_ref().is_none_or(Client::is_closed) {
+            *slot = Some(self.open().await?);
+        }
+        Ok(OwnedMutexGuard::map(slot, |slot| match slot {
             Some(client) => client,
             None => unreachable!("the slot was filled above"),
         }))
@@ -197,8 +478,14 @@ impl Db {
     /// Opens the connection now (at cold start) so the first request does not pay for it. A
     /// failure is logged and retried on first use.
     pub async fn warm_up(&self) {
-        if let Err(error) = self.client().await {
-            tracing::warn!(error = %error, "database not reachable at start-up; will retry on first use");
+        let opened = tokio::time::timeout(self.limits.operation, self.client()).await;
+        match opened {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::warn!(error = %crate::telemetry::error_chain(&error),
+                "database not reachable at start-up; will retry on first use"),
+            Err(_) => {
+                tracing::warn!("database did not answer at start-up; will retry on first use")
+            }
         }
     }
 }

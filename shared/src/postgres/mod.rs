@@ -8,4 +8,6 @@ pub mod outbox;
 pub mod payments;
 pub mod projections;
 
-pub use connection::{DatabaseSettings, Db, DbError, TlsMode};
+pub use connection::{
+    Connection, ConnectionLimits, CredentialSource, DatabaseSettings, Db, DbError, TlsMode,
+};

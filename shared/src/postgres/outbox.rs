@@ -145,17 +145,21 @@ impl crate::ports::OutboxStore for PgOutboxStore {
         lease: std::time::Duration,
         lease_owner: &str,
     ) -> Result<Vec<crate::outbox::ClaimedEvent>, crate::ports::StoreError> {
-        let client = self.db.client().await?;
         let lease_secs = lease.as_secs_f64();
-        let rows = client
-            .query_typed(
-                CLAIM,
-                &[
-                    (&limit, Type::INT8),
-                    (&lease_secs, Type::FLOAT8),
-                    (&lease_owner, Type::TEXT),
-                ],
-            )
+        let rows = self
+            .db
+            .run(|client| async move {
+                Ok(client
+                    .query_typed(
+                        CLAIM,
+                        &[
+                            (&limit, Type::INT8),
+                            (&lease_secs, Type::FLOAT8),
+                            (&lease_owner, Type::TEXT),
+                        ],
+                    )
+                    .await?)
+            })
             .await?;
         let mut claimed = rows
             .iter()
@@ -172,47 +176,18 @@ impl crate::ports::OutboxStore for PgOutboxStore {
         lease_owner: &str,
         outcomes: &crate::outbox::Outcomes,
     ) -> Result<(), crate::ports::StoreError> {
-        let mut client = self.db.client().await?;
-        let tx = client.transaction().await?;
-        if !outcomes.published.is_empty() {
-            tx.execute_typed(MARK_PUBLISHED, &[(&outcomes.published, Type::INT8_ARRAY)])
-                .await?;
-        }
-        if !outcomes.retries.is_empty() {
-            let ids: Vec<i64> = outcomes.retries.iter().map(|r| r.0).collect();
-            let delays: Vec<f64> = outcomes.retries.iter().map(|r| r.1.as_secs_f64()).collect();
-            let errors: Vec<&str> = outcomes.retries.iter().map(|r| r.2.as_str()).collect();
-            tx.execute_typed(
-                SCHEDULE_RETRIES,
-                &[
-                    (&ids, Type::INT8_ARRAY),
-                    (&delays, Type::FLOAT8_ARRAY),
-                    (&errors, Type::TEXT_ARRAY),
-                    (&lease_owner, Type::TEXT),
-                ],
-            )
-            .await?;
-        }
-        if !outcomes.dead.is_empty() {
-            let ids: Vec<i64> = outcomes.dead.iter().map(|d| d.0).collect();
-            let errors: Vec<&str> = outcomes.dead.iter().map(|d| d.1.as_str()).collect();
-            tx.execute_typed(
-                MARK_DEAD,
-                &[
-                    (&ids, Type::INT8_ARRAY),
-                    (&errors, Type::TEXT_ARRAY),
-                    (&lease_owner, Type::TEXT),
-                ],
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.db
+            .run(|mut client| async move {
+                record_outcomes_in(&mut client, lease_owner, outcomes).await
+            })
+            .await
     }
 
     async fn backlog(&self) -> Result<crate::outbox::Backlog, crate::ports::StoreError> {
-        let client = self.db.client().await?;
-        let row = client.query_one(BACKLOG, &[]).await?;
+        let row = self
+            .db
+            .run(|client| async move { Ok(client.query_one(BACKLOG, &[]).await?) })
+            .await?;
         Ok(crate::outbox::Backlog {
             pending: row.try_get("pending")?,
             oldest_pending_age_seconds: row.try_get("oldest_age")?,
@@ -225,22 +200,26 @@ impl crate::ports::OutboxStore for PgOutboxStore {
         owner: &str,
         ttl: std::time::Duration,
     ) -> Result<(), crate::ports::StoreError> {
-        let client = self.db.client().await?;
-        client
-            .execute_typed(
-                HEARTBEAT,
-                &[(&owner, Type::TEXT), (&ttl.as_secs_f64(), Type::FLOAT8)],
-            )
-            .await?;
-        Ok(())
+        let ttl = ttl.as_secs_f64();
+        self.db
+            .run(|client| async move {
+                client
+                    .execute_typed(HEARTBEAT, &[(&owner, Type::TEXT), (&ttl, Type::FLOAT8)])
+                    .await?;
+                Ok(())
+            })
+            .await
     }
 
     async fn release(&self, owner: &str) -> Result<(), crate::ports::StoreError> {
-        let client = self.db.client().await?;
-        client
-            .execute_typed(RELEASE, &[(&owner, Type::TEXT)])
-            .await?;
-        Ok(())
+        self.db
+            .run(|client| async move {
+                client
+                    .execute_typed(RELEASE, &[(&owner, Type::TEXT)])
+                    .await?;
+                Ok(())
+            })
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(max_rows = max_rows))]
@@ -249,9 +228,55 @@ impl crate::ports::OutboxStore for PgOutboxStore {
         retention: std::time::Duration,
         max_rows: i32,
     ) -> Result<u64, crate::ports::StoreError> {
-        let client = self.db.client().await?;
-        Ok(super::admin::delete_published(&client, retention, max_rows).await?)
+        self.db
+            .run(|client| async move {
+                Ok(super::admin::delete_published(&client, retention, max_rows).await?)
+            })
+            .await
     }
+}
+
+/// Records the outcomes of one claim in one transaction on `client`.
+async fn record_outcomes_in(
+    client: &mut tokio_postgres::Client,
+    lease_owner: &str,
+    outcomes: &crate::outbox::Outcomes,
+) -> Result<(), crate::ports::StoreError> {
+    let tx = client.transaction().await?;
+    if !outcomes.published.is_empty() {
+        tx.execute_typed(MARK_PUBLISHED, &[(&outcomes.published, Type::INT8_ARRAY)])
+            .await?;
+    }
+    if !outcomes.retries.is_empty() {
+        let ids: Vec<i64> = outcomes.retries.iter().map(|r| r.0).collect();
+        let delays: Vec<f64> = outcomes.retries.iter().map(|r| r.1.as_secs_f64()).collect();
+        let errors: Vec<&str> = outcomes.retries.iter().map(|r| r.2.as_str()).collect();
+        tx.execute_typed(
+            SCHEDULE_RETRIES,
+            &[
+                (&ids, Type::INT8_ARRAY),
+                (&delays, Type::FLOAT8_ARRAY),
+                (&errors, Type::TEXT_ARRAY),
+                (&lease_owner, Type::TEXT),
+            ],
+        )
+        .await?;
+    }
+    if !outcomes.dead.is_empty() {
+        let ids: Vec<i64> = outcomes.dead.iter().map(|d| d.0).collect();
+        let errors: Vec<&str> = outcomes.dead.iter().map(|d| d.1.as_str()).collect();
+        tx.execute_typed(
+            MARK_DEAD,
+            &[
+                (&ids, Type::INT8_ARRAY),
+                (&errors, Type::TEXT_ARRAY),
+                (&lease_owner, Type::TEXT),
+            ],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 fn claimed_from_row(

@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::types::Type;
-use tokio_postgres::{Row, Transaction};
+use tokio_postgres::{Client, Row, Transaction};
 use uuid::Uuid;
 
 use super::{outbox, Db};
@@ -82,225 +82,254 @@ impl PgPaymentStore {
 impl PaymentCommandStore for PgPaymentStore {
     #[tracing::instrument(skip_all, fields(tenant_id = %cmd.tenant_id, payment_id = %cmd.payment_id))]
     async fn mark_paid(&self, cmd: MarkPaidCommand) -> Result<MarkPaidOutcome, StoreError> {
-        let mut client = self.db.client().await?;
-        let tx = client.transaction().await?;
-        let event_id = Uuid::now_v7();
-        let tenant = cmd.tenant_id.as_str();
-        let payment = cmd.payment_id.as_str();
-        let pay = &cmd.command;
-        let currency = pay.currency.as_str();
-        let method = pay.verification_method.as_str();
-
-        let MarkPaidDecision::Pay { new_version } = decide_mark_paid(None, pay) else {
-            unreachable!("a payment that does not exist yet is always paid");
-        };
-        let inserted = tx
-            .query_typed_opt(
-                INSERT_PAID_IF_ABSENT,
-                &[
-                    (&tenant, Type::TEXT),
-                    (&payment, Type::TEXT),
-                    (&pay.amount_minor, Type::INT8),
-                    (&currency, Type::TEXT),
-                    (&method, Type::TEXT),
-                    (&pay.verified_by, Type::TEXT),
-                    (&event_id, Type::UUID),
-                    (&new_version, Type::INT8),
-                ],
-            )
-            .await?;
-        let (version, paid_at) = match inserted {
-            Some(row) => (new_version, row.try_get::<_, DateTime<Utc>>(0)?),
-            None => match pay_existing(&tx, &cmd, event_id).await? {
-                Existing::Paid(version, paid_at) => (version, paid_at),
-                Existing::Done(outcome) => return Ok(outcome),
-            },
-        };
-
-        let receipt = PaidReceipt {
-            payment_id: payment.to_owned(),
-            status: PaymentStatus::Paid.as_str(),
-            amount_minor: pay.amount_minor,
-            currency: pay.currency,
-            paid_at,
-            event_id,
-        };
-        let payload = PaymentPaidV1 {
-            payment_id: payment.to_owned(),
-            amount_minor: pay.amount_minor,
-            currency: pay.currency,
-            verification_method: method.to_owned(),
-            verified_by: pay.verified_by.clone(),
-            paid_at,
-        };
-        let event = NewOutboxEvent {
-            event_id,
-            tenant_id: tenant.to_owned(),
-            aggregate_type: PAYMENT_AGGREGATE,
-            aggregate_id: payment.to_owned(),
-            aggregate_version: version,
-            event_type: PAYMENT_PAID,
-            schema_version: PaymentPaidV1::SCHEMA_VERSION,
-            payload: to_json(&payload)?,
-            metadata: cmd.metadata.clone(),
-            idempotency_key: Some(format!("payment-paid-{payment}")),
-        };
-        outbox::append(&tx, &event).await?;
-        tx.commit().await?;
-        tracing::info!(%event_id, version, "payment marked paid");
-        Ok(MarkPaidOutcome::Paid(receipt))
+        let cmd = &cmd;
+        self.db
+            .run(|mut client| async move { mark_paid_in(&mut client, cmd).await })
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(tenant_id = %cmd.tenant_id, payment_id = %cmd.payment_id))]
     async fn record_refund(&self, cmd: RefundCommand) -> Result<RefundOutcome, StoreError> {
-        let mut client = self.db.client().await?;
-        let tx = client.transaction().await?;
-        let tenant = cmd.tenant_id.as_str();
-        let payment = cmd.payment_id.as_str();
-        let key = cmd.idempotency_key.as_str();
-
-        // Lock first, then look the key up in a statement of its own: under READ COMMITTED that
-        // statement sees a refund committed by whoever held the lock before us.
-        let Some(row) = tx
-            .query_typed_opt(
-                SELECT_FOR_UPDATE,
-                &[(&tenant, Type::TEXT), (&payment, Type::TEXT)],
-            )
-            .await?
-        else {
-            return Ok(RefundOutcome::PaymentNotFound);
-        };
-        let state = state_from_row(&row)?;
-        if let Some(existing) = tx
-            .query_typed_opt(
-                SELECT_REFUND_BY_KEY,
-                &[(&tenant, Type::TEXT), (&key, Type::TEXT)],
-            )
-            .await?
-        {
-            return replayed_refund(&existing, &state, &cmd);
-        }
-
-        let (new_version, refunded_total, remaining, new_status, currency) =
-            match decide_refund(&state, &cmd.command) {
-                RefundDecision::NotPaid => {
-                    return Ok(RefundOutcome::NotRefundable {
-                        status: state.status,
-                    })
-                }
-                RefundDecision::ExceedsRemaining { remaining_minor } => {
-                    return Ok(RefundOutcome::ExceedsRemaining { remaining_minor })
-                }
-                RefundDecision::Refund {
-                    new_version,
-                    refunded_total_minor,
-                    remaining_minor,
-                    new_status,
-                    currency,
-                } => (
-                    new_version,
-                    refunded_total_minor,
-                    remaining_minor,
-                    new_status,
-                    currency,
-                ),
-            };
-
-        let refund_id = Uuid::now_v7();
-        let event_id = Uuid::now_v7();
-        let amount = cmd.command.amount_minor;
-        let status = new_status.as_str();
-        tx.execute_typed(
-            UPDATE_REFUNDED,
-            &[
-                (&tenant, Type::TEXT),
-                (&payment, Type::TEXT),
-                (&refunded_total, Type::INT8),
-                (&status, Type::TEXT),
-                (&new_version, Type::INT8),
-            ],
-        )
-        .await?;
-        let inserted = tx
-            .query_typed_one(
-                INSERT_REFUND,
-                &[
-                    (&tenant, Type::TEXT),
-                    (&refund_id, Type::UUID),
-                    (&payment, Type::TEXT),
-                    (&key, Type::TEXT),
-                    (&amount, Type::INT8),
-                    (&refunded_total, Type::INT8),
-                    (&event_id, Type::UUID),
-                ],
-            )
-            .await;
-        let created_at: DateTime<Utc> = match inserted {
-            Ok(row) => row.try_get(0)?,
-            // The same key, used at the same moment for another payment of this tenant.
-            Err(e) if is_violation_of(&e, REFUND_KEY_CONSTRAINT) => {
-                return Ok(RefundOutcome::IdempotencyKeyReused)
-            }
-            Err(e) => return Err(e.into()),
-        };
-
-        let payload = PaymentRefundedV1 {
-            payment_id: payment.to_owned(),
-            refund_id,
-            amount_minor: amount,
-            currency,
-            refunded_total_minor: refunded_total,
-            remaining_minor: remaining,
-            refunded_at: created_at,
-        };
-        let event = NewOutboxEvent {
-            event_id,
-            tenant_id: tenant.to_owned(),
-            aggregate_type: PAYMENT_AGGREGATE,
-            aggregate_id: payment.to_owned(),
-            aggregate_version: new_version,
-            event_type: PAYMENT_REFUNDED,
-            schema_version: PaymentRefundedV1::SCHEMA_VERSION,
-            payload: to_json(&payload)?,
-            metadata: cmd.metadata.clone(),
-            idempotency_key: Some(format!("payment-refunded-{key}")),
-        };
-        outbox::append(&tx, &event).await?;
-        tx.commit().await?;
-        tracing::info!(%event_id, %refund_id, version = new_version, "refund recorded");
-        Ok(RefundOutcome::Refunded(RefundReceipt {
-            refund_id,
-            payment_id: payment.to_owned(),
-            amount_minor: amount,
-            currency,
-            refunded_total_minor: refunded_total,
-            remaining_minor: remaining,
-            payment_status: status_after_refund(remaining),
-            event_id,
-            created_at,
-        }))
+        let cmd = &cmd;
+        self.db
+            .run(|mut client| async move { record_refund_in(&mut client, cmd).await })
+            .await
     }
 
     async fn request_wake(
         &self,
         debounce: std::time::Duration,
     ) -> Result<crate::ports::WakeDecision, StoreError> {
-        let client = self.db.client().await?;
-        let row = client
-            .query_typed(
-                "SELECT kick, wait_ms FROM outbox_request_kick(make_interval(secs => $1))",
-                &[(&debounce.as_secs_f64(), tokio_postgres::types::Type::FLOAT8)],
-            )
-            .await?;
-        let row = row
-            .first()
-            .ok_or_else(|| StoreError::Corrupt("outbox_request_kick returned no row".into()))?;
-        let wait_ms: f64 = row.try_get("wait_ms")?;
-        Ok(crate::ports::WakeDecision {
-            wake: row.try_get("kick")?,
-            quiet_for: std::time::Duration::from_secs_f64(wait_ms.max(0.0) / 1000.0),
-        })
+        self.db
+            .run(|client| async move { request_wake_on(&client, debounce).await })
+            .await
     }
+}
+
+/// The paid command, one transaction on `client`.
+async fn mark_paid_in(
+    client: &mut Client,
+    cmd: &MarkPaidCommand,
+) -> Result<MarkPaidOutcome, StoreError> {
+    let tx = client.transaction().await?;
+    let event_id = Uuid::now_v7();
+    let tenant = cmd.tenant_id.as_str();
+    let payment = cmd.payment_id.as_str();
+    let pay = &cmd.command;
+    let currency = pay.currency.as_str();
+    let method = pay.verification_method.as_str();
+
+    let MarkPaidDecision::Pay { new_version } = decide_mark_paid(None, pay) else {
+        unreachable!("a payment that does not exist yet is always paid");
+    };
+    let inserted = tx
+        .query_typed_opt(
+            INSERT_PAID_IF_ABSENT,
+            &[
+                (&tenant, Type::TEXT),
+                (&payment, Type::TEXT),
+                (&pay.amount_minor, Type::INT8),
+                (&currency, Type::TEXT),
+                (&method, Type::TEXT),
+                (&pay.verified_by, Type::TEXT),
+                (&event_id, Type::UUID),
+                (&new_version, Type::INT8),
+            ],
+        )
+        .await?;
+    let (version, paid_at) = match inserted {
+        Some(row) => (new_version, row.try_get::<_, DateTime<Utc>>(0)?),
+        None => match pay_existing(&tx, &cmd, event_id).await? {
+            Existing::Paid(version, paid_at) => (version, paid_at),
+            Existing::Done(outcome) => return Ok(outcome),
+        },
+    };
+
+    let receipt = PaidReceipt {
+        payment_id: payment.to_owned(),
+        status: PaymentStatus::Paid.as_str(),
+        amount_minor: pay.amount_minor,
+        currency: pay.currency,
+        paid_at,
+        event_id,
+    };
+    let payload = PaymentPaidV1 {
+        payment_id: payment.to_owned(),
+        amount_minor: pay.amount_minor,
+        currency: pay.currency,
+        verification_method: method.to_owned(),
+        verified_by: pay.verified_by.clone(),
+        paid_at,
+    };
+    let event = NewOutboxEvent {
+        event_id,
+        tenant_id: tenant.to_owned(),
+        aggregate_type: PAYMENT_AGGREGATE,
+        aggregate_id: payment.to_owned(),
+        aggregate_version: version,
+        event_type: PAYMENT_PAID,
+        schema_version: PaymentPaidV1::SCHEMA_VERSION,
+        payload: to_json(&payload)?,
+        metadata: cmd.metadata.clone(),
+        idempotency_key: Some(format!("payment-paid-{payment}")),
+    };
+    outbox::append(&tx, &event).await?;
+    tx.commit().await?;
+    tracing::info!(%event_id, version, "payment marked paid");
+    Ok(MarkPaidOutcome::Paid(receipt))
+}
+
+/// The refund command, one transaction on `client`.
+async fn record_refund_in(
+    client: &mut Client,
+    cmd: &RefundCommand,
+) -> Result<RefundOutcome, StoreError> {
+    let tx = client.transaction().await?;
+    let tenant = cmd.tenant_id.as_str();
+    let payment = cmd.payment_id.as_str();
+    let key = cmd.idempotency_key.as_str();
+
+    // Lock first, then look the key up in a statement of its own: under READ COMMITTED that
+    // statement sees a refund committed by whoever held the lock before us.
+    let Some(row) = tx
+        .query_typed_opt(
+            SELECT_FOR_UPDATE,
+            &[(&tenant, Type::TEXT), (&payment, Type::TEXT)],
+        )
+        .await?
+    else {
+        return Ok(RefundOutcome::PaymentNotFound);
+    };
+    let state = state_from_row(&row)?;
+    if let Some(existing) = tx
+        .query_typed_opt(
+            SELECT_REFUND_BY_KEY,
+            &[(&tenant, Type::TEXT), (&key, Type::TEXT)],
+        )
+        .await?
+    {
+        return replayed_refund(&existing, &state, &cmd);
+    }
+
+    let (new_version, refunded_total, remaining, new_status, currency) =
+        match decide_refund(&state, &cmd.command) {
+            RefundDecision::NotPaid => {
+                return Ok(RefundOutcome::NotRefundable {
+                    status: state.status,
+                })
+            }
+            RefundDecision::ExceedsRemaining { remaining_minor } => {
+                return Ok(RefundOutcome::ExceedsRemaining { remaining_minor })
+            }
+            RefundDecision::Refund {
+                new_version,
+                refunded_total_minor,
+                remaining_minor,
+                new_status,
+                currency,
+            } => (
+                new_version,
+                refunded_total_minor,
+                remaining_minor,
+                new_status,
+                currency,
+            ),
+        };
+
+    let refund_id = Uuid::now_v7();
+    let event_id = Uuid::now_v7();
+    let amount = cmd.command.amount_minor;
+    let status = new_status.as_str();
+    tx.execute_typed(
+        UPDATE_REFUNDED,
+        &[
+            (&tenant, Type::TEXT),
+            (&payment, Type::TEXT),
+            (&refunded_total, Type::INT8),
+            (&status, Type::TEXT),
+            (&new_version, Type::INT8),
+        ],
+    )
+    .await?;
+    let inserted = tx
+        .query_typed_one(
+            INSERT_REFUND,
+            &[
+                (&tenant, Type::TEXT),
+                (&refund_id, Type::UUID),
+                (&payment, Type::TEXT),
+                (&key, Type::TEXT),
+                (&amount, Type::INT8),
+                (&refunded_total, Type::INT8),
+                (&event_id, Type::UUID),
+            ],
+        )
+        .await;
+    let created_at: DateTime<Utc> = match inserted {
+        Ok(row) => row.try_get(0)?,
+        // The same key, used at the same moment for another payment of this tenant.
+        Err(e) if is_violation_of(&e, REFUND_KEY_CONSTRAINT) => {
+            return Ok(RefundOutcome::IdempotencyKeyReused)
+        }
+        Err(e) => return Err(e.into()),
+    };
+
+    let payload = PaymentRefundedV1 {
+        payment_id: payment.to_owned(),
+        refund_id,
+        amount_minor: amount,
+        currency,
+        refunded_total_minor: refunded_total,
+        remaining_minor: remaining,
+        refunded_at: created_at,
+    };
+    let event = NewOutboxEvent {
+        event_id,
+        tenant_id: tenant.to_owned(),
+        aggregate_type: PAYMENT_AGGREGATE,
+        aggregate_id: payment.to_owned(),
+        aggregate_version: new_version,
+        event_type: PAYMENT_REFUNDED,
+        schema_version: PaymentRefundedV1::SCHEMA_VERSION,
+        payload: to_json(&payload)?,
+        metadata: cmd.metadata.clone(),
+        idempotency_key: Some(format!("payment-refunded-{key}")),
+    };
+    outbox::append(&tx, &event).await?;
+    tx.commit().await?;
+    tracing::info!(%event_id, %refund_id, version = new_version, "refund recorded");
+    Ok(RefundOutcome::Refunded(RefundReceipt {
+        refund_id,
+        payment_id: payment.to_owned(),
+        amount_minor: amount,
+        currency,
+        refunded_total_minor: refunded_total,
+        remaining_minor: remaining,
+        payment_status: status_after_refund(remaining),
+        event_id,
+        created_at,
+    }))
+}
+
+/// Asks `outbox_request_kick` whether this caller wakes the dispatcher.
+async fn request_wake_on(
+    client: &Client,
+    debounce: std::time::Duration,
+) -> Result<crate::ports::WakeDecision, StoreError> {
+    let row = client
+        .query_typed(
+            "SELECT kick, wait_ms FROM outbox_request_kick(make_interval(secs => $1))",
+            &[(&debounce.as_secs_f64(), tokio_postgres::types::Type::FLOAT8)],
+        )
+        .await?;
+    let row = row
+        .first()
+        .ok_or_else(|| StoreError::Corrupt("outbox_request_kick returned no row".into()))?;
+    let wait_ms: f64 = row.try_get("wait_ms")?;
+    Ok(crate::ports::WakeDecision {
+        wake: row.try_get("kick")?,
+        quiet_for: std::time::Duration::from_secs_f64(wait_ms.max(0.0) / 1000.0),
+    })
 }
 
 /// What the paid command found when the payment already existed.

@@ -4,7 +4,7 @@
 use tokio_postgres::types::Type;
 
 use super::Db;
-use crate::ports::ProjectionStore;
+use crate::ports::{ProjectionStore, StoreError};
 use crate::sink::{ApplyOutcome, PaymentChange};
 
 const APPLY: &str = "SELECT apply_payment_events($1, $2, $3, $4, $5, $6, $7, $8, $9)";
@@ -73,90 +73,90 @@ fn outcome(text: &str) -> ApplyOutcome {
 impl ProjectionStore for PgProjectionStore {
     #[tracing::instrument(skip_all, fields(changes = changes.len()))]
     async fn apply_changes(&self, consumer: &str, changes: &[PaymentChange]) -> Vec<ApplyOutcome> {
-        let all_failed = |reason: String| vec![ApplyOutcome::Failed(reason); changes.len()];
         if changes.is_empty() {
             return Vec::new();
         }
-        let mut client = match self.db.client().await {
-            Ok(client) => client,
-            Err(e) => return all_failed(format!("database unavailable: {e}")),
-        };
-        let tx = match client.transaction().await {
-            Ok(tx) => tx,
-            Err(e) => return all_failed(format!("cannot begin: {e}")),
-        };
-        // One call for the whole batch: the function applies the changes in order, each in its
-        // own subtransaction, so one that fails leaves the others applied.
-        let ids: Vec<uuid::Uuid> = changes.iter().map(|c| c.event_id).collect();
-        let tenants: Vec<&str> = changes.iter().map(|c| c.tenant_id.as_str()).collect();
-        let types: Vec<&str> = changes.iter().map(|c| c.event_type).collect();
-        let payments: Vec<&str> = changes.iter().map(|c| c.payment_id.as_str()).collect();
-        let versions: Vec<i64> = changes.iter().map(|c| c.version).collect();
-        let amounts: Vec<i64> = changes.iter().map(|c| c.amount_minor).collect();
-        let currencies: Vec<&str> = changes.iter().map(|c| c.currency.as_str()).collect();
-        let ats: Vec<chrono::DateTime<chrono::Utc>> = changes.iter().map(|c| c.at).collect();
-        let applied = tx
-            .query_typed_one(
-                APPLY,
-                &[
-                    (&consumer, Type::TEXT),
-                    (&ids, Type::UUID_ARRAY),
-                    (&tenants, Type::TEXT_ARRAY),
-                    (&types, Type::TEXT_ARRAY),
-                    (&payments, Type::TEXT_ARRAY),
-                    (&versions, Type::INT8_ARRAY),
-                    (&amounts, Type::INT8_ARRAY),
-                    (&currencies, Type::TEXT_ARRAY),
-                    (&ats, Type::TIMESTAMPTZ_ARRAY),
-                ],
-            )
+        match self
+            .db
+            .run(|mut client| async move { apply_in(&mut client, consumer, changes).await })
             .await
-            .and_then(|row| row.try_get::<_, Vec<String>>(0));
-        let outcomes: Vec<ApplyOutcome> = match applied {
-            Ok(texts) if texts.len() == changes.len() => texts.iter().map(|t| outcome(t)).collect(),
-            Ok(texts) => {
-                let _ = tx.rollback().await;
-                return all_failed(format!(
-                    "{} outcomes for {} changes",
-                    texts.len(),
-                    changes.len()
-                ));
-            }
+        {
+            Ok(outcomes) => outcomes,
             Err(e) => {
-                let _ = tx.rollback().await;
-                return all_failed(format!("apply failed: {e}"));
+                let reason = crate::telemetry::error_chain(&e);
+                vec![ApplyOutcome::Failed(reason); changes.len()]
             }
-        };
-        let deltas = revenue_deltas(changes, &outcomes);
-        if !deltas.is_empty() {
-            let mut columns = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for ((tenant, day, currency), (paid, refunded)) in deltas {
-                columns.0.push(tenant);
-                columns.1.push(day);
-                columns.2.push(currency);
-                columns.3.push(paid);
-                columns.4.push(refunded);
-            }
-            let added = tx
-                .execute_typed(
-                    ADD_REVENUE,
-                    &[
-                        (&columns.0, Type::TEXT_ARRAY),
-                        (&columns.1, Type::DATE_ARRAY),
-                        (&columns.2, Type::TEXT_ARRAY),
-                        (&columns.3, Type::INT8_ARRAY),
-                        (&columns.4, Type::INT8_ARRAY),
-                    ],
-                )
-                .await;
-            if let Err(e) = added {
-                let _ = tx.rollback().await;
-                return all_failed(format!("revenue update failed: {e}"));
-            }
-        }
-        match tx.commit().await {
-            Ok(()) => outcomes,
-            Err(e) => all_failed(format!("commit failed: {e}")),
         }
     }
+}
+
+/// Applies a batch in one transaction on `client`. Safe to run again after a connection broke
+/// during the commit: the inbox turns what did commit into duplicates, and revenue is only added
+/// for changes applied now.
+async fn apply_in(
+    client: &mut tokio_postgres::Client,
+    consumer: &str,
+    changes: &[PaymentChange],
+) -> Result<Vec<ApplyOutcome>, StoreError> {
+    let tx = client.transaction().await?;
+    // One call for the whole batch: the function applies the changes in order, each in its own
+    // subtransaction, so one that fails leaves the others applied.
+    let ids: Vec<uuid::Uuid> = changes.iter().map(|c| c.event_id).collect();
+    let tenants: Vec<&str> = changes.iter().map(|c| c.tenant_id.as_str()).collect();
+    let types: Vec<&str> = changes.iter().map(|c| c.event_type).collect();
+    let payments: Vec<&str> = changes.iter().map(|c| c.payment_id.as_str()).collect();
+    let versions: Vec<i64> = changes.iter().map(|c| c.version).collect();
+    let amounts: Vec<i64> = changes.iter().map(|c| c.amount_minor).collect();
+    let currencies: Vec<&str> = changes.iter().map(|c| c.currency.as_str()).collect();
+    let ats: Vec<chrono::DateTime<chrono::Utc>> = changes.iter().map(|c| c.at).collect();
+    let texts: Vec<String> = tx
+        .query_typed_one(
+            APPLY,
+            &[
+                (&consumer, Type::TEXT),
+                (&ids, Type::UUID_ARRAY),
+                (&tenants, Type::TEXT_ARRAY),
+                (&types, Type::TEXT_ARRAY),
+                (&payments, Type::TEXT_ARRAY),
+                (&versions, Type::INT8_ARRAY),
+                (&amounts, Type::INT8_ARRAY),
+                (&currencies, Type::TEXT_ARRAY),
+                (&ats, Type::TIMESTAMPTZ_ARRAY),
+            ],
+        )
+        .await?
+        .try_get(0)?;
+    if texts.len() != changes.len() {
+        // Dropping the transaction rolls it back.
+        return Err(StoreError::Corrupt(format!(
+            "{} outcomes for {} changes",
+            texts.len(),
+            changes.len()
+        )));
+    }
+    let outcomes: Vec<ApplyOutcome> = texts.iter().map(|t| outcome(t)).collect();
+    let deltas = revenue_deltas(changes, &outcomes);
+    if !deltas.is_empty() {
+        let mut columns = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ((tenant, day, currency), (paid, refunded)) in deltas {
+            columns.0.push(tenant);
+            columns.1.push(day);
+            columns.2.push(currency);
+            columns.3.push(paid);
+            columns.4.push(refunded);
+        }
+        tx.execute_typed(
+            ADD_REVENUE,
+            &[
+                (&columns.0, Type::TEXT_ARRAY),
+                (&columns.1, Type::DATE_ARRAY),
+                (&columns.2, Type::TEXT_ARRAY),
+                (&columns.3, Type::INT8_ARRAY),
+                (&columns.4, Type::INT8_ARRAY),
+            ],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(outcomes)
 }

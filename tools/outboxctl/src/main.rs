@@ -12,13 +12,13 @@ use serde_json::json;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use outbox_shared::aws::secrets::database_settings_from_env;
+use outbox_shared::aws::secrets::database_from_env;
 use outbox_shared::aws::{sdk_config, BusPublisher};
 use outbox_shared::dispatcher::{DispatcherConfig, OutboxDispatcher, Target};
 use outbox_shared::postgres::admin::{self, Requeue, Selection};
 use outbox_shared::postgres::migrate::run_migrations;
 use outbox_shared::postgres::outbox::PgOutboxStore;
-use outbox_shared::postgres::Db;
+use outbox_shared::postgres::ConnectionLimits;
 
 #[derive(Parser)]
 #[command(
@@ -193,10 +193,32 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> CliResult {
-    let settings = database_settings_from_env().await?;
+    // Credentials re-read when the database refuses them, as in the functions.
+    let db = database_from_env().await?;
+    if let Command::Dispatch { for_seconds } = cli.command {
+        let target = Target::from_env()?;
+        let mut config = DispatcherConfig::from_env()?;
+        config.safety_margin = Duration::ZERO;
+        let publisher = BusPublisher::new(&sdk_config().await, &target);
+        let store = PgOutboxStore::new(db);
+        let worker = format!("outboxctl-{}", std::process::id());
+        let dispatcher = OutboxDispatcher::new(store, publisher, config, worker);
+        let summary = dispatcher
+            .drain(Instant::now() + Duration::from_secs(for_seconds))
+            .await?;
+        println!("{}", serde_json::to_string(&summary)?);
+        return Ok(());
+    }
+    // Administrative statements (a migration, a long cleanup) may run for long: no server-side
+    // statement timeout for them.
+    let limits = ConnectionLimits {
+        statement_timeout: None,
+        ..db.limits()
+    };
+    let db = db.with_limits(limits);
+    let mut client = db.client().await?;
     match cli.command {
         Command::Migrate => {
-            let mut client = settings.connect().await?;
             let applied = run_migrations(&mut client).await?;
             if applied.is_empty() {
                 println!("schema is up to date");
@@ -206,25 +228,12 @@ async fn run(cli: Cli) -> CliResult {
                 }
             }
         }
-        Command::Dispatch { for_seconds } => {
-            let target = Target::from_env()?;
-            let mut config = DispatcherConfig::from_env()?;
-            config.safety_margin = Duration::ZERO;
-            let publisher = BusPublisher::new(&sdk_config().await, &target);
-            let store = PgOutboxStore::new(Db::new(settings));
-            let worker = format!("outboxctl-{}", std::process::id());
-            let dispatcher = OutboxDispatcher::new(store, publisher, config, worker);
-            let summary = dispatcher
-                .drain(Instant::now() + Duration::from_secs(for_seconds))
-                .await?;
-            println!("{}", serde_json::to_string(&summary)?);
-        }
+        Command::Dispatch { .. } => unreachable!("handled above"),
         Command::Status {
             tenant,
             limit,
             json,
         } => {
-            let client = settings.connect().await?;
             let report = admin::status(&client, tenant.as_deref(), limit.clamp(1, 1_000)).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -239,7 +248,6 @@ async fn run(cli: Cli) -> CliResult {
         } => {
             let mut selection = select.selection();
             selection.all = all;
-            let client = settings.connect().await?;
             requeue(&client, Requeue::Dead, &selection, &confirm).await?;
         }
         Command::Replay {
@@ -260,7 +268,6 @@ async fn run(cli: Cli) -> CliResult {
                     "replay needs --event-id, --aggregate or a time range (--from/--to)".into(),
                 );
             }
-            let client = settings.connect().await?;
             requeue(&client, Requeue::Published, &selection, &confirm).await?;
         }
         Command::Cleanup {
@@ -276,7 +283,6 @@ async fn run(cli: Cli) -> CliResult {
                     .retention
                     .ok_or("OUTBOX_RETENTION_HOURS is 0 (keep everything): pass --older-than")?,
             };
-            let client = settings.connect().await?;
             let pace = admin::Pace::Duty(duty_cycle);
             cleanup(&client, retention, batch_size, pace, max_batches, &confirm).await?;
         }
