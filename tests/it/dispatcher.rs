@@ -811,8 +811,10 @@ async fn a_lease_keeps_others_off_until_it_expires() {
         .iter()
         .all(|c| c.aggregate_version == 1 && c.attempts == 2));
     // The first holder lost its lease: its outcomes no longer apply to the rows.
-    let mut outcomes = outbox_shared::outbox::Outcomes::default();
-    outcomes.dead = first.iter().map(|c| (c.id, "late".to_owned())).collect();
+    let outcomes = outbox_shared::outbox::Outcomes {
+        dead: first.iter().map(|c| (c.id, "late".to_owned())).collect(),
+        ..Default::default()
+    };
     store.record_outcomes("one", &outcomes).await.unwrap();
     assert_eq!(db.count(&client, "outbox WHERE status = 'dead'").await, 0);
 }

@@ -5,6 +5,7 @@ mod dispatcher;
 mod migrations;
 mod operations;
 mod payment_command;
+mod resilience;
 mod sample_events;
 mod secrets;
 mod sink;

@@ -149,7 +149,7 @@ impl<S: PaymentCommandStore, W: WakeDispatcher> PaymentCommandHandler<S, W> {
     ) -> ApiGatewayV2httpResponse {
         let route = match route(req) {
             Ok(route) => route,
-            Err(response) => return response,
+            Err(response) => return *response,
         };
         let Some(tenant) = tenant(req, &self.config.tenant_claim) else {
             return error(401, "unauthorized", "no valid tenant in the token", None);
@@ -314,7 +314,8 @@ fn parse_payment_id(raw: &str) -> Result<PaymentId, FieldError> {
 
 /// Finds the route: by route key when API Gateway matched one, by path otherwise (a `$default`
 /// route, or a request replayed without route key).
-fn route(req: &ApiGatewayV2httpRequest) -> Result<Route, ApiGatewayV2httpResponse> {
+/// The error is the response to send (boxed: a response is large, a route small).
+fn route(req: &ApiGatewayV2httpRequest) -> Result<Route, Box<ApiGatewayV2httpResponse>> {
     let path_param = || {
         req.path_parameters
             .get("paymentId")
@@ -340,14 +341,14 @@ fn route(req: &ApiGatewayV2httpRequest) -> Result<Route, ApiGatewayV2httpRespons
     let route = match segments.as_slice() {
         [.., "payments", id, "paid"] => Route::Paid((*id).to_owned()),
         [.., "payments", id, "refunds"] => Route::Refund((*id).to_owned()),
-        _ => return Err(error(404, "not_found", "no such route", None)),
+        _ => return Err(Box::new(error(404, "not_found", "no such route", None))),
     };
     if req.request_context.http.method != aws_lambda_events::http::Method::POST {
         let mut response = error(405, "method_not_allowed", "only POST is allowed here", None);
         response
             .headers
             .insert("allow", HeaderValue::from_static("POST"));
-        return Err(response);
+        return Err(Box::new(response));
     }
     Ok(route)
 }

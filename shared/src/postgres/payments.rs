@@ -139,7 +139,7 @@ async fn mark_paid_in(
         .await?;
     let (version, paid_at) = match inserted {
         Some(row) => (new_version, row.try_get::<_, DateTime<Utc>>(0)?),
-        None => match pay_existing(&tx, &cmd, event_id).await? {
+        None => match pay_existing(&tx, cmd, event_id).await? {
             Existing::Paid(version, paid_at) => (version, paid_at),
             Existing::Done(outcome) => return Ok(outcome),
         },
@@ -208,7 +208,7 @@ async fn record_refund_in(
         )
         .await?
     {
-        return replayed_refund(&existing, &state, &cmd);
+        return replayed_refund(&existing, &state, cmd);
     }
 
     let (new_version, refunded_total, remaining, new_status, currency) =
