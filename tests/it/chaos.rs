@@ -1,17 +1,27 @@
 //! The chaos run: thousands of payment commands from concurrent producers (with client retries),
 //! four dispatcher processes killed with SIGKILL at random and restarted, a proxy in front of moto's
-//! FIFO topic injecting faults into at least 10% of publish calls, and a sink fed every published
-//! message with extra duplicates in random order. At the end: nothing lost, nothing applied twice,
-//! projections equal to the payments table, per-aggregate order kept on the wire, and the dead rows
-//! exactly the poisoned events. One summary line; `CHAOS_COMMANDS` scales it (default 5000).
+//! FIFO topic injecting faults into at least 10% of publish calls, PostgreSQL restarted three times
+//! and the application role's password rotated once (secret in moto, producers and dispatchers
+//! reading it as on AWS) while the producers run, and a sink fed every published message with
+//! extra duplicates in random order. At the end: nothing lost, nothing applied twice, projections
+//! equal to the payments table, per-aggregate order kept on the wire, and the dead rows exactly the
+//! poisoned events. One summary line; `CHAOS_COMMANDS` scales it (default 5000).
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use outbox_shared::postgres::payments::PgPaymentStore;
 use outbox_tests::aws::{self, moto_endpoint};
+use outbox_tests::cluster::PrivateCluster;
 use outbox_tests::fault_proxy::{FaultProxy, PoisonRule};
+use outbox_tests::rotation::{rotate, RotatingSecret};
 use outbox_tests::sink_fixtures::{sink, sqs_event};
-use outbox_tests::{invoke, paid_body, paid_request, refund_request, workspace_binary, TestDb};
+use outbox_tests::{
+    invoke, paid_body, paid_request, refund_request, workspace_binary, Reply, TestDb,
+};
+use payment_command::{HandlerConfig, PaymentCommandHandler};
 
 const POISON: &str = "chaos-poison";
 
@@ -22,7 +32,10 @@ async fn chaos_run_loses_nothing_and_applies_everything_once() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(5_000);
     let started = Instant::now();
-    let db = TestDb::create().await;
+    // A cluster of its own: the restarts must not touch the other tests' databases.
+    let cluster = Arc::new(PrivateCluster::start());
+    let db = TestDb::create_on(&cluster).await;
+    let secret = RotatingSecret::create(&cluster, &db, "pw-chaos-1").await;
     let config = aws::sdk_config_for(&moto_endpoint()).await;
     let topic_arn = aws::create_topic(&config, true).await;
     let proxy = FaultProxy::start(&moto_endpoint()).await;
@@ -41,7 +54,8 @@ async fn chaos_run_loses_nothing_and_applies_everything_once() {
     let spawn = |i: usize| {
         tokio::process::Command::new(workspace_binary("outboxctl"))
             .args(["dispatch", "--for-seconds", "600"])
-            .env("DATABASE_URL", &db.url)
+            .env_remove("DATABASE_URL")
+            .env("DATABASE_SECRET_ARN", &secret.arn)
             .env("DATABASE_TLS", "disable")
             .env("AWS_ENDPOINT_URL", &proxy.endpoint)
             .env("OUTBOX_TARGET", "sns")
@@ -60,50 +74,64 @@ async fn chaos_run_loses_nothing_and_applies_everything_once() {
 
     // Producers: 4 tenants, payments paid then refunded in parts, 1 in 10 commands sent twice
     // (a client retry), a few payments poisoned (their paid event can never be published).
-    let producers: Vec<_> = (0..4)
-        .map(|p| {
-            let handler = db.payment_handler();
-            tokio::spawn(async move {
-                let mut rng = fastrand::Rng::with_seed(p as u64);
-                let tenant = ["acme", "globex", "initech", "umbrella"][p];
-                let mut sent = 0;
-                let mut poisoned = Vec::new();
-                let mut n = 0;
-                while sent < commands / 4 {
-                    let payment = format!("pay_{p}_{n}");
-                    n += 1;
-                    let amount = rng.i64(100..10_000);
-                    let mut body = paid_body(amount, ["EUR", "USD"][n % 2]);
-                    if n % 97 == 0 {
-                        body["verifiedBy"] = POISON.into();
-                        poisoned.push(format!("{tenant}/{payment}"));
-                    }
+    let mut producers = Vec::new();
+    for p in 0..4 {
+        // Each producer is one warm Lambda instance reading the secret as on AWS.
+        let (conn, _) = secret.db(Duration::from_secs(1)).await;
+        let handler =
+            PaymentCommandHandler::new(PgPaymentStore::new(conn), HandlerConfig::default());
+        producers.push(tokio::spawn(async move {
+            let mut rng = fastrand::Rng::with_seed(p as u64);
+            let tenant = ["acme", "globex", "initech", "umbrella"][p];
+            let mut sent = 0;
+            let mut unavailable = 0;
+            let mut poisoned = Vec::new();
+            let mut n = 0;
+            while sent < commands / 4 {
+                let payment = format!("pay_{p}_{n}");
+                n += 1;
+                let amount = rng.i64(100..10_000);
+                let mut body = paid_body(amount, ["EUR", "USD"][n % 2]);
+                if n % 97 == 0 {
+                    body["verifiedBy"] = POISON.into();
+                    poisoned.push(format!("{tenant}/{payment}"));
+                }
+                for _ in 0..if rng.u8(0..10) == 0 { 2 } else { 1 } {
+                    let reply = until_not_503(&mut unavailable, || {
+                        invoke(&handler, paid_request(tenant, &payment, body.clone()))
+                    })
+                    .await;
+                    assert_eq!(reply.status, 200, "{}", reply.body);
+                    sent += 1;
+                }
+                for r in 0..rng.usize(0..3) {
+                    let key = format!("{payment}-r{r}");
                     for _ in 0..if rng.u8(0..10) == 0 { 2 } else { 1 } {
-                        let reply =
-                            invoke(&handler, paid_request(tenant, &payment, body.clone())).await;
-                        assert_eq!(reply.status, 200, "{}", reply.body);
+                        let reply = until_not_503(&mut unavailable, || {
+                            invoke(&handler, refund_request(tenant, &payment, &key, amount / 4))
+                        })
+                        .await;
+                        assert!(reply.status == 201 || reply.status == 200, "{}", reply.body);
                         sent += 1;
                     }
-                    for r in 0..rng.usize(0..3) {
-                        let key = format!("{payment}-r{r}");
-                        for _ in 0..if rng.u8(0..10) == 0 { 2 } else { 1 } {
-                            let reply = invoke(
-                                &handler,
-                                refund_request(tenant, &payment, &key, amount / 4),
-                            )
-                            .await;
-                            assert!(reply.status == 201 || reply.status == 200, "{}", reply.body);
-                            sent += 1;
-                        }
-                    }
                 }
-                (sent, poisoned)
-            })
-        })
-        .collect();
+            }
+            (sent, poisoned, unavailable)
+        }));
+    }
+
+    // While the producers run: three restarts and one rotation, each once the outbox holds this
+    // share of the expected events (roughly 1.3 per command).
+    let mut faults = vec![
+        (0.15, Fault::Restart),
+        (0.35, Fault::Restart),
+        (0.5, Fault::Rotate),
+        (0.7, Fault::Restart),
+    ];
+    faults.reverse();
+    let (mut restarts, mut rotations) = (0, 0);
 
     let mut dispatchers: Vec<_> = (0..4).map(spawn).collect();
-    let client = db.client().await;
     let mut kills = 0;
     let mut rng = fastrand::Rng::with_seed(42);
     let producers = futures_util::future::join_all(producers);
@@ -113,6 +141,25 @@ async fn chaos_run_loses_nothing_and_applies_everything_once() {
         tokio::select! {
             done = &mut producers, if produced.is_none() => produced = Some(done),
             _ = tokio::time::sleep(Duration::from_millis(rng.u64(150..600))) => {
+                if let Some((share, fault)) = faults.last().copied() {
+                    let written = written_events(&db).await;
+                    if written as f64 >= share * commands as f64 {
+                        faults.pop();
+                        match fault {
+                            Fault::Restart => {
+                                let cluster = cluster.clone();
+                                tokio::task::spawn_blocking(move || cluster.restart())
+                                    .await
+                                    .expect("restart");
+                                restarts += 1;
+                            }
+                            Fault::Rotate => {
+                                rotate(&cluster, &secret, "pw-chaos-2", "AWSCURRENT").await;
+                                rotations += 1;
+                            }
+                        }
+                    }
+                }
                 // A dispatcher that found nothing due has exited, as a Lambda invocation would:
                 // start it again, as the schedule would.
                 for (i, d) in dispatchers.iter_mut().enumerate() {
@@ -131,6 +178,7 @@ async fn chaos_run_loses_nothing_and_applies_everything_once() {
             }
         }
         if produced.is_some() && kills >= 20 {
+            let client = db.client().await;
             let due = db
                 .count(&client, "outbox o WHERE status = 'pending' AND NOT EXISTS (
                     SELECT 1 FROM outbox e WHERE e.tenant_id = o.tenant_id AND e.aggregate_id = o.aggregate_id
@@ -149,13 +197,15 @@ async fn chaos_run_loses_nothing_and_applies_everything_once() {
         let _ = d.start_kill();
         let _ = d.wait().await;
     }
-    let produced: Vec<(usize, Vec<String>)> = produced
+    let produced: Vec<(usize, Vec<String>, usize)> = produced
         .unwrap()
         .into_iter()
         .map(|r| r.expect("producer"))
         .collect();
     let sent: usize = produced.iter().map(|p| p.0).sum();
+    let unavailable: usize = produced.iter().map(|p| p.2).sum();
     let poisoned: HashSet<String> = produced.into_iter().flat_map(|p| p.1).collect();
+    let client = db.client().await;
 
     // 0 lost: every event that is not dead or parked behind a dead one reached the bus.
     let outbox: Vec<(String, String, String, i64, String)> = client
@@ -260,7 +310,7 @@ async fn chaos_run_loses_nothing_and_applies_everything_once() {
     println!(
         "chaos: commands={sent} events={} published={published_events} lost={lost} unpublished={unpublished} \
          duplicates_applied={duplicates_applied} projection_mismatches={mismatches} order_violations={order_violations} \
-         dead={} poisoned={} kills={kills} publish_calls={calls} faulted={faulted} ({:.1}%) bus_deliveries={} \
+         dead={} poisoned={} kills={kills} pg_restarts={restarts} rotations={rotations} retried_503={unavailable} publish_calls={calls} faulted={faulted} ({:.1}%) bus_deliveries={} \
          sink_deliveries={deliveries} seconds={:.0}",
         outbox.len(),
         dead.len(),
@@ -281,5 +331,46 @@ async fn chaos_run_loses_nothing_and_applies_everything_once() {
     assert_eq!(order_violations, 0);
     assert_eq!(dead, poisoned, "dead rows are exactly the poisoned events");
     assert!(kills >= 20);
+    assert_eq!(
+        (restarts, rotations),
+        (3, 1),
+        "every planned database fault happened"
+    );
     assert!(fault_rate >= 0.10, "fault rate {fault_rate}");
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Restart,
+    Rotate,
+}
+
+/// Events in the outbox so far, on a fresh connection (a restart ends every session); 0 while
+/// the server is down.
+async fn written_events(db: &TestDb) -> i64 {
+    match db.settings.connect().await {
+        Ok(client) => match client.query_one("SELECT count(*) FROM outbox", &[]).await {
+            Ok(row) => row.get(0),
+            Err(_) => 0,
+        },
+        Err(_) => 0,
+    }
+}
+
+/// A client's retry: a 503 (the database restarting) is sent again after a short pause, as the
+/// API's clients are told to; every other answer is returned. Counts the 503s.
+async fn until_not_503<F, Fut>(unavailable: &mut usize, send: F) -> Reply
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Reply>,
+{
+    for _ in 0..600 {
+        let reply = send().await;
+        if reply.status != 503 {
+            return reply;
+        }
+        *unavailable += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the command kept failing with 503 for 30 s");
 }

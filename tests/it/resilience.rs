@@ -4,24 +4,22 @@
 //! wrong secret, a server restart during a drain, an outage during a command, and a connection
 //! that silently stops answering.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::future::BoxFuture;
-use outbox_shared::aws::secrets::SecretCredentials;
 use outbox_shared::aws::BusPublisher;
-use outbox_shared::config::ConfigError;
 use outbox_shared::dispatcher::{OutboxDispatcher, Target};
 use outbox_shared::ports::ProjectionStore;
 use outbox_shared::postgres::outbox::PgOutboxStore;
 use outbox_shared::postgres::payments::PgPaymentStore;
 use outbox_shared::postgres::projections::PgProjectionStore;
-use outbox_shared::postgres::{ConnectionLimits, CredentialSource, DatabaseSettings, Db, TlsMode};
+use outbox_shared::postgres::{ConnectionLimits, DatabaseSettings, Db, TlsMode};
 use outbox_shared::sink::{interpret, parse_delivery, ApplyOutcome, Interpreted};
 use outbox_tests::aws::{create_topic, moto_endpoint, sdk_config_for};
 use outbox_tests::cluster::PrivateCluster;
 use outbox_tests::fault_proxy::FaultProxy;
+use outbox_tests::rotation::{rotate, RotatingSecret, ROLE};
 use outbox_tests::sink_fixtures::{payment_stream, sqs_event};
 use outbox_tests::tcp_proxy::StallingProxy;
 use outbox_tests::{
@@ -29,110 +27,6 @@ use outbox_tests::{
 };
 use payment_command::{HandlerConfig, PaymentCommandHandler};
 use projection_sink::ProjectionSink;
-
-const ROLE: &str = "app_rotating";
-
-/// The secret of `ROLE` on a private cluster, in moto.
-struct RotatingSecret {
-    client: aws_sdk_secretsmanager::Client,
-    arn: String,
-    port: u16,
-    dbname: String,
-}
-
-impl RotatingSecret {
-    async fn create(cluster: &PrivateCluster, db: &TestDb, password: &str) -> Self {
-        cluster.create_app_role(&db.name, ROLE, password).await;
-        let sdk = sdk_config_for(&moto_endpoint()).await;
-        let client = aws_sdk_secretsmanager::Client::new(&sdk);
-        let mut secret = Self {
-            client,
-            arn: String::new(),
-            port: cluster.port,
-            dbname: db.name.clone(),
-        };
-        secret.arn = secret
-            .client
-            .create_secret()
-            .name(format!("rotating-{}", uuid::Uuid::new_v4().simple()))
-            .secret_string(secret.value(password))
-            .send()
-            .await
-            .expect("create the secret in moto")
-            .arn
-            .expect("secret arn");
-        secret
-    }
-
-    fn value(&self, password: &str) -> String {
-        serde_json::json!({
-            "engine": "postgres", "host": "127.0.0.1", "port": self.port,
-            "username": ROLE, "password": password, "dbname": self.dbname,
-        })
-        .to_string()
-    }
-
-    /// A new version of the secret at `stage` (`AWSCURRENT` finishes a rotation, `AWSPENDING`
-    /// alone is a rotation between `setSecret` and `finishSecret`).
-    async fn put(&self, password: &str, stage: &str) {
-        self.client
-            .put_secret_value()
-            .secret_id(&self.arn)
-            .secret_string(self.value(password))
-            .version_stages(stage)
-            .send()
-            .await
-            .expect("put a secret version");
-    }
-
-    /// The source the functions use, wrapped to count how often it is read.
-    async fn source(&self) -> Counted<SecretCredentials> {
-        let sdk = sdk_config_for(&moto_endpoint()).await;
-        Counted {
-            inner: SecretCredentials::new(&sdk, &self.arn, TlsMode::Disable, None),
-            reads: Arc::new(AtomicUsize::new(0)),
-        }
-    }
-
-    /// A function's connection as `database_from_env` builds it from this secret, with the
-    /// given bound between two reads of the secret.
-    async fn db(&self, refresh_interval: Duration) -> (Db, Arc<AtomicUsize>) {
-        let source = self.source().await;
-        let reads = source.reads.clone();
-        let settings = source
-            .inner
-            .current()
-            .await
-            .expect("read the secret at cold start");
-        let db = Db::new(settings)
-            .with_credentials(Arc::new(source))
-            .with_limits(ConnectionLimits {
-                refresh_interval,
-                ..ConnectionLimits::default()
-            });
-        (db, reads)
-    }
-}
-
-struct Counted<S> {
-    inner: S,
-    reads: Arc<AtomicUsize>,
-}
-
-impl<S: CredentialSource> CredentialSource for Counted<S> {
-    fn candidates(&self) -> BoxFuture<'_, Result<Vec<DatabaseSettings>, ConfigError>> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.candidates()
-    }
-}
-
-/// Rotates `ROLE`'s password the way single-user rotation does, then ends its sessions.
-async fn rotate(cluster: &PrivateCluster, secret: &RotatingSecret, password: &str, stage: &str) {
-    cluster.set_password(ROLE, password).await;
-    secret.put(password, stage).await;
-    let ended = cluster.terminate_sessions(ROLE).await;
-    assert!(ended >= 1, "the function held no session to end");
-}
 
 #[tokio::test]
 async fn a_rotated_password_costs_the_payment_command_no_request() {

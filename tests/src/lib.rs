@@ -272,6 +272,7 @@ pub mod bench;
 pub mod cluster;
 pub mod fake_lambda;
 pub mod fault_proxy;
+pub mod rotation;
 pub mod tcp_proxy;
 
 use std::time::Duration;
