@@ -258,6 +258,11 @@ async fn a_drain_carries_on_through_a_restart_and_the_sink_applies_everything_on
         "the restart came after the drain"
     );
     assert!(summary.store_errors >= 1, "no failure seen: {summary:?}");
+    println!(
+        "restart mid-drain: restarted after {restarted_after} of {total} events on the bus; \
+         drain published {} with {} failed store operations and carried on, {} ms in all",
+        summary.published, summary.store_errors, summary.duration_ms
+    );
 
     // Rows leased by a claim whose answer the restart swallowed go out after their lease.
     let admin = db.client().await;
@@ -362,6 +367,7 @@ async fn a_command_during_an_outage_gets_a_503_and_the_next_one_succeeds() {
         down.body
     );
     assert!(took < ConnectionLimits::default().operation, "{took:?}");
+    println!("command while the server is down: 503 after {took:?}");
 
     cluster.start_again();
     let again = invoke(
@@ -433,6 +439,10 @@ async fn a_connection_that_stops_answering_is_given_up_within_the_bound() {
         took >= limits.operation && took < limits.operation + Duration::from_millis(500),
         "gave up after {took:?}"
     );
+    println!(
+        "silent connection: the command answered 503 after {took:?} (operation bound {:?})",
+        limits.operation
+    );
     // The drain: every operation bounded; with the database silent for the whole invocation
     // it fails (so the error alarm fires) by its deadline plus one bound.
     let started = Instant::now();
@@ -445,6 +455,7 @@ async fn a_connection_that_stops_answering_is_given_up_within_the_bound() {
         took < Duration::from_secs(4) + limits.operation + Duration::from_millis(500),
         "drain returned after {took:?}"
     );
+    println!("silent connection: a drain with a 4 s deadline failed after {took:?}");
 
     proxy.resume();
     let back = invoke(
