@@ -191,6 +191,9 @@ pub struct DispatchSummary {
     pub claims: usize,
     /// Publish calls made.
     pub publish_calls: usize,
+    /// Publish calls that failed as a whole (every entry to be retried): the bus, or the route
+    /// to it, was down.
+    pub failed_publish_calls: usize,
     /// Published rows deleted by the retention cleanup.
     pub cleaned: u64,
     /// Store operations that failed because the database was unavailable (restarting, failing
@@ -219,6 +222,7 @@ impl DispatchSummary {
         self.retried += batch.retried;
         self.dead += batch.dead;
         self.publish_calls += batch.publish_calls;
+        self.failed_publish_calls += batch.failed_publish_calls;
         self.claim_latencies.extend(batch.claim_latencies);
         self.publish_latencies.extend(batch.publish_latencies);
     }
@@ -466,6 +470,7 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
             claimed: claimed.len(),
             outcomes: Outcomes::default(),
             publish_calls: 0,
+            failed_publish_calls: 0,
             claim_latency: claim_started.elapsed(),
             publish_latencies: Vec::new(),
         };
@@ -490,6 +495,12 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
                 .await;
         batch.publish_latencies = results.iter().map(|r| r.2).collect();
         for (call, results, _) in results {
+            if results
+                .iter()
+                .all(|r| matches!(r, PublishOutcome::Retry(_)))
+            {
+                batch.failed_publish_calls += 1;
+            }
             for (message, outcome) in call.iter().zip(results) {
                 self.record(&mut batch.outcomes, &message.event, outcome);
             }
@@ -517,6 +528,7 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
             retried: batch.outcomes.retries.len(),
             dead: batch.outcomes.dead.len(),
             publish_calls: batch.publish_calls,
+            failed_publish_calls: batch.failed_publish_calls,
             claim_latencies: vec![batch.claim_latency],
             publish_latencies: batch.publish_latencies,
             ..DispatchSummary::default()
@@ -611,6 +623,7 @@ struct ClaimedBatch {
     claimed: usize,
     outcomes: Outcomes,
     publish_calls: usize,
+    failed_publish_calls: usize,
     claim_latency: Duration,
     publish_latencies: Vec<Duration>,
 }

@@ -11,6 +11,7 @@
 //! - [`envelope`]: the message format every bus carries.
 //! - [`sink`]: reading delivered messages back into projection changes.
 //! - [`metrics`]: CloudWatch metrics as Embedded Metric Format log lines.
+//! - [`failure`]: the classes of function failures an operator sees (`errorType`).
 //! - [`config`], [`telemetry`]: read once at cold start.
 
 pub mod aws;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod dispatcher;
 pub mod domain;
 pub mod envelope;
+pub mod failure;
 pub mod metrics;
 pub mod outbox;
 pub mod ports;

@@ -14,7 +14,7 @@ use crate::outbox::EventMetadata;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// No connection could be opened (the server is down or refused the credentials).
-    #[error("database unavailable")]
+    #[error("no database connection")]
     Connect(#[from] crate::postgres::DbError),
     /// The connection broke while the command ran.
     #[error("database connection lost")]
@@ -306,11 +306,12 @@ pub trait Publisher: Send + Sync {
 /// What the sink needs from the read side.
 pub trait ProjectionStore: Send + Sync {
     /// Applies `changes` in order, each exactly once per `consumer`, in one transaction; returns
-    /// one outcome per change. A change that fails leaves the others applied. If the transaction
-    /// itself cannot commit, every change is `Failed`.
+    /// one outcome per change. A change that fails leaves the others applied. An error means the
+    /// transaction itself could not run or commit (the database is unavailable, refuses the
+    /// credentials, a statement failed): nothing of the batch was applied.
     fn apply_changes(
         &self,
         consumer: &str,
         changes: &[crate::sink::PaymentChange],
-    ) -> impl Future<Output = Vec<crate::sink::ApplyOutcome>> + Send;
+    ) -> impl Future<Output = Result<Vec<crate::sink::ApplyOutcome>, StoreError>> + Send;
 }

@@ -2,6 +2,7 @@
 
 mod chaos;
 mod dispatcher;
+mod function_errors;
 mod migrations;
 mod operations;
 mod payment_command;

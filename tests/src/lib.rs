@@ -273,6 +273,7 @@ pub mod cluster;
 pub mod fake_lambda;
 pub mod fault_proxy;
 pub mod rotation;
+pub mod runtime_api;
 pub mod tcp_proxy;
 
 use std::time::Duration;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant, SystemTime};
 use aws_lambda_events::eventbridge::EventBridgeEvent;
 use lambda_runtime::{Context, LambdaEvent};
 use outbox_shared::dispatcher::{DispatchSummary, OutboxDispatcher};
+use outbox_shared::failure::{FailureClass, FunctionError};
 use outbox_shared::ports::{OutboxStore, Publisher};
 
 /// The schedule rule's event. Its content does not matter: every invocation drains.
@@ -33,16 +34,27 @@ pub const SERVICE: &str = "outbox-dispatcher";
 
 /// Handles one invocation: drains until empty or the deadline minus the safety margin, then
 /// measures the backlog and writes the invocation's metrics (EMF) to stdout.
+///
+/// Fails the invocation, with the class as `errorType`, when the database failed for the whole
+/// drain (or for good), and when every publish call failed (`BusUnavailable`: the rows back off
+/// and are retried, but the bus being down is worth an alarm).
 pub async fn handle<S: OutboxStore, P: Publisher>(
     dispatcher: &OutboxDispatcher<S, P>,
     event: LambdaEvent<ScheduledEvent>,
-) -> Result<DispatchSummary, lambda_runtime::Error> {
+) -> Result<DispatchSummary, FunctionError> {
     let deadline = deadline_of(&event.context);
     let remaining_ms = deadline
         .saturating_duration_since(Instant::now())
         .as_millis() as u64;
     tracing::info!(trigger = %event.payload.detail_type, remaining_ms, "dispatch started");
-    let mut summary = dispatcher.drain(deadline).await?;
+    let mut summary = match dispatcher.drain(deadline).await {
+        Ok(summary) => summary,
+        Err(e) => {
+            let error = FunctionError::from_store(&e);
+            error.record(SERVICE);
+            return Err(error);
+        }
+    };
     // Measured after the drain: what is left is what the alarms are about. Never past the
     // deadline (less a second for the runtime to send the answer): a silent database costs the
     // measurement, not the invocation.
@@ -57,6 +69,20 @@ pub async fn handle<S: OutboxStore, P: Publisher>(
         Err(_) => tracing::warn!("backlog not measured: no time left before the deadline"),
     }
     summary.metrics(SERVICE).emit();
+    if summary.publish_calls > 0
+        && summary.failed_publish_calls == summary.publish_calls
+        && summary.published == 0
+    {
+        let error = FunctionError::with_detail(
+            FailureClass::BusUnavailable,
+            format_args!(
+                "{} of {} publish calls failed, {} rows will be retried",
+                summary.failed_publish_calls, summary.publish_calls, summary.retried
+            ),
+        );
+        error.record(SERVICE);
+        return Err(error);
+    }
     Ok(summary)
 }
 

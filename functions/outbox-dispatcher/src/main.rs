@@ -2,18 +2,19 @@
 //! per cold start; every invocation drains the outbox.
 
 use lambda_runtime::{run, service_fn, Error};
+use outbox_dispatcher::SERVICE;
 use outbox_shared::aws::secrets::database_from_env;
 use outbox_shared::aws::{sdk_config, BusPublisher};
-use outbox_shared::config::init_error;
 use outbox_shared::dispatcher::{DispatcherConfig, OutboxDispatcher, Target};
+use outbox_shared::failure::or_init_failed;
 use outbox_shared::postgres::outbox::PgOutboxStore;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     outbox_shared::telemetry::init_tracing();
-    let db = database_from_env().await.map_err(init_error)?;
-    let target = Target::from_env().map_err(init_error)?;
-    let config = DispatcherConfig::from_env().map_err(init_error)?;
+    let db = or_init_failed(SERVICE, database_from_env().await).await?;
+    let target = or_init_failed(SERVICE, Target::from_env()).await?;
+    let config = or_init_failed(SERVICE, DispatcherConfig::from_env()).await?;
     let publisher = BusPublisher::new(&sdk_config().await, &target);
     let store = PgOutboxStore::new(db);
     store.db().warm_up().await;

@@ -453,9 +453,10 @@ fn error(status: u16, code: &str, message: &str, field: Option<&str>) -> ApiGate
 
 /// A store failure: logged with its cause chain, answered with a generic 503 the client may retry
 /// (every command is idempotent, so a retry is safe).
+/// Its class goes to the log (`error_type`) and to the class's metric, as a function error's
+/// would: the HTTP answer stays a 503, which API clients know to retry.
 fn unavailable(e: &outbox_shared::ports::StoreError) -> ApiGatewayV2httpResponse {
-    let cause = outbox_shared::telemetry::error_chain(e);
-    tracing::error!(error = %cause, "command failed");
+    outbox_shared::failure::FunctionError::from_store(e).record(crate::SERVICE);
     let mut response = error(
         503,
         "service_unavailable",

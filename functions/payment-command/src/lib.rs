@@ -6,3 +6,6 @@ pub mod handler;
 pub mod request;
 
 pub use handler::{HandlerConfig, NoWake, PaymentCommandHandler};
+
+/// Service name in the metrics' `Service` dimension.
+pub const SERVICE: &str = "payment-command";

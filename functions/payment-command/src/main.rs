@@ -6,15 +6,16 @@ use lambda_runtime::{run, service_fn, Error};
 use outbox_shared::aws::sdk_config;
 use outbox_shared::aws::secrets::database_from_env;
 use outbox_shared::aws::wake::LambdaWake;
-use outbox_shared::config::{init_error, optional_env};
+use outbox_shared::config::optional_env;
+use outbox_shared::failure::or_init_failed;
 use outbox_shared::postgres::payments::PgPaymentStore;
-use payment_command::{HandlerConfig, PaymentCommandHandler};
+use payment_command::{HandlerConfig, PaymentCommandHandler, SERVICE};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     outbox_shared::telemetry::init_tracing();
-    let db = database_from_env().await.map_err(init_error)?;
-    let config = HandlerConfig::from_env().map_err(init_error)?;
+    let db = or_init_failed(SERVICE, database_from_env().await).await?;
+    let config = or_init_failed(SERVICE, HandlerConfig::from_env()).await?;
     let store = PgPaymentStore::new(db);
     store.db().warm_up().await;
     let source = config.source.clone();

@@ -13,6 +13,7 @@ use aws_lambda_events::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
 use lambda_runtime::LambdaEvent;
 use serde::Serialize;
 
+use outbox_shared::failure::FunctionError;
 use outbox_shared::metrics::MetricsDocument;
 use outbox_shared::ports::ProjectionStore;
 use outbox_shared::sink::{interpret, parse_delivery, ApplyOutcome, Interpreted, PaymentChange};
@@ -34,6 +35,9 @@ pub struct SinkReport {
     pub unknown_types: usize,
     /// Messages reported as failures (redelivered by SQS).
     pub failures: usize,
+    /// Why the whole batch could not be applied (the database), if it could not.
+    #[serde(skip)]
+    pub store_failure: Option<FunctionError>,
 }
 
 /// The sink: one per Lambda instance.
@@ -82,7 +86,14 @@ impl<S: ProjectionStore> ProjectionSink<S> {
                 }
             }
         }
-        let outcomes = self.store.apply_changes(&self.consumer, &changes).await;
+        let outcomes = match self.store.apply_changes(&self.consumer, &changes).await {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                let reason = outbox_shared::telemetry::error_chain(&e);
+                report.store_failure = Some(FunctionError::from_store(&e));
+                vec![ApplyOutcome::Failed(reason); changes.len()]
+            }
+        };
         for ((change, id), outcome) in changes.iter().zip(change_ids).zip(outcomes) {
             match outcome {
                 ApplyOutcome::Applied => report.applied += 1,
@@ -131,13 +142,19 @@ impl SinkReport {
     }
 }
 
-/// The Lambda handler: applies the batch and writes its metrics (EMF) to stdout.
+/// The Lambda handler: applies the batch and writes its metrics (EMF) to stdout. When the
+/// database could not take the batch at all, the invocation fails with the class as `errorType`
+/// (SQS delivers the whole batch again, as it would every item reported failed).
 pub async fn handle<S: ProjectionStore>(
     sink: &ProjectionSink<S>,
     event: LambdaEvent<SqsEvent>,
-) -> Result<SqsBatchResponse, lambda_runtime::Error> {
+) -> Result<SqsBatchResponse, FunctionError> {
     let started = std::time::Instant::now();
     let (response, report) = sink.apply_batch(event.payload).await;
     report.metrics(started.elapsed()).emit();
+    if let Some(error) = report.store_failure {
+        error.record(SERVICE);
+        return Err(error);
+    }
     Ok(response)
 }

@@ -2,14 +2,15 @@
 
 use lambda_runtime::{run, service_fn, Error};
 use outbox_shared::aws::secrets::database_from_env;
-use outbox_shared::config::{init_error, optional_env};
+use outbox_shared::config::optional_env;
+use outbox_shared::failure::or_init_failed;
 use outbox_shared::postgres::projections::PgProjectionStore;
-use projection_sink::{ProjectionSink, DEFAULT_CONSUMER};
+use projection_sink::{ProjectionSink, DEFAULT_CONSUMER, SERVICE};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     outbox_shared::telemetry::init_tracing();
-    let db = database_from_env().await.map_err(init_error)?;
+    let db = or_init_failed(SERVICE, database_from_env().await).await?;
     let consumer = optional_env("SINK_CONSUMER").unwrap_or_else(|| DEFAULT_CONSUMER.into());
     let store = PgProjectionStore::new(db);
     store.db().warm_up().await;

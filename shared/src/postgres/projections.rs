@@ -72,21 +72,17 @@ fn outcome(text: &str) -> ApplyOutcome {
 
 impl ProjectionStore for PgProjectionStore {
     #[tracing::instrument(skip_all, fields(changes = changes.len()))]
-    async fn apply_changes(&self, consumer: &str, changes: &[PaymentChange]) -> Vec<ApplyOutcome> {
+    async fn apply_changes(
+        &self,
+        consumer: &str,
+        changes: &[PaymentChange],
+    ) -> Result<Vec<ApplyOutcome>, StoreError> {
         if changes.is_empty() {
-            return Vec::new();
+            return Ok(Vec::new());
         }
-        match self
-            .db
+        self.db
             .run(|mut client| async move { apply_in(&mut client, consumer, changes).await })
             .await
-        {
-            Ok(outcomes) => outcomes,
-            Err(e) => {
-                let reason = crate::telemetry::error_chain(&e);
-                vec![ApplyOutcome::Failed(reason); changes.len()]
-            }
-        }
     }
 }
 
