@@ -216,7 +216,7 @@ pub struct DispatchSummary {
 
 impl DispatchSummary {
     fn add(&mut self, batch: DispatchSummary) {
-        self.claims += 1;
+        self.claims += batch.claim_latencies.len();
         self.claimed += batch.claimed;
         self.published += batch.published;
         self.retried += batch.retried;
@@ -307,21 +307,18 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
         let mut next_heartbeat = started;
         let mut next_cleanup = started;
         let mut outage = Outage::default();
-        let mut unrecorded: Option<ClaimedBatch> = None;
+        // Outcomes not recorded yet: the database was away, or an appender held the rows.
+        let mut unrecorded: Vec<ClaimedBatch> = Vec::new();
         loop {
             let now = Instant::now();
             if now >= stop_at {
                 summary.stopped = Some(StopReason::Deadline);
                 break;
             }
-            if let Some(batch) = unrecorded.take() {
-                match self.record_batch(batch).await {
-                    Ok(done) => {
-                        summary.add(done);
-                        outage.over();
-                    }
-                    Err((batch, e)) => {
-                        unrecorded = Some(batch);
+            if !unrecorded.is_empty() {
+                match self.record_all(&mut unrecorded, &mut summary).await {
+                    Ok(()) => outage.over(),
+                    Err(e) => {
                         outage.pause(e, &mut summary, stop_at).await?;
                         continue;
                     }
@@ -346,13 +343,10 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
             };
             outage.over();
             let empty = batch.claimed == 0;
-            match self.record_batch(batch).await {
-                Ok(done) => summary.add(done),
-                Err((batch, e)) => {
-                    unrecorded = Some(batch);
-                    outage.pause(e, &mut summary, stop_at).await?;
-                    continue;
-                }
+            unrecorded.push(batch);
+            if let Err(e) = self.record_all(&mut unrecorded, &mut summary).await {
+                outage.pause(e, &mut summary, stop_at).await?;
+                continue;
             }
             if empty {
                 let Some(pause) = self.config.idle_poll else {
@@ -363,9 +357,10 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
                     .await;
             }
         }
-        if let Some(batch) = &unrecorded {
+        let left: usize = unrecorded.iter().map(|b| b.outcomes.ids().len()).sum();
+        if left > 0 {
             tracing::warn!(
-                rows = batch.claimed,
+                rows = left,
                 "outcomes not recorded before the deadline; the rows are claimable again when \
                  their lease ends, and published ones go out once more (consumers dedupe)"
             );
@@ -379,7 +374,7 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
                     // timeout, 5 s by default, under the default 10 s margin) still ends before
                     // the deadline.
                     let final_stop = stop_at + self.config.safety_margin / 4;
-                    while unrecorded.is_none() && Instant::now() < final_stop {
+                    while unrecorded.is_empty() && Instant::now() < final_stop {
                         let batch = self.dispatch_batch().await;
                         match batch {
                             Ok(batch) if batch.claimed == 0 => {
@@ -449,10 +444,48 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
         }
     }
 
-    /// One claim, published and recorded.
+    /// One claim, published and recorded. Outcomes of rows an appender holds right now are
+    /// recorded once more, right away and then every 50 ms for up to a second; after that their
+    /// rows are claimable again when the lease ends.
     pub async fn dispatch_batch(&self) -> Result<DispatchSummary, StoreError> {
-        let batch = self.claim_and_publish().await?;
-        self.record_batch(batch).await.map_err(|(_, e)| e)
+        let mut unrecorded = vec![self.claim_and_publish().await?];
+        let mut summary = DispatchSummary::default();
+        for _ in 0..20 {
+            self.record_all(&mut unrecorded, &mut summary).await?;
+            if unrecorded.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(summary)
+    }
+
+    /// Records every batch's outcomes; keeps in `batches` only what could not be recorded yet.
+    async fn record_all(
+        &self,
+        batches: &mut Vec<ClaimedBatch>,
+        summary: &mut DispatchSummary,
+    ) -> Result<(), StoreError> {
+        let mut left = Vec::new();
+        let mut failure = None;
+        for batch in batches.drain(..) {
+            if failure.is_some() {
+                left.push(batch);
+                continue;
+            }
+            match self.record_batch(batch).await {
+                Ok((done, rest)) => {
+                    summary.add(done);
+                    left.extend(rest);
+                }
+                Err((batch, e)) => {
+                    left.push(batch);
+                    failure = Some(e);
+                }
+            }
+        }
+        *batches = left;
+        failure.map_or(Ok(()), Err)
     }
 
     /// One claim, published; the outcomes are not recorded yet.
@@ -473,6 +506,7 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
             failed_publish_calls: 0,
             claim_latency: claim_started.elapsed(),
             publish_latencies: Vec::new(),
+            counted: false,
         };
         if claimed.is_empty() {
             return Ok(batch);
@@ -508,31 +542,62 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
         Ok(batch)
     }
 
-    /// Records a published batch's outcomes; on failure hands the batch back to try again.
+    /// Records a published batch's outcomes: what was recorded as a summary, and the batch with
+    /// the outcomes still to record (rows an appender holds), if any. On failure hands the batch
+    /// back to try again.
     async fn record_batch(
         &self,
-        batch: ClaimedBatch,
-    ) -> Result<DispatchSummary, (ClaimedBatch, StoreError)> {
-        if batch.claimed > 0 {
-            if let Err(e) = self
+        mut batch: ClaimedBatch,
+    ) -> Result<(DispatchSummary, Option<ClaimedBatch>), (ClaimedBatch, StoreError)> {
+        let mut later = Outcomes::default();
+        if !batch.outcomes.is_empty() {
+            match self
                 .store
                 .record_outcomes(&batch.lease_owner, &batch.outcomes)
                 .await
             {
-                return Err((batch, e));
+                Ok(left) => later = left,
+                Err(e) => return Err((batch, e)),
             }
         }
-        Ok(DispatchSummary {
-            claimed: batch.claimed,
-            published: batch.outcomes.published.len(),
-            retried: batch.outcomes.retries.len(),
-            dead: batch.outcomes.dead.len(),
-            publish_calls: batch.publish_calls,
-            failed_publish_calls: batch.failed_publish_calls,
-            claim_latencies: vec![batch.claim_latency],
-            publish_latencies: batch.publish_latencies,
-            ..DispatchSummary::default()
-        })
+        let later_ids: std::collections::HashSet<i64> = later.ids().into_iter().collect();
+        let recorded = std::mem::take(&mut batch.outcomes).split(|id| !later_ids.contains(&id));
+        let rest = (!later.is_empty()).then(|| ClaimedBatch {
+            lease_owner: batch.lease_owner.clone(),
+            claimed: 0,
+            outcomes: later,
+            publish_calls: 0,
+            failed_publish_calls: 0,
+            claim_latency: Duration::ZERO,
+            publish_latencies: Vec::new(),
+            counted: true,
+        });
+        let outcomes = recorded.0;
+        if batch.counted {
+            return Ok((
+                DispatchSummary {
+                    published: outcomes.published.len(),
+                    retried: outcomes.retries.len(),
+                    dead: outcomes.dead.len(),
+                    ..DispatchSummary::default()
+                },
+                rest,
+            ));
+        }
+        Ok((
+            DispatchSummary {
+                claimed: batch.claimed,
+                published: outcomes.published.len(),
+                retried: outcomes.retries.len(),
+                dead: outcomes.dead.len(),
+                publish_calls: batch.publish_calls,
+                failed_publish_calls: batch.failed_publish_calls,
+                claim_latencies: vec![batch.claim_latency],
+                publish_latencies: batch.publish_latencies,
+                ..DispatchSummary::default()
+            },
+            rest,
+        ))
     }
 
     /// Serializes each row's envelope; rows that cannot be published at all (unreadable metadata,
@@ -626,6 +691,8 @@ struct ClaimedBatch {
     failed_publish_calls: usize,
     claim_latency: Duration,
     publish_latencies: Vec<Duration>,
+    /// Its claim and calls are in the summary already (outcomes left over from a first record).
+    counted: bool,
 }
 
 /// Pacing while the database is unavailable.

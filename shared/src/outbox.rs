@@ -93,6 +93,45 @@ pub struct Outcomes {
     pub dead: Vec<(i64, String)>,
 }
 
+impl Outcomes {
+    /// Whether there is nothing to record.
+    pub fn is_empty(&self) -> bool {
+        self.published.is_empty() && self.retries.is_empty() && self.dead.is_empty()
+    }
+
+    /// Every row id, in no particular order.
+    pub fn ids(&self) -> Vec<i64> {
+        self.published
+            .iter()
+            .copied()
+            .chain(self.retries.iter().map(|r| r.0))
+            .chain(self.dead.iter().map(|d| d.0))
+            .collect()
+    }
+
+    /// Splits into the outcomes of rows `now` accepts and those of the others.
+    pub fn split(&self, now: impl Fn(i64) -> bool) -> (Outcomes, Outcomes) {
+        let mut taken = Outcomes::default();
+        let mut left = Outcomes::default();
+        for &id in &self.published {
+            if now(id) { &mut taken } else { &mut left }
+                .published
+                .push(id);
+        }
+        for retry in &self.retries {
+            if now(retry.0) { &mut taken } else { &mut left }
+                .retries
+                .push(retry.clone());
+        }
+        for dead in &self.dead {
+            if now(dead.0) { &mut taken } else { &mut left }
+                .dead
+                .push(dead.clone());
+        }
+        (taken, left)
+    }
+}
+
 /// How far behind the outbox is: what the dispatcher reports as metrics after each invocation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -225,13 +225,16 @@ pub trait OutboxStore: Send + Sync {
         lease_owner: &str,
     ) -> impl Future<Output = Result<Vec<crate::outbox::ClaimedEvent>, StoreError>> + Send;
 
-    /// Records what became of rows claimed by `lease_owner`, in one transaction. A retry or a
-    /// dead-lettering only applies while the row is still leased to `lease_owner`.
+    /// Records what became of rows claimed by `lease_owner`, in one transaction, and makes the
+    /// successor of each published row its aggregate's head. A retry or a dead-lettering only
+    /// applies while the row is still leased to `lease_owner`. Returns the outcomes not recorded
+    /// yet: rows held right now by a transaction appending their successor, to record again later
+    /// (never waited for).
     fn record_outcomes(
         &self,
         lease_owner: &str,
         outcomes: &crate::outbox::Outcomes,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<crate::outbox::Outcomes, StoreError>> + Send;
 
     /// Pending and dead counts and the oldest pending row's age.
     fn backlog(&self) -> impl Future<Output = Result<crate::outbox::Backlog, StoreError>> + Send;

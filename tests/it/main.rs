@@ -5,6 +5,7 @@ mod dispatcher;
 mod function_errors;
 mod migrations;
 mod operations;
+mod order;
 mod payment_command;
 mod resilience;
 mod sample_events;

@@ -502,12 +502,33 @@ pub async fn requeue(
     loop {
         let ids = select_batch(client, which, selection, after, CHANGE_BATCH).await?;
         let Some(&last) = ids.last() else { break };
-        changed += client
-            .execute_typed(
-                REQUEUE,
-                &[(&ids, Type::INT8_ARRAY), (&which.status(), Type::TEXT)],
-            )
-            .await?;
+        // Back in line and, in the same transaction, each touched aggregate's lowest unpublished
+        // row made its head: they go out in version order (a replayed old version before newer
+        // pending ones), and no claim sees the rows in between.
+        client.batch_execute("BEGIN").await?;
+        let batch = async {
+            let n = client
+                .execute_typed(
+                    REQUEUE,
+                    &[(&ids, Type::INT8_ARRAY), (&which.status(), Type::TEXT)],
+                )
+                .await?;
+            client
+                .execute_typed("SELECT outbox_reset_heads($1)", &[(&ids, Type::INT8_ARRAY)])
+                .await?;
+            Ok::<u64, tokio_postgres::Error>(n)
+        }
+        .await;
+        match batch {
+            Ok(n) => {
+                client.batch_execute("COMMIT").await?;
+                changed += n;
+            }
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+        }
         after = last;
     }
     Ok(changed)

@@ -39,17 +39,23 @@ pub async fn append(
     Ok(())
 }
 
-/// Leases publishable rows. Served by `outbox_claim_idx` (`(next_attempt_at, id) WHERE status =
-/// 'pending'`) and ordered the same way, so its cost does not grow with retained published rows.
-/// - `FOR UPDATE SKIP LOCKED`: concurrent dispatchers take disjoint rows without waiting.
+/// Leases publishable rows. Served by `outbox_head_claim_idx` (`(next_attempt_at, id) WHERE
+/// status = 'pending' AND is_head`) and ordered the same way.
+/// - `is_head`: only an aggregate's first unpublished event is claimable, so an aggregate's
+///   events go out one by one in version order, and a failing (backing off or dead) event holds
+///   back its own aggregate only. Parked rows (not heads) are not in the index at all, and heads
+///   backing off sort after every due row: neither is read, however many there are.
+/// - Why version order is commit order, with no wait on other transactions: appending an event
+///   locks its aggregate's row in `outbox_aggregates` until the appending transaction ends
+///   (trigger `outbox_append_order`, migration V4), so version N+1 can only commit after version
+///   N. A head is visible only once its transaction committed, and its successor becomes head only
+///   when it is published (promoted in [`record_outcomes`](crate::ports::OutboxStore)). A long
+///   transaction elsewhere in the cluster holds back nothing.
+/// - `FOR UPDATE SKIP LOCKED`: concurrent dispatchers take disjoint rows without waiting, and a
+///   head whose successor is being appended right now (the appender holds it `FOR SHARE`) is
+///   taken on a later call.
 /// - `locked_until`: the claim is a lease written in this one autocommitted statement, not a lock
 ///   held across the publish; a dispatcher that dies leaves rows that are claimable once it ends.
-/// - `txid < pg_snapshot_xmin(...)`: only rows whose inserting transaction is older than every
-///   transaction still running, so the claim follows commit order, not sequence order: a smaller
-///   id committed late is never overtaken by a larger id committed early.
-/// - `NOT EXISTS`: only the first unpublished event of an aggregate (pending, leased, backing off
-///   or dead) is claimable, so an aggregate's events go out one by one in version order and a
-///   failing event holds back its own aggregate only.
 /// - `id = ANY (ARRAY(...))`: the leased rows are updated through the primary key; a join with
 ///   the CTE lets the planner hash-join against a sequential scan of the whole table.
 const CLAIM: &str = "
@@ -57,16 +63,9 @@ const CLAIM: &str = "
         SELECT o.id
         FROM outbox o
         WHERE o.status = 'pending'
+          AND o.is_head
           AND o.next_attempt_at <= now()
           AND (o.locked_until IS NULL OR o.locked_until <= now())
-          AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
-          AND NOT EXISTS (
-              SELECT 1 FROM outbox e
-              WHERE e.tenant_id = o.tenant_id
-                AND e.aggregate_type = o.aggregate_type
-                AND e.aggregate_id = o.aggregate_id
-                AND e.aggregate_version < o.aggregate_version
-                AND e.status <> 'published')
         ORDER BY o.next_attempt_at, o.id
         LIMIT $1
         FOR UPDATE OF o SKIP LOCKED
@@ -80,11 +79,31 @@ const CLAIM: &str = "
               o.aggregate_version, o.event_type, o.schema_version, o.payload, o.metadata,
               o.attempts, o.created_at";
 
+/// Locks the rows whose outcomes are about to be recorded. A row held by an appender (its
+/// successor is being appended, `FOR SHARE`) is skipped, not waited for: its outcome is recorded
+/// on a later call, so a long transaction appending to one aggregate never holds up the batch.
+const LOCK_OUTCOME_ROWS: &str = "
+    SELECT id FROM outbox WHERE id = ANY ($1) ORDER BY id FOR UPDATE SKIP LOCKED";
+
 /// Published rows leave the claim index. `published_at` records when.
 const MARK_PUBLISHED: &str = "
     UPDATE outbox
     SET status = 'published', published_at = now(), locked_until = NULL, last_error = NULL
     WHERE id = ANY($1) AND status = 'pending'";
+
+/// The successor of each row just published becomes its aggregate's head. A successor appended
+/// but not committed yet is not seen here; its appender waited for this transaction (`FOR
+/// SHARE` on the predecessor) and marks itself head when it sees the predecessor published.
+const PROMOTE_SUCCESSORS: &str = "
+    UPDATE outbox s SET is_head = true
+    FROM outbox p
+    CROSS JOIN LATERAL (
+        SELECT n.id, n.status FROM outbox n
+        WHERE n.tenant_id = p.tenant_id AND n.aggregate_type = p.aggregate_type
+          AND n.aggregate_id = p.aggregate_id AND n.aggregate_version > p.aggregate_version
+        ORDER BY n.aggregate_version
+        LIMIT 1) next
+    WHERE p.id = ANY ($1) AND s.id = next.id AND next.status <> 'published' AND NOT s.is_head";
 
 const SCHEDULE_RETRIES: &str = "
     UPDATE outbox o
@@ -175,7 +194,7 @@ impl crate::ports::OutboxStore for PgOutboxStore {
         &self,
         lease_owner: &str,
         outcomes: &crate::outbox::Outcomes,
-    ) -> Result<(), crate::ports::StoreError> {
+    ) -> Result<crate::outbox::Outcomes, crate::ports::StoreError> {
         self.db
             .run(|mut client| async move {
                 record_outcomes_in(&mut client, lease_owner, outcomes).await
@@ -236,16 +255,29 @@ impl crate::ports::OutboxStore for PgOutboxStore {
     }
 }
 
-/// Records the outcomes of one claim in one transaction on `client`.
+/// Records the outcomes of one claim in one transaction on `client`; returns those of rows an
+/// appender holds right now.
 async fn record_outcomes_in(
     client: &mut tokio_postgres::Client,
     lease_owner: &str,
     outcomes: &crate::outbox::Outcomes,
-) -> Result<(), crate::ports::StoreError> {
+) -> Result<crate::outbox::Outcomes, crate::ports::StoreError> {
     let tx = client.transaction().await?;
+    let locked: std::collections::HashSet<i64> = tx
+        .query_typed(LOCK_OUTCOME_ROWS, &[(&outcomes.ids(), Type::INT8_ARRAY)])
+        .await?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
+    let (outcomes, later) = outcomes.split(|id| locked.contains(&id));
     if !outcomes.published.is_empty() {
         tx.execute_typed(MARK_PUBLISHED, &[(&outcomes.published, Type::INT8_ARRAY)])
             .await?;
+        tx.execute_typed(
+            PROMOTE_SUCCESSORS,
+            &[(&outcomes.published, Type::INT8_ARRAY)],
+        )
+        .await?;
     }
     if !outcomes.retries.is_empty() {
         let ids: Vec<i64> = outcomes.retries.iter().map(|r| r.0).collect();
@@ -276,7 +308,7 @@ async fn record_outcomes_in(
         .await?;
     }
     tx.commit().await?;
-    Ok(())
+    Ok(later)
 }
 
 fn claimed_from_row(

@@ -1,0 +1,424 @@
+//! Per-aggregate order without a cluster-wide horizon (migration V4): appending locks the
+//! aggregate, so a version commits only after its predecessor; only heads are claimable; publishing
+//! a head promotes its successor. Against the real PostgreSQL.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use outbox_shared::aws::BusPublisher;
+use outbox_shared::dispatcher::{OutboxDispatcher, Target};
+use outbox_shared::outbox::Outcomes;
+use outbox_shared::ports::OutboxStore;
+use outbox_shared::postgres::admin::{self, Requeue, Selection};
+use outbox_shared::postgres::outbox::PgOutboxStore;
+use outbox_shared::postgres::Db;
+use outbox_tests::aws::sdk_config_for;
+use outbox_tests::fault_proxy::{FaultProxy, PoisonRule};
+use outbox_tests::{test_dispatcher_config, TestDb};
+use tokio_postgres::GenericClient;
+
+/// Appends one event of `aggregate`, its version left to the outbox.
+async fn append(client: &impl GenericClient, aggregate: &str, marker: &str) {
+    client
+        .execute(
+            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
+                                 schema_version, payload, metadata)
+             VALUES (gen_random_uuid(), 'acme', 'customer', $1, 'customer.renamed', 1,
+                     jsonb_build_object('marker', $2::text),
+                     '{\"correlation_id\":\"order-test\",\"source\":\"customers\"}')",
+            &[&aggregate, &marker],
+        )
+        .await
+        .expect("append");
+}
+
+fn standalone_dispatcher(
+    db: &TestDb,
+    sdk: &aws_config::SdkConfig,
+    name: &str,
+) -> OutboxDispatcher<PgOutboxStore, BusPublisher> {
+    let mut config = test_dispatcher_config();
+    config.max_attempts = 2;
+    OutboxDispatcher::new(
+        PgOutboxStore::new(Db::new(db.settings.clone())),
+        BusPublisher::new(
+            sdk,
+            &Target::Sns {
+                topic_arn: "arn:aws:sns:us-east-1:123456789012:standalone".into(),
+            },
+        ),
+        config,
+        name,
+    )
+}
+
+#[tokio::test]
+async fn an_open_write_transaction_in_another_database_holds_back_nothing() {
+    let db = TestDb::create().await;
+    let other = TestDb::create().await;
+    // A session left idle in a write transaction in another database of the cluster (a
+    // migration, a backfill): it holds an xid, so pg_snapshot_xmin cannot pass it.
+    let mut idle = other.client().await;
+    let idle_tx = idle.transaction().await.unwrap();
+    idle_tx
+        .execute("CREATE TABLE backfill (n int)", &[])
+        .await
+        .unwrap();
+    idle_tx
+        .execute("INSERT INTO backfill VALUES (1)", &[])
+        .await
+        .unwrap();
+
+    let client = db.client().await;
+    for i in 0..100 {
+        append(&client, &format!("c{i}"), "x").await;
+    }
+    let committed = Instant::now();
+    let proxy = FaultProxy::standalone_sns().await;
+    let sdk = sdk_config_for(&proxy.endpoint).await;
+    let dispatcher = standalone_dispatcher(&db, &sdk, "idle-tx");
+    let summary = dispatcher
+        .drain(Instant::now() + Duration::from_secs(10))
+        .await
+        .unwrap();
+    let took = committed.elapsed();
+    assert_eq!(summary.published, 100, "{summary:?}");
+    assert!(took < Duration::from_secs(1), "published after {took:?}");
+    println!("100 events published {took:?} after their commit, a write transaction open in another database");
+    idle_tx.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_aggregates_next_version_waits_for_the_previous_ones_commit() {
+    let db = TestDb::create().await;
+    let store = PgOutboxStore::new(Db::new(db.settings.clone()));
+    let mut first = db.client().await;
+    let second = db.client().await;
+    let tx = first.transaction().await.unwrap();
+    append(&tx, "c1", "first").await;
+    // The second appender of the same aggregate blocks on the aggregate's lock: it cannot commit
+    // (or even get its version) before the first ends.
+    let blocked = tokio::spawn(async move {
+        append(&second, "c1", "second").await;
+        second
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!blocked.is_finished(), "the second append did not wait");
+    assert!(
+        store
+            .claim_batch(10, Duration::from_secs(5), "t")
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing of the aggregate is visible yet"
+    );
+    tx.commit().await.unwrap();
+    blocked.await.unwrap();
+
+    let client = db.client().await;
+    let versions: Vec<(String, i64, bool)> = client
+        .query(
+            "SELECT payload->>'marker', aggregate_version, is_head FROM outbox ORDER BY aggregate_version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        versions,
+        [("first".into(), 1, true), ("second".into(), 2, false)]
+    );
+    // Only the head is claimable; publishing it makes the next one the head.
+    let claimed = store
+        .claim_batch(10, Duration::from_secs(5), "t")
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].aggregate_version, 1);
+    let left = store
+        .record_outcomes(
+            "t",
+            &Outcomes {
+                published: vec![claimed[0].id],
+                ..Outcomes::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(left.is_empty());
+    let claimed = store
+        .claim_batch(10, Duration::from_secs(5), "t")
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].aggregate_version, 2);
+}
+
+#[tokio::test]
+async fn an_explicit_version_at_or_below_the_last_is_refused_as_a_duplicate() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    append(&client, "c1", "v1").await;
+    append(&client, "c1", "v2").await;
+    let err = client
+        .execute(
+            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
+                                 event_type, schema_version, payload)
+             VALUES (gen_random_uuid(), 'acme', 'customer', 'c1', 2, 'customer.renamed', 1, '{}')",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION),
+        "{err:?}"
+    );
+    assert_eq!(db.count(&client, "outbox").await, 2);
+}
+
+#[tokio::test]
+async fn parked_and_backing_off_rows_are_not_read_by_the_claim() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    // 20,000 aggregates parked behind a dead first event, 20,000 whose head backs off for an
+    // hour, all older than 100 fresh heads.
+    client
+        .batch_execute(
+            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
+                                 event_type, schema_version, payload, metadata)
+             SELECT gen_random_uuid(), 'acme', 'customer', 'p' || a, v, 'customer.renamed', 1, '{}',
+                    '{\"correlation_id\":\"x\",\"source\":\"customers\"}'
+             FROM generate_series(1, 20000) a, generate_series(1, 2) v ORDER BY v, a;
+             UPDATE outbox SET status = 'dead' WHERE aggregate_id LIKE 'p%' AND aggregate_version = 1;
+             INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
+                                 event_type, schema_version, payload, metadata, next_attempt_at)
+             SELECT gen_random_uuid(), 'acme', 'customer', 'b' || a, 1, 'customer.renamed', 1, '{}',
+                    '{\"correlation_id\":\"x\",\"source\":\"customers\"}', now() + interval '1 hour'
+             FROM generate_series(1, 20000) a;
+             INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
+                                 event_type, schema_version, payload, metadata)
+             SELECT gen_random_uuid(), 'acme', 'customer', 'f' || a, 1, 'customer.renamed', 1, '{}',
+                    '{\"correlation_id\":\"x\",\"source\":\"customers\"}'
+             FROM generate_series(1, 100) a;",
+        )
+        .await
+        .unwrap();
+    client.batch_execute("VACUUM ANALYZE outbox").await.unwrap();
+    assert_eq!(
+        db.count(&client, "outbox WHERE status = 'pending' AND NOT is_head")
+            .await,
+        20_000,
+        "the parked rows are not heads"
+    );
+    let plan = outbox_shared::postgres::outbox::explain_claim(&client, 500, true)
+        .await
+        .unwrap();
+    // The scan of the claim's index, not the update of the rows it found.
+    let scan: Vec<&str> = plan
+        .lines()
+        .skip_while(|l| !l.contains("Index Scan using outbox_head_claim_idx"))
+        .take_while(|l| !l.contains("InitPlan"))
+        .collect();
+    let buffers: u64 = scan
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("Buffers: shared hit="))
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no buffer counts for the index scan in {plan}"));
+    println!(
+        "claim of 500 with 40,000 parked or backing-off rows ahead: the index scan read {buffers} buffers\n{plan}"
+    );
+    // The 100 due heads' index entries: a handful of pages, not one per parked row (40,000).
+    assert!(buffers < 50, "{plan}");
+    assert!(
+        !scan.iter().any(|l| l.contains("Rows Removed by Filter")),
+        "the scan filtered rows out: {plan}"
+    );
+    assert!(plan.contains("outbox_head_claim_idx"), "{plan}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_two_dispatchers_and_a_redrive_at_once_leave_nothing_stuck_or_out_of_order() {
+    let db = TestDb::create().await;
+    let proxy = FaultProxy::standalone_sns().await;
+    proxy.stats.keep_bodies.store(true, Ordering::Relaxed);
+    // Some events can never be published until redriven: they go dead and park their aggregate.
+    proxy.add_poison(PoisonRule {
+        needle: "poison".into(),
+        code: "InvalidParameter".into(),
+        sender_fault: true,
+    });
+    let sdk = sdk_config_for(&proxy.endpoint).await;
+    let aggregates = 40;
+    let per_producer = 150;
+    let producers: Vec<_> = (0..4)
+        .map(|p| {
+            let db_settings = db.settings.clone();
+            tokio::spawn(async move {
+                let mut client = db_settings.connect().await.unwrap();
+                let mut rng = fastrand::Rng::with_seed(p);
+                for n in 0..per_producer {
+                    let aggregate = format!("c{}", rng.usize(0..aggregates));
+                    let marker = if n % 50 == 7 {
+                        format!("poison-{p}-{n}")
+                    } else {
+                        format!("{p}-{n}")
+                    };
+                    // Some appends in longer transactions, so successors are appended while
+                    // their predecessors are being published.
+                    let tx = client.transaction().await.unwrap();
+                    append(&tx, &aggregate, &marker).await;
+                    if rng.u8(0..4) == 0 {
+                        tokio::time::sleep(Duration::from_millis(rng.u64(1..30))).await;
+                    }
+                    tx.commit().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let a = standalone_dispatcher(&db, &sdk, "a");
+    let b = standalone_dispatcher(&db, &sdk, "b");
+    let drains = async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut redriven = false;
+        loop {
+            let (ra, rb) = tokio::join!(
+                a.drain(Instant::now() + Duration::from_secs(2)),
+                b.drain(Instant::now() + Duration::from_secs(2))
+            );
+            ra.unwrap();
+            rb.unwrap();
+            let client = db.client().await;
+            let dead = db.count(&client, "outbox WHERE status = 'dead'").await;
+            if dead > 0 && producers_done(&db).await {
+                // The bus takes the poison now (every poisoned event, also those still parked
+                // behind a dead one); redrive while the dispatchers run again.
+                client
+                    .execute(
+                        "UPDATE outbox SET payload = jsonb_set(payload, '{marker}', '\"cured\"')
+                         WHERE payload->>'marker' LIKE 'poison%'",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                let selection = Selection {
+                    all: true,
+                    ..Selection::default()
+                };
+                admin::requeue(&client, Requeue::Dead, &selection)
+                    .await
+                    .unwrap();
+                redriven = true;
+            }
+            let left = db
+                .count(&client, "outbox WHERE status <> 'published'")
+                .await;
+            if redriven && left == 0 {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let stuck: Vec<String> = client
+                    .query(
+                        "SELECT concat_ws(' ', aggregate_id, aggregate_version, status, is_head,
+                                attempts, locked_until > now(), next_attempt_at > now(), last_error)
+                         FROM outbox o WHERE EXISTS (SELECT 1 FROM outbox u WHERE u.status <> 'published'
+                              AND u.aggregate_id = o.aggregate_id)
+                         ORDER BY aggregate_id, aggregate_version",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                panic!("{left} events never published:\n{}", stuck.join("\n"));
+            }
+        }
+    };
+    let (produced, ()) = tokio::join!(futures_util::future::join_all(producers), drains);
+    for p in produced {
+        p.unwrap();
+    }
+
+    // On the wire: each aggregate's versions first arrived in increasing order, none missing.
+    let client = db.client().await;
+    let rows: HashMap<String, (String, i64)> = client
+        .query(
+            "SELECT event_id::text, aggregate_id, aggregate_version FROM outbox",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    assert_eq!(rows.len(), 4 * per_producer as usize);
+    let mut last: HashMap<String, i64> = HashMap::new();
+    let mut seen = HashSet::new();
+    for id in proxy.stats.event_ids.lock().unwrap().iter() {
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        let (aggregate, version) = &rows[id];
+        let previous = last.insert(aggregate.clone(), *version).unwrap_or(0);
+        assert_eq!(
+            *version,
+            previous + 1,
+            "{aggregate}: v{version} after v{previous}"
+        );
+    }
+    assert_eq!(seen.len(), rows.len(), "every event reached the bus");
+}
+
+async fn producers_done(db: &TestDb) -> bool {
+    let client = db.client().await;
+    db.count(&client, "outbox").await == 4 * 150
+}
+
+#[tokio::test]
+async fn recording_never_waits_for_an_appender_and_still_promotes_its_event() {
+    let db = TestDb::create().await;
+    let store = PgOutboxStore::new(Db::new(db.settings.clone()));
+    let client = db.client().await;
+    append(&client, "c1", "v1").await;
+    let claimed = store
+        .claim_batch(10, Duration::from_secs(30), "t")
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    // An appender of v2 holds v1 (FOR SHARE) until it commits; a long transaction, say.
+    let mut appender = db.client().await;
+    let tx = appender.transaction().await.unwrap();
+    append(&tx, "c1", "v2").await;
+    let published = Outcomes {
+        published: vec![claimed[0].id],
+        ..Outcomes::default()
+    };
+    let started = Instant::now();
+    let left = store.record_outcomes("t", &published).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the record waited"
+    );
+    assert_eq!(left, published, "v1 is left for later, not waited for");
+    tx.commit().await.unwrap();
+
+    // The appender saw v1 pending: v2 is parked until v1's outcome is recorded, which promotes it.
+    assert!(store
+        .claim_batch(10, Duration::from_secs(30), "u")
+        .await
+        .unwrap()
+        .is_empty());
+    let left = store.record_outcomes("t", &published).await.unwrap();
+    assert!(left.is_empty());
+    let claimed = store
+        .claim_batch(10, Duration::from_secs(30), "u")
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].aggregate_version, 2);
+}
