@@ -246,7 +246,12 @@ impl DispatchSummary {
                     Unit::Seconds,
                     backlog.oldest_pending_age_seconds,
                 )
-                .count("DeadRows", backlog.dead.max(0) as usize);
+                .count("DeadRows", backlog.dead.max(0) as usize)
+                .value(
+                    "OldestTransactionAge",
+                    Unit::Seconds,
+                    backlog.oldest_transaction_age_seconds,
+                );
         }
         doc.property("claims", self.claims)
             .property("publishCalls", self.publish_calls)

@@ -142,4 +142,19 @@ pub struct Backlog {
     pub oldest_pending_age_seconds: f64,
     /// Rows that will not be published until an operator re-drives them.
     pub dead: i64,
+    /// Age of the oldest transaction holding a transaction id anywhere in the cluster (any
+    /// database, prepared transactions included), seconds; 0 when none. It no longer holds back
+    /// publishing, but it keeps vacuum from removing the outbox's dead rows, so the claim's index
+    /// bloats while it runs. Needs `pg_read_all_stats` (or `pg_monitor`) to see other roles'
+    /// sessions.
+    pub oldest_transaction_age_seconds: f64,
 }
+
+/// The oldest transaction holding an xid, in seconds: sessions (any database, any role the
+/// caller may see) and prepared transactions.
+pub const OLDEST_TRANSACTION_AGE_SQL: &str = "
+    greatest(
+        coalesce((SELECT max(extract(epoch FROM now() - xact_start)) FROM pg_stat_activity
+                  WHERE backend_xid IS NOT NULL), 0),
+        coalesce((SELECT max(extract(epoch FROM now() - prepared)) FROM pg_prepared_xacts), 0)
+    )::float8";

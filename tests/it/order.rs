@@ -69,6 +69,7 @@ async fn an_open_write_transaction_in_another_database_holds_back_nothing() {
         .execute("INSERT INTO backfill VALUES (1)", &[])
         .await
         .unwrap();
+    let opened = Instant::now();
 
     let client = db.client().await;
     for i in 0..100 {
@@ -86,6 +87,39 @@ async fn an_open_write_transaction_in_another_database_holds_back_nothing() {
     assert_eq!(summary.published, 100, "{summary:?}");
     assert!(took < Duration::from_secs(1), "published after {took:?}");
     println!("100 events published {took:?} after their commit, a write transaction open in another database");
+
+    // It no longer holds back publishing, but it holds back vacuum: the metrics and
+    // `outboxctl status` show its age.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let open_for = opened.elapsed().as_secs_f64();
+    let backlog = dispatcher.store().backlog().await.unwrap();
+    assert!(
+        backlog.oldest_transaction_age_seconds >= open_for - 0.05,
+        "{backlog:?} while a transaction has been open {open_for} s"
+    );
+    let summary = outbox_shared::dispatcher::DispatchSummary {
+        backlog: Some(backlog),
+        ..Default::default()
+    };
+    let lines = summary
+        .metrics("outbox-dispatcher")
+        .render(std::time::SystemTime::now());
+    assert!(
+        lines.iter().any(|l| l.contains("\"OldestTransactionAge\"")),
+        "{lines:?}"
+    );
+    let output = std::process::Command::new(outbox_tests::workspace_binary("outboxctl"))
+        .args(["status", "--json"])
+        .env("DATABASE_URL", &db.url)
+        .env("DATABASE_TLS", "disable")
+        .output()
+        .expect("run outboxctl status");
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stderr)));
+    let reported = status["backlog"]["oldestTransactionAgeSeconds"]
+        .as_f64()
+        .unwrap();
+    assert!(reported >= open_for - 0.05, "{status}");
     idle_tx.rollback().await.unwrap();
 }
 

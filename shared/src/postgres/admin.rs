@@ -138,11 +138,16 @@ const COUNTS: &str = "
     GROUP BY tenant_id
     ORDER BY tenant_id";
 
-const BACKLOG: &str = "
-    SELECT (SELECT count(*) FROM outbox
-            WHERE status = 'pending' AND ($1::text IS NULL OR tenant_id = $1)) AS pending,
-           (SELECT count(*) FROM outbox
-            WHERE status = 'dead' AND ($1::text IS NULL OR tenant_id = $1)) AS dead";
+fn backlog_sql() -> String {
+    format!(
+        "SELECT (SELECT count(*) FROM outbox
+                 WHERE status = 'pending' AND ($1::text IS NULL OR tenant_id = $1)) AS pending,
+                (SELECT count(*) FROM outbox
+                 WHERE status = 'dead' AND ($1::text IS NULL OR tenant_id = $1)) AS dead,
+                {} AS oldest_xact_age",
+        crate::outbox::OLDEST_TRANSACTION_AGE_SQL
+    )
+}
 
 /// The oldest by id among pending rows (ids follow insertion order).
 const OLDEST_PENDING: &str = "
@@ -206,7 +211,9 @@ pub async fn status(
             })
         })
         .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
-    let totals = client.query_typed(BACKLOG, &[(t, Type::TEXT)]).await?;
+    let totals = client
+        .query_typed(&backlog_sql(), &[(t, Type::TEXT)])
+        .await?;
     let oldest = client
         .query_typed(OLDEST_PENDING, &[(t, Type::TEXT)])
         .await?;
@@ -229,6 +236,7 @@ pub async fn status(
             Some(r) => r.try_get("age")?,
             None => 0.0,
         },
+        oldest_transaction_age_seconds: totals[0].try_get("oldest_xact_age")?,
     };
     let parked = client
         .query_typed(PARKED, &[(t, Type::TEXT), (&limit, Type::INT8)])

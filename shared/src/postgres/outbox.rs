@@ -119,13 +119,18 @@ const MARK_DEAD: &str = "
     WHERE o.id = r.id AND o.locked_by = $3 AND o.status = 'pending'";
 
 /// Served by the two partial indexes (pending, dead): the cost follows the backlog, not the
-/// rows retained.
-const BACKLOG: &str = "
-    SELECT p.pending,
-           coalesce(extract(epoch FROM now() - p.oldest), 0)::float8 AS oldest_age,
-           (SELECT count(*) FROM outbox WHERE status = 'dead') AS dead
-    FROM (SELECT count(*) AS pending, min(created_at) AS oldest
-          FROM outbox WHERE status = 'pending') p";
+/// rows retained. With the cluster's oldest transaction holding an xid.
+fn backlog_sql() -> String {
+    format!(
+        "SELECT p.pending,
+                coalesce(extract(epoch FROM now() - p.oldest), 0)::float8 AS oldest_age,
+                (SELECT count(*) FROM outbox WHERE status = 'dead') AS dead,
+                {} AS oldest_xact_age
+         FROM (SELECT count(*) AS pending, min(created_at) AS oldest
+               FROM outbox WHERE status = 'pending') p",
+        crate::outbox::OLDEST_TRANSACTION_AGE_SQL
+    )
+}
 
 /// Renews the owner's heartbeat, and forgets those of dispatchers that died a while ago.
 const HEARTBEAT: &str = "
@@ -205,12 +210,13 @@ impl crate::ports::OutboxStore for PgOutboxStore {
     async fn backlog(&self) -> Result<crate::outbox::Backlog, crate::ports::StoreError> {
         let row = self
             .db
-            .run(|client| async move { Ok(client.query_one(BACKLOG, &[]).await?) })
+            .run(|client| async move { Ok(client.query_one(&backlog_sql(), &[]).await?) })
             .await?;
         Ok(crate::outbox::Backlog {
             pending: row.try_get("pending")?,
             oldest_pending_age_seconds: row.try_get("oldest_age")?,
             dead: row.try_get("dead")?,
+            oldest_transaction_age_seconds: row.try_get("oldest_xact_age")?,
         })
     }
 

@@ -114,6 +114,16 @@ pub fn status(report: &StatusReport) -> String {
         }
         None => out.push_str("Oldest pending: none, every event is published or dead\n"),
     }
+    let _ = writeln!(
+        out,
+        "Oldest transaction holding an xid (whole cluster): {}{}",
+        age(report.backlog.oldest_transaction_age_seconds),
+        if report.backlog.oldest_transaction_age_seconds > 600.0 {
+            " — vacuum cannot clean the outbox behind it (docs/operations.md#oldest-transaction-age)"
+        } else {
+            ""
+        }
+    );
     let d = &report.dispatcher;
     if d.active.is_empty() {
         let woken = d
