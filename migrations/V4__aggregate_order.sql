@@ -114,3 +114,12 @@ LANGUAGE sql AS $$
       AND o.aggregate_id = t.aggregate_id AND o.status <> 'published'
       AND o.is_head IS DISTINCT FROM (o.id IN (SELECT id FROM heads));
 $$;
+
+-- Vacuum always cleans the outbox's indexes. Since PostgreSQL 14, vacuum skips index cleanup when
+-- under about 2% of a table's pages hold dead rows ("bypass"). On a large outbox that is the usual
+-- case, yet those dead entries are exactly the head of the claim's partial index (rows just
+-- published, dead-lettered or re-headed): every claim then visits their heap pages before the
+-- first live row. Measured on 1M published + 60k pending rows after 20,000 heads went dead: the
+-- claim's index scan read 647 buffers after a bypassing vacuum, 26 after one that cleaned the
+-- index (docs/claim-plan.md).
+ALTER TABLE outbox SET (vacuum_index_cleanup = on);

@@ -100,9 +100,24 @@ async fn dispatcher_loop(rows: usize, latency: Duration) -> (f64, usize) {
 
 /// 4: producers commit events at `rate`/s for `seconds` while dispatchers drain continuously;
 /// latency from the row's commit to its arrival at the endpoint.
-async fn commit_to_publish(rate: usize, seconds: u64) -> (f64, f64, f64, usize) {
+async fn commit_to_publish(
+    rate: usize,
+    seconds: u64,
+    idle_elsewhere: bool,
+) -> (f64, f64, f64, usize) {
     let db = TestDb::create().await;
     let client = db.client().await;
+    // A session left idle in a write transaction in another database of the cluster for the
+    // whole run (it holds an xid, so the old commit-order horizon could not pass it).
+    let other = TestDb::create().await;
+    let mut idle = other.client().await;
+    let idle_tx = idle.transaction().await.expect("begin elsewhere");
+    if idle_elsewhere {
+        idle_tx
+            .batch_execute("CREATE TABLE backfill (n int); INSERT INTO backfill VALUES (1)")
+            .await
+            .expect("write elsewhere");
+    }
     // The producer stamps commit time itself: clock_timestamp() at the end of its transaction.
     client
         .batch_execute("ALTER TABLE outbox ADD COLUMN bench_committed_at timestamptz")
@@ -163,6 +178,10 @@ async fn commit_to_publish(rate: usize, seconds: u64) -> (f64, f64, f64, usize) 
     for t in tasks {
         t.await.expect("dispatcher task");
     }
+    idle_tx
+        .rollback()
+        .await
+        .expect("end the transaction elsewhere");
     let arrivals = endpoint.stats.arrivals.lock().unwrap().clone();
     let latencies = arrival_latencies(&client, "bench_committed_at", &arrivals, produced).await;
     (
@@ -189,8 +208,50 @@ async fn retained_claim_latency(retained: usize, claims: usize) -> (f64, f64) {
     bench::claim_latency(&db, claims).await
 }
 
+/// 6: claims of 500 with `parked` aggregates parked behind a dead first event and `parked`
+/// heads backing off for an hour, all older than the fresh rows claimed.
+async fn parked_claim_latency(parked: usize, claims: usize) -> (f64, f64) {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
+                                 event_type, schema_version, payload, metadata)
+             SELECT gen_random_uuid(), 'bench', 'payment', 'parked' || a, v, 'payment.paid', 1,
+                    '{\"note\":\"parked\"}', '{\"correlation_id\":\"b\",\"source\":\"payments\"}'
+             FROM generate_series(1, $1::bigint) a, generate_series(1, 2) v ORDER BY v, a",
+            &[&(parked as i64)],
+        )
+        .await
+        .expect("parked");
+    client
+        .execute(
+            "UPDATE outbox SET status = 'dead' WHERE aggregate_id LIKE 'parked%' AND aggregate_version = 1",
+            &[],
+        )
+        .await
+        .expect("dead heads");
+    client
+        .execute(
+            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
+                                 event_type, schema_version, payload, metadata, next_attempt_at)
+             SELECT gen_random_uuid(), 'bench', 'payment', 'backoff' || a, 1, 'payment.paid', 1,
+                    '{\"note\":\"backoff\"}', '{\"correlation_id\":\"b\",\"source\":\"payments\"}',
+                    now() + interval '1 hour'
+             FROM generate_series(1, $1::bigint) a",
+            &[&(parked as i64)],
+        )
+        .await
+        .expect("backing off");
+    seed(&db, claims * 500, "pending", Duration::ZERO).await;
+    bench::claim_latency_of(&db, claims, 500).await
+}
+
 #[tokio::main]
 async fn main() {
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("order") {
+        return order_benchmarks().await;
+    }
     let rows = env_usize("BENCH_ROWS", 200_000);
     let retained = env_usize("BENCH_RETAINED", 1_000_000);
 
@@ -210,7 +271,7 @@ async fn main() {
         slow / floor
     );
 
-    let (p50, p99, max, produced) = commit_to_publish(1_000, 20).await;
+    let (p50, p99, max, produced) = commit_to_publish(1_000, 20, false).await;
     println!("\n## Commit-to-publish latency (1000 events/s committed for 20 s, {DISPATCHERS} dispatchers polling every 5 ms when idle)\n");
     println!("| events | p50 ms | p99 ms | max ms |");
     println!("|---|---|---|---|");
@@ -224,4 +285,26 @@ async fn main() {
     println!("| 10000 | {small50:.2} | {small99:.2} |");
     println!("| {retained} | {large50:.2} | {large99:.2} |");
     println!("\nratio (p50, large / small): {:.2}", large50 / small50);
+}
+
+/// The claim redesign's figures: parked and backing-off rows ahead of the claim, and a write
+/// transaction open in another database while events are committed and published.
+async fn order_benchmarks() {
+    let parked = env_usize("BENCH_PARKED", 100_000);
+    let (none50, none99) = parked_claim_latency(0, 40).await;
+    let (many50, many99) = parked_claim_latency(parked, 40).await;
+    println!("## Claim of 500 with parked and backing-off rows ahead (40 claims each)\n");
+    println!("| rows ahead of the fresh ones | p50 ms | p99 ms |");
+    println!("|---|---|---|");
+    println!("| none | {none50:.2} | {none99:.2} |");
+    println!("| {parked} parked + {parked} backing off | {many50:.2} | {many99:.2} |");
+    println!("\nratio (p50, with / without): {:.2}\n", many50 / none50);
+
+    let (p50, p99, max, produced) = commit_to_publish(1_000, 20, false).await;
+    let (ip50, ip99, imax, iproduced) = commit_to_publish(1_000, 20, true).await;
+    println!("## Commit-to-publish latency (1000 events/s for 20 s, {DISPATCHERS} dispatchers polling every 5 ms when idle)\n");
+    println!("| while | events | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|");
+    println!("| nothing else runs | {produced} | {p50:.1} | {p99:.1} | {max:.1} |");
+    println!("| a write transaction stays open in another database for the whole run | {iproduced} | {ip50:.1} | {ip99:.1} | {imax:.1} |");
 }

@@ -109,17 +109,22 @@ pub async fn arrival_latencies(
 /// Claim latency: `claims` claims of 100 on `db` (which must hold that many pending rows), each
 /// marked published before the next; returns (p50, p99) in milliseconds.
 pub async fn claim_latency(db: &TestDb, claims: usize) -> (f64, f64) {
+    claim_latency_of(db, claims, 100).await
+}
+
+/// Claim latency with claims of `batch` rows (see [`claim_latency`]).
+pub async fn claim_latency_of(db: &TestDb, claims: usize, batch: usize) -> (f64, f64) {
     let store = PgOutboxStore::new(outbox_shared::postgres::Db::new(db.settings.clone()));
     let mut latencies = Vec::with_capacity(claims);
     for i in 0..claims {
         let owner = format!("lat-{i}");
         let t = std::time::Instant::now();
         let claimed = store
-            .claim_batch(100, Duration::from_secs(60), &owner)
+            .claim_batch(batch as i64, Duration::from_secs(60), &owner)
             .await
             .expect("claim");
         latencies.push(t.elapsed());
-        assert_eq!(claimed.len(), 100);
+        assert_eq!(claimed.len(), batch);
         mark_published(&store, &owner, &claimed).await;
     }
     latencies.sort();
