@@ -212,37 +212,7 @@ async fn retained_claim_latency(retained: usize, claims: usize) -> (f64, f64) {
 /// heads backing off for an hour, all older than the fresh rows claimed.
 async fn parked_claim_latency(parked: usize, claims: usize) -> (f64, f64) {
     let db = TestDb::create().await;
-    let client = db.client().await;
-    client
-        .execute(
-            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
-                                 event_type, schema_version, payload, metadata)
-             SELECT gen_random_uuid(), 'bench', 'payment', 'parked' || a, v, 'payment.paid', 1,
-                    '{\"note\":\"parked\"}', '{\"correlation_id\":\"b\",\"source\":\"payments\"}'
-             FROM generate_series(1, $1::bigint) a, generate_series(1, 2) v ORDER BY v, a",
-            &[&(parked as i64)],
-        )
-        .await
-        .expect("parked");
-    client
-        .execute(
-            "UPDATE outbox SET status = 'dead' WHERE aggregate_id LIKE 'parked%' AND aggregate_version = 1",
-            &[],
-        )
-        .await
-        .expect("dead heads");
-    client
-        .execute(
-            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
-                                 event_type, schema_version, payload, metadata, next_attempt_at)
-             SELECT gen_random_uuid(), 'bench', 'payment', 'backoff' || a, 1, 'payment.paid', 1,
-                    '{\"note\":\"backoff\"}', '{\"correlation_id\":\"b\",\"source\":\"payments\"}',
-                    now() + interval '1 hour'
-             FROM generate_series(1, $1::bigint) a",
-            &[&(parked as i64)],
-        )
-        .await
-        .expect("backing off");
+    bench::seed_parked_and_backing_off(&db.client().await, parked).await;
     seed(&db, claims * 500, "pending", Duration::ZERO).await;
     bench::claim_latency_of(&db, claims, 500).await
 }

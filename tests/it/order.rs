@@ -220,20 +220,10 @@ async fn parked_and_backing_off_rows_are_not_read_by_the_claim() {
     let client = db.client().await;
     // 20,000 aggregates parked behind a dead first event, 20,000 whose head backs off for an
     // hour, all older than 100 fresh heads.
+    outbox_tests::bench::seed_parked_and_backing_off(&client, 20_000).await;
     client
         .batch_execute(
             "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
-                                 event_type, schema_version, payload, metadata)
-             SELECT gen_random_uuid(), 'acme', 'customer', 'p' || a, v, 'customer.renamed', 1, '{}',
-                    '{\"correlation_id\":\"x\",\"source\":\"customers\"}'
-             FROM generate_series(1, 20000) a, generate_series(1, 2) v ORDER BY v, a;
-             UPDATE outbox SET status = 'dead' WHERE aggregate_id LIKE 'p%' AND aggregate_version = 1;
-             INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
-                                 event_type, schema_version, payload, metadata, next_attempt_at)
-             SELECT gen_random_uuid(), 'acme', 'customer', 'b' || a, 1, 'customer.renamed', 1, '{}',
-                    '{\"correlation_id\":\"x\",\"source\":\"customers\"}', now() + interval '1 hour'
-             FROM generate_series(1, 20000) a;
-             INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
                                  event_type, schema_version, payload, metadata)
              SELECT gen_random_uuid(), 'acme', 'customer', 'f' || a, 1, 'customer.renamed', 1, '{}',
                     '{\"correlation_id\":\"x\",\"source\":\"customers\"}'

@@ -36,22 +36,14 @@ async fn a_rotated_password_costs_the_payment_command_no_request() {
     let (conn, reads) = secret.db(Duration::from_secs(5)).await;
     let handler = PaymentCommandHandler::new(PgPaymentStore::new(conn), HandlerConfig::default());
 
-    let first = invoke(
-        &handler,
-        paid_request("acme", "pay_r1", paid_body(100, "EUR")),
-    )
-    .await;
+    let first = pay(&handler, "pay_r1").await;
     assert_eq!(first.status, 200, "{}", first.body);
 
     rotate(&cluster, &secret, "pw-after", "AWSCURRENT").await;
     let mut statuses = Vec::new();
     for n in 2..=4 {
         let payment = format!("pay_r{n}");
-        let reply = invoke(
-            &handler,
-            paid_request("acme", &payment, paid_body(100, "EUR")),
-        )
-        .await;
+        let reply = pay(&handler, &payment).await;
         statuses.push(reply.status);
     }
     assert_eq!(statuses, [200, 200, 200], "{}", cluster.log());
@@ -346,20 +338,12 @@ async fn a_command_during_an_outage_gets_a_503_and_the_next_one_succeeds() {
     let cluster = PrivateCluster::start();
     let db = TestDb::create_on(&cluster).await;
     let handler = db.payment_handler();
-    let ok = invoke(
-        &handler,
-        paid_request("acme", "pay_o1", paid_body(100, "EUR")),
-    )
-    .await;
+    let ok = pay(&handler, "pay_o1").await;
     assert_eq!(ok.status, 200);
 
     cluster.stop();
     let started = Instant::now();
-    let down = invoke(
-        &handler,
-        paid_request("acme", "pay_o2", paid_body(100, "EUR")),
-    )
-    .await;
+    let down = pay(&handler, "pay_o2").await;
     let took = started.elapsed();
     assert_eq!(down.status, 503, "{}", down.body);
     assert!(
@@ -371,11 +355,7 @@ async fn a_command_during_an_outage_gets_a_503_and_the_next_one_succeeds() {
     println!("command while the server is down: 503 after {took:?}");
 
     cluster.start_again();
-    let again = invoke(
-        &handler,
-        paid_request("acme", "pay_o2", paid_body(100, "EUR")),
-    )
-    .await;
+    let again = pay(&handler, "pay_o2").await;
     assert_eq!(again.status, 200, "{}", again.body);
     // The 503 wrote nothing: the retry is the first and only payment.
     let admin = db.client().await;
@@ -419,21 +399,13 @@ async fn a_connection_that_stops_answering_is_given_up_within_the_bound() {
         test_dispatcher_config(),
         "stall-test",
     );
-    let ok = invoke(
-        &handler,
-        paid_request("acme", "pay_h1", paid_body(100, "EUR")),
-    )
-    .await;
+    let ok = pay(&handler, "pay_h1").await;
     assert_eq!(ok.status, 200);
 
     proxy.stall();
     // The command: a 503 once the operation bound passes, not the Lambda timeout.
     let started = Instant::now();
-    let stuck = invoke(
-        &handler,
-        paid_request("acme", "pay_h2", paid_body(100, "EUR")),
-    )
-    .await;
+    let stuck = pay(&handler, "pay_h2").await;
     let took = started.elapsed();
     assert_eq!(stuck.status, 503, "{}", stuck.body);
     assert!(
@@ -459,15 +431,23 @@ async fn a_connection_that_stops_answering_is_given_up_within_the_bound() {
     println!("silent connection: a drain with a 4 s deadline failed after {took:?}");
 
     proxy.resume();
-    let back = invoke(
-        &handler,
-        paid_request("acme", "pay_h3", paid_body(100, "EUR")),
-    )
-    .await;
+    let back = pay(&handler, "pay_h3").await;
     assert_eq!(back.status, 200, "{}", back.body);
     let summary = dispatcher
         .drain(Instant::now() + Duration::from_secs(10))
         .await
         .expect("drain after the network came back");
     assert!(summary.published >= 2, "{summary:?}");
+}
+
+/// A paid command of 100 EUR for `payment` of tenant acme, through the handler.
+async fn pay<W: outbox_shared::ports::WakeDispatcher>(
+    handler: &PaymentCommandHandler<PgPaymentStore, W>,
+    payment: &str,
+) -> outbox_tests::Reply {
+    invoke(
+        handler,
+        paid_request("acme", payment, paid_body(100, "EUR")),
+    )
+    .await
 }

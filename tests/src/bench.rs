@@ -51,6 +51,29 @@ pub async fn seed(db: &TestDb, rows: usize, status: &str, published_ago: Duratio
         .expect("checkpoint");
 }
 
+/// Puts `count` aggregates parked behind a dead first event (a dead head and a pending second
+/// version each) and `count` heads backing off for an hour in the outbox: the rows a claim must
+/// never read. Insert the rows the claim should take afterwards, so these are older.
+pub async fn seed_parked_and_backing_off(client: &tokio_postgres::Client, count: usize) {
+    client
+        .batch_execute(&format!(
+            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
+                                 event_type, schema_version, payload, metadata)
+             SELECT gen_random_uuid(), 'bench', 'payment', 'parked' || a, v, 'payment.paid', 1,
+                    '{{\"note\":\"parked\"}}', '{{\"correlation_id\":\"b\",\"source\":\"payments\"}}'
+             FROM generate_series(1, {count}) a, generate_series(1, 2) v ORDER BY v, a;
+             UPDATE outbox SET status = 'dead' WHERE aggregate_id LIKE 'parked%' AND aggregate_version = 1;
+             INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
+                                 event_type, schema_version, payload, metadata, next_attempt_at)
+             SELECT gen_random_uuid(), 'bench', 'payment', 'backoff' || a, 1, 'payment.paid', 1,
+                    '{{\"note\":\"backoff\"}}', '{{\"correlation_id\":\"b\",\"source\":\"payments\"}}',
+                    now() + interval '1 hour'
+             FROM generate_series(1, {count}) a;"
+        ))
+        .await
+        .expect("seed parked and backing-off rows");
+}
+
 /// The `p` quantile of sorted latencies, in milliseconds.
 pub fn pct(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
