@@ -480,19 +480,141 @@ mod properties {
         }
 
         #[test]
-        fn accepted_commands_are_within_bounds(body in hostile_object()) {
-            if let Ok(cmd) = parse_mark_paid(body.as_bytes()) {
-                prop_assert!((1..=MAX_AMOUNT_MINOR).contains(&cmd.amount_minor));
-                prop_assert!(!cmd.verified_by.is_empty());
-                prop_assert!(cmd.verified_by.chars().count() <= MAX_VERIFIED_BY_CHARS);
-            }
-        }
-
-        #[test]
         fn bodies_are_bounded_whatever_the_encoding(raw in ".{0,64}", b64 in any::<bool>(), max in 0usize..32) {
             if let Ok(bytes) = body_bytes(Some(&raw), b64, max) {
                 prop_assert!(bytes.len() <= max);
             }
         }
+    }
+
+    /// One member of a paid body: a valid value (and what it parses to), or a value known to be
+    /// refused.
+    #[derive(Debug, Clone)]
+    enum Member {
+        Valid(String),
+        Invalid(String),
+    }
+
+    fn member(
+        valid: BoxedStrategy<String>,
+        invalid: BoxedStrategy<String>,
+    ) -> BoxedStrategy<Member> {
+        prop_oneof![
+            6 => valid.prop_map(Member::Valid),
+            1 => invalid.prop_map(Member::Invalid),
+        ]
+        .boxed()
+    }
+
+    /// Paid bodies: each of the four members valid most of the time, refused otherwise.
+    fn paid_bodies() -> impl Strategy<Value = [(&'static str, Member); 4]> {
+        let quoted = |s: String| serde_json::to_string(&s).unwrap();
+        (
+            member(
+                (1..=MAX_AMOUNT_MINOR).prop_map(|n| n.to_string()).boxed(),
+                prop_oneof![
+                    (i64::MIN..=0).prop_map(|n| n.to_string()),
+                    (MAX_AMOUNT_MINOR + 1..=i64::MAX).prop_map(|n| n.to_string()),
+                    Just("\"100\"".to_owned()),
+                    Just("1.5".to_owned()),
+                    Just("null".to_owned()),
+                ]
+                .boxed(),
+            ),
+            member(
+                prop::sample::select(vec!["EUR", "USD", "GBP", "JPY", "CHF", "SEK"])
+                    .prop_map(|c| format!("\"{c}\""))
+                    .boxed(),
+                prop::sample::select(vec![
+                    "\"eur\"", "\"XTS\"", "\"XXX\"", "\"978\"", "\"\"", "978",
+                ])
+                .prop_map(str::to_owned)
+                .boxed(),
+            ),
+            member(
+                prop::sample::select(vec![
+                    "card_3ds",
+                    "card_avs",
+                    "bank_transfer",
+                    "manual_review",
+                ])
+                .prop_map(|m| format!("\"{m}\""))
+                .boxed(),
+                prop::sample::select(vec!["\"card\"", "\"CARD_3DS\"", "\"cash\"", "\"\"", "3"])
+                    .prop_map(str::to_owned)
+                    .boxed(),
+            ),
+            member(
+                "[a-z][a-z0-9.-]{0,127}".prop_map(quoted).boxed(),
+                prop_oneof![
+                    Just("\"   \"".to_owned()),
+                    "[a-z]{129,160}".prop_map(quoted),
+                    Just("\"acs\\u0000\"".to_owned()),
+                    Just("{}".to_owned()),
+                ]
+                .boxed(),
+            ),
+        )
+            .prop_map(|(a, c, m, v)| {
+                [
+                    ("amountMinor", a),
+                    ("currency", c),
+                    ("verificationMethod", m),
+                    ("verifiedBy", v),
+                ]
+            })
+    }
+
+    /// A body with only valid members parses to exactly those values; one with an invalid member
+    /// is refused naming an invalid member. The run must see plenty of both.
+    #[test]
+    fn paid_bodies_are_accepted_exactly_when_every_member_is_valid() {
+        let mut runner = proptest::test_runner::TestRunner::new(config());
+        let (accepted, refused) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+        runner
+            .run(&paid_bodies(), |members| {
+                let body = format!(
+                    "{{{}}}",
+                    members
+                        .iter()
+                        .map(|(name, m)| match m {
+                            Member::Valid(v) | Member::Invalid(v) => format!("\"{name}\":{v}"),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",")
+                );
+                let invalid: Vec<&str> = members
+                    .iter()
+                    .filter(|(_, m)| matches!(m, Member::Invalid(_)))
+                    .map(|(name, _)| *name)
+                    .collect();
+                match parse_mark_paid(body.as_bytes()) {
+                    Ok(cmd) => {
+                        prop_assert!(invalid.is_empty(), "{body} accepted: {cmd:?}");
+                        let value = |i: usize| match &members[i].1 {
+                            Member::Valid(v) | Member::Invalid(v) => v.clone(),
+                        };
+                        prop_assert_eq!(cmd.amount_minor.to_string(), value(0));
+                        prop_assert_eq!(format!("\"{}\"", cmd.currency.as_str()), value(1));
+                        prop_assert_eq!(
+                            format!("\"{}\"", cmd.verification_method.as_str()),
+                            value(2)
+                        );
+                        prop_assert_eq!(serde_json::to_string(&cmd.verified_by).unwrap(), value(3));
+                        accepted.set(accepted.get() + 1);
+                    }
+                    Err(e) => {
+                        prop_assert!(invalid.contains(&e.field.as_str()), "{body}: {e:?}");
+                        refused.set(refused.get() + 1);
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        let (accepted, refused) = (accepted.get(), refused.get());
+        assert!(
+            accepted > 3_000 && refused > 3_000,
+            "accepted {accepted}, refused {refused}"
+        );
     }
 }

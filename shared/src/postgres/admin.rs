@@ -355,21 +355,70 @@ impl Selection {
     }
 }
 
-/// Rows of a selection, in id order, one batch at a time after the last id seen. Dead rows come
-/// from their partial index, an aggregate's rows from its unique index; a time range walks the
-/// primary key (an operator's occasional command: exact, whatever order rows were created in).
-const SELECT_BATCH: &str = "
-    SELECT id FROM outbox o
-    WHERE o.status = $1 AND o.id > $2
-      AND (cardinality($3::uuid[]) = 0 OR o.event_id = ANY ($3))
+/// The one predicate of a [`Selection`] over `outbox o`, for every query that selects "the rows
+/// of a redrive or replay" ($3 event ids, $4 tenant, $5 aggregate type, $6 aggregate id, $7 event
+/// type, $8 from, $9 to): a new filter cannot be forgotten in one of them.
+const SELECTION: &str = "
+      (cardinality($3::uuid[]) = 0 OR o.event_id = ANY ($3))
       AND ($4::text IS NULL OR o.tenant_id = $4)
       AND ($5::text IS NULL OR o.aggregate_type = $5)
       AND ($6::text IS NULL OR o.aggregate_id = $6)
       AND ($7::text IS NULL OR o.event_type = $7)
       AND ($8::timestamptz IS NULL OR o.created_at >= $8)
-      AND ($9::timestamptz IS NULL OR o.created_at < $9)
-    ORDER BY o.id
-    LIMIT $10";
+      AND ($9::timestamptz IS NULL OR o.created_at < $9)";
+
+/// Rows of a selection with status $1, in id order, one batch of $10 at a time after id $2. Dead
+/// rows come from their partial index, an aggregate's rows from its unique index; a time range
+/// walks the primary key (an operator's occasional command: exact, whatever order rows were
+/// created in).
+fn select_batch_sql() -> String {
+    format!("SELECT id FROM outbox o WHERE o.status = $1 AND o.id > $2 AND {SELECTION} ORDER BY o.id LIMIT $10")
+}
+
+/// Dead rows after id $2 that hold back rows of the selection with status $1 (an earlier version
+/// of the same aggregate), at most $10.
+fn blocking_sql() -> String {
+    format!(
+        "SELECT d.id FROM outbox d
+         WHERE d.status = 'dead' AND d.id > $2
+           AND EXISTS (SELECT 1 FROM outbox o
+                       WHERE o.status = $1 AND {SELECTION}
+                         AND o.tenant_id = d.tenant_id
+                         AND o.aggregate_type = d.aggregate_type
+                         AND o.aggregate_id = d.aggregate_id
+                         AND o.aggregate_version > d.aggregate_version)
+         ORDER BY d.id LIMIT $10"
+    )
+}
+
+/// Runs one of the selection queries ($1 status, $2 after id, the selection, $10 limit).
+async fn selected_ids(
+    client: &Client,
+    sql: &str,
+    status: &str,
+    selection: &Selection,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    let rows = client
+        .query_typed(
+            sql,
+            &[
+                (&status, Type::TEXT),
+                (&after, Type::INT8),
+                (&selection.event_ids, Type::UUID_ARRAY),
+                (&selection.tenant_id, Type::TEXT),
+                (&selection.aggregate_type, Type::TEXT),
+                (&selection.aggregate_id, Type::TEXT),
+                (&selection.event_type, Type::TEXT),
+                (&selection.from, Type::TIMESTAMPTZ),
+                (&selection.to, Type::TIMESTAMPTZ),
+                (&limit, Type::INT8),
+            ],
+        )
+        .await?;
+    rows.iter().map(|r| r.try_get(0)).collect()
+}
 
 /// Puts rows back in line: pending, due now, attempts from zero. The dispatcher's claim keeps
 /// each aggregate's order, so they go out in version order whatever order they come back in.
@@ -426,24 +475,15 @@ async fn select_batch(
     after: i64,
     limit: i64,
 ) -> Result<Vec<i64>, tokio_postgres::Error> {
-    let rows = client
-        .query_typed(
-            SELECT_BATCH,
-            &[
-                (&which.status(), Type::TEXT),
-                (&after, Type::INT8),
-                (&selection.event_ids, Type::UUID_ARRAY),
-                (&selection.tenant_id, Type::TEXT),
-                (&selection.aggregate_type, Type::TEXT),
-                (&selection.aggregate_id, Type::TEXT),
-                (&selection.event_type, Type::TEXT),
-                (&selection.from, Type::TIMESTAMPTZ),
-                (&selection.to, Type::TIMESTAMPTZ),
-                (&limit, Type::INT8),
-            ],
-        )
-        .await?;
-    rows.iter().map(|r| r.try_get(0)).collect()
+    selected_ids(
+        client,
+        &select_batch_sql(),
+        which.status(),
+        selection,
+        after,
+        limit,
+    )
+    .await
 }
 
 /// How many rows the selection takes, and the first `sample` of them, for the confirmation.
@@ -548,22 +588,8 @@ pub async fn blocking_dead(
     client: &Client,
     selection: &Selection,
 ) -> Result<Vec<SelectedEvent>, tokio_postgres::Error> {
-    let rows = client
-        .query_typed(
-            "SELECT d.id FROM outbox d
-             WHERE d.status = 'dead'
-               AND EXISTS (SELECT 1 FROM outbox p
-                           WHERE p.status = 'pending'
-                             AND (cardinality($1::uuid[]) = 0 OR p.event_id = ANY ($1))
-                             AND p.tenant_id = d.tenant_id
-                             AND p.aggregate_type = d.aggregate_type
-                             AND p.aggregate_id = d.aggregate_id
-                             AND p.aggregate_version > d.aggregate_version)
-             ORDER BY d.id LIMIT 100",
-            &[(&selection.event_ids, Type::UUID_ARRAY)],
-        )
-        .await?;
-    let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    // After the redrive the selected rows are pending.
+    let ids = selected_ids(client, &blocking_sql(), "pending", selection, 0, 100).await?;
     describe(client, &ids).await
 }
 
