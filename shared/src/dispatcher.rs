@@ -509,9 +509,8 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
             outcomes: Outcomes::default(),
             publish_calls: 0,
             failed_publish_calls: 0,
-            claim_latency: claim_started.elapsed(),
+            claim_latency: Some(claim_started.elapsed()),
             publish_latencies: Vec::new(),
-            counted: false,
         };
         if claimed.is_empty() {
             return Ok(batch);
@@ -573,22 +572,11 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
             outcomes: later,
             publish_calls: 0,
             failed_publish_calls: 0,
-            claim_latency: Duration::ZERO,
+            // Its claim is counted with the batch it was left over from.
+            claim_latency: None,
             publish_latencies: Vec::new(),
-            counted: true,
         });
         let outcomes = recorded.0;
-        if batch.counted {
-            return Ok((
-                DispatchSummary {
-                    published: outcomes.published.len(),
-                    retried: outcomes.retries.len(),
-                    dead: outcomes.dead.len(),
-                    ..DispatchSummary::default()
-                },
-                rest,
-            ));
-        }
         Ok((
             DispatchSummary {
                 claimed: batch.claimed,
@@ -597,7 +585,7 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
                 dead: outcomes.dead.len(),
                 publish_calls: batch.publish_calls,
                 failed_publish_calls: batch.failed_publish_calls,
-                claim_latencies: vec![batch.claim_latency],
+                claim_latencies: batch.claim_latency.into_iter().collect(),
                 publish_latencies: batch.publish_latencies,
                 ..DispatchSummary::default()
             },
@@ -694,10 +682,10 @@ struct ClaimedBatch {
     outcomes: Outcomes,
     publish_calls: usize,
     failed_publish_calls: usize,
-    claim_latency: Duration,
+    /// How long its claim took; `None` for outcomes left over from an earlier record, whose
+    /// claim is counted already.
+    claim_latency: Option<Duration>,
     publish_latencies: Vec<Duration>,
-    /// Its claim and calls are in the summary already (outcomes left over from a first record).
-    counted: bool,
 }
 
 /// Pacing while the database is unavailable.

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Mutex, MutexGuard, OwnedMappedMutexGuard, OwnedMutexGuard};
+use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, Config, NoTls};
 
@@ -405,14 +405,14 @@ impl Db {
         Err(DbError::Authentication(last_refusal))
     }
 
-    /// The connection, (re)opened if needed. Held exclusively until the guard drops. Not bounded
-    /// by the operation timeout: stores use [`Db::run`].
-    pub async fn client(&self) -> Result<tokio::sync::MappedMutexGuard<'_, Client>, DbError> {
-        let mut slot = self.slot.lock().await;
+    /// The connection, (re)opened if needed, held exclusively until the guard drops. Not bounded
+    /// by the operation timeout (administrative commands may run long): stores use [`Db::run`].
+    pub async fn client(&self) -> Result<Connection, DbError> {
+        let mut slot = self.slot.clone().lock_owned().await;
         if slot.as_ref().is_none_or(Client::is_closed) {
             *slot = Some(self.open().await?);
         }
-        Ok(MutexGuard::map(slot, |slot| match slot {
+        Ok(OwnedMutexGuard::map(slot, |slot| match slot {
             Some(client) => client,
             None => unreachable!("the slot was filled above"),
         }))
@@ -435,7 +435,7 @@ impl Db {
         let attempts = async {
             let mut retried = false;
             loop {
-                let connection = self.connection().await?;
+                let connection = self.client().await?;
                 match operation(connection).await {
                     Err(e) if e.is_connection_lost() => {
                         // The guard went with the operation's future; take the broken client out.
@@ -462,17 +462,6 @@ impl Db {
                 Err(StoreError::Timeout(self.limits.operation))
             }
         }
-    }
-
-    async fn connection(&self) -> Result<Connection, DbError> {
-        let mut slot = self.slot.clone().lock_owned().await;
-        if slot.as_ref().is_none_or(Client::is_closed) {
-            *slot = Some(self.open().await?);
-        }
-        Ok(OwnedMutexGuard::map(slot, |slot| match slot {
-            Some(client) => client,
-            None => unreachable!("the slot was filled above"),
-        }))
     }
 
     /// Opens the connection now (at cold start) so the first request does not pay for it. A
