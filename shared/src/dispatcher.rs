@@ -1,5 +1,7 @@
 //! The dispatcher: claim a batch, publish it in bus-sized calls (several in flight), record each
-//! row's outcome, and repeat until the outbox has nothing due or the deadline is near.
+//! row's outcome, and repeat until the outbox has nothing due or the deadline is near. The three
+//! steps are pipelined: while one batch is at the bus, the database records the one before and
+//! leases the one after, so neither waits for the other.
 
 use std::time::{Duration, Instant};
 
@@ -314,20 +316,14 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
         let mut outage = Outage::default();
         // Outcomes not recorded yet: the database was away, or an appender held the rows.
         let mut unrecorded: Vec<ClaimedBatch> = Vec::new();
+        // Claimed and leased, not published yet: it goes to the bus while the database records
+        // the previous batch's outcomes and claims the next one.
+        let mut ahead: Option<Claim> = None;
         loop {
             let now = Instant::now();
             if now >= stop_at {
                 summary.stopped = Some(StopReason::Deadline);
                 break;
-            }
-            if !unrecorded.is_empty() {
-                match self.record_all(&mut unrecorded, &mut summary).await {
-                    Ok(()) => outage.over(),
-                    Err(e) => {
-                        outage.pause(e, &mut summary, stop_at).await?;
-                        continue;
-                    }
-                }
             }
             if self.config.idle_poll.is_some() && now >= next_heartbeat {
                 if let Err(e) = self.store.heartbeat(&owner, HEARTBEAT_TTL).await {
@@ -339,27 +335,62 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
             if now >= next_cleanup {
                 next_cleanup = now + self.clean_up(&mut summary).await;
             }
-            let batch = match self.claim_and_publish().await {
-                Ok(batch) => batch,
+            // The pipeline: the bus takes batch k while the database records batch k-1 (which
+            // promotes its aggregates' next events) and then leases batch k+1. No transaction
+            // spans the publish; the database work is the same statements as one after the
+            // other, on the one connection, and at most `max_in_flight` calls are at the bus.
+            let publishing = ahead.take();
+            let was_publishing = publishing.is_some();
+            let (published, claimed) = tokio::join!(
+                async {
+                    match publishing {
+                        Some(claim) => Some(self.publish(claim).await),
+                        None => None,
+                    }
+                },
+                async {
+                    self.record_all(&mut unrecorded, &mut summary).await?;
+                    self.claim().await
+                }
+            );
+            unrecorded.extend(published);
+            let claim = match claimed {
+                Ok(claim) => claim,
                 Err(e) => {
                     outage.pause(e, &mut summary, stop_at).await?;
                     continue;
                 }
             };
             outage.over();
-            let empty = batch.claimed == 0;
-            unrecorded.push(batch);
+            if !claim.events.is_empty() {
+                ahead = Some(claim);
+                continue;
+            }
+            unrecorded.push(ClaimedBatch::empty(&claim));
+            if was_publishing {
+                // The batch just published may have promoted successors: claim again at once.
+                continue;
+            }
             if let Err(e) = self.record_all(&mut unrecorded, &mut summary).await {
                 outage.pause(e, &mut summary, stop_at).await?;
                 continue;
             }
-            if empty {
-                let Some(pause) = self.config.idle_poll else {
-                    summary.stopped = Some(StopReason::Empty);
-                    break;
-                };
-                tokio::time::sleep(pause.min(stop_at.saturating_duration_since(Instant::now())))
-                    .await;
+            let Some(pause) = self.config.idle_poll else {
+                summary.stopped = Some(StopReason::Empty);
+                break;
+            };
+            tokio::time::sleep(pause.min(stop_at.saturating_duration_since(Instant::now()))).await;
+        }
+        // A batch leased just before the deadline goes out now (the margin is for this), and
+        // what is published is recorded once more before giving up on it.
+        if let Some(claim) = ahead.take() {
+            unrecorded.push(self.publish(claim).await);
+        }
+        if !unrecorded.is_empty() {
+            match self.record_all(&mut unrecorded, &mut summary).await {
+                Ok(()) => {}
+                Err(e) if e.is_transient() => summary.store_errors += 1,
+                Err(e) => return Err(e),
             }
         }
         let left: usize = unrecorded.iter().map(|b| b.outcomes.ids().len()).sum();
@@ -494,28 +525,45 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
     }
 
     /// One claim, published; the outcomes are not recorded yet.
-    #[tracing::instrument(skip_all, fields(lease_owner))]
     async fn claim_and_publish(&self) -> Result<ClaimedBatch, StoreError> {
+        let claim = self.claim().await?;
+        if claim.events.is_empty() {
+            return Ok(ClaimedBatch::empty(&claim));
+        }
+        Ok(self.publish(claim).await)
+    }
+
+    /// Leases the next batch under a fresh lease owner.
+    #[tracing::instrument(skip_all, fields(lease_owner))]
+    async fn claim(&self) -> Result<Claim, StoreError> {
         let lease_owner = format!("{}/{}", self.worker_id, uuid::Uuid::new_v4().simple());
         tracing::Span::current().record("lease_owner", lease_owner.as_str());
-        let claim_started = Instant::now();
-        let claimed = self
+        let started = Instant::now();
+        let events = self
             .store
             .claim_batch(self.config.batch_size, self.config.lease, &lease_owner)
             .await?;
-        let mut batch = ClaimedBatch {
+        Ok(Claim {
             lease_owner,
-            claimed: claimed.len(),
+            events,
+            latency: started.elapsed(),
+        })
+    }
+
+    /// Publishes a leased batch in bus-sized calls, at most `max_in_flight` at once, and notes
+    /// each row's outcome (not recorded yet).
+    #[tracing::instrument(skip_all, fields(lease_owner = %claim.lease_owner, rows = claim.events.len()))]
+    async fn publish(&self, claim: Claim) -> ClaimedBatch {
+        let mut batch = ClaimedBatch {
+            lease_owner: claim.lease_owner,
+            claimed: claim.events.len(),
             outcomes: Outcomes::default(),
             publish_calls: 0,
             failed_publish_calls: 0,
-            claim_latency: Some(claim_started.elapsed()),
+            claim_latency: Some(claim.latency),
             publish_latencies: Vec::new(),
         };
-        if claimed.is_empty() {
-            return Ok(batch);
-        }
-        let (messages, rejected) = self.prepare(claimed);
+        let (messages, rejected) = self.prepare(claim.events);
         for (event, reason) in rejected {
             self.record(&mut batch.outcomes, &event, PublishOutcome::Reject(reason));
         }
@@ -543,7 +591,7 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
                 self.record(&mut batch.outcomes, &message.event, outcome);
             }
         }
-        Ok(batch)
+        batch
     }
 
     /// Records a published batch's outcomes: what was recorded as a summary, and the batch with
@@ -675,6 +723,13 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
     }
 }
 
+/// A leased batch, not published yet.
+struct Claim {
+    lease_owner: String,
+    events: Vec<ClaimedEvent>,
+    latency: Duration,
+}
+
 /// A claim that was published but whose outcomes are not recorded yet.
 struct ClaimedBatch {
     lease_owner: String,
@@ -686,6 +741,21 @@ struct ClaimedBatch {
     /// claim is counted already.
     claim_latency: Option<Duration>,
     publish_latencies: Vec<Duration>,
+}
+
+impl ClaimedBatch {
+    /// A claim that found nothing: only its latency is left to count.
+    fn empty(claim: &Claim) -> Self {
+        Self {
+            lease_owner: claim.lease_owner.clone(),
+            claimed: 0,
+            outcomes: Outcomes::default(),
+            publish_calls: 0,
+            failed_publish_calls: 0,
+            claim_latency: Some(claim.latency),
+            publish_latencies: Vec::new(),
+        }
+    }
 }
 
 /// Pacing while the database is unavailable.

@@ -68,8 +68,68 @@ async fn sql_floor(rows: usize) -> f64 {
     total as f64 / started.elapsed().as_secs_f64()
 }
 
+/// The reference: a plain lease queue's two statements, claim (`UPDATE … WHERE id IN (SELECT …
+/// FOR UPDATE SKIP LOCKED) RETURNING`) then mark published, sent as raw SQL on `DISPATCHERS`
+/// connections to the same seeded table, through its plain pending index, with no per-aggregate
+/// order and no promotion.
+async fn plain_sql_reference(rows: usize) -> f64 {
+    const CLAIM: &str = "
+        UPDATE outbox SET locked_until = now() + interval '60 seconds', locked_by = $2,
+                          attempts = attempts + 1
+        WHERE id IN (SELECT id FROM outbox
+                     WHERE status = 'pending' AND next_attempt_at <= now()
+                       AND (locked_until IS NULL OR locked_until <= now())
+                     ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)
+        RETURNING id, event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
+                  event_type, schema_version, payload, metadata, attempts, created_at";
+    const MARK: &str = "
+        UPDATE outbox SET status = 'published', published_at = now(), locked_until = NULL
+        WHERE id = ANY($1)";
+    let db = TestDb::create().await;
+    seed(&db, rows, "pending", Duration::ZERO).await;
+    let mut clients = Vec::new();
+    for _ in 0..DISPATCHERS {
+        clients.push(db.client().await);
+    }
+    let started = Instant::now();
+    let workers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(w, client)| {
+            tokio::spawn(async move {
+                let claim = client.prepare(CLAIM).await.expect("prepare");
+                let mark = client.prepare(MARK).await.expect("prepare");
+                let owner = format!("plain-{w}");
+                let mut done = 0;
+                loop {
+                    let claimed = client
+                        .query(&claim, &[&BATCH, &owner])
+                        .await
+                        .expect("claim");
+                    if claimed.is_empty() {
+                        return done;
+                    }
+                    done += claimed.len();
+                    let ids: Vec<i64> = claimed.iter().map(|r| r.get(0)).collect();
+                    client.execute(&mark, &[&ids]).await.expect("mark");
+                }
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for w in workers {
+        total += w.await.expect("worker");
+    }
+    assert_eq!(total, rows);
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
 /// 2 and 3: the dispatcher loop publishing to the standalone SNS endpoint.
 async fn dispatcher_loop(rows: usize, latency: Duration) -> (f64, usize) {
+    dispatcher_loop_of(DISPATCHERS, rows, latency).await
+}
+
+async fn dispatcher_loop_of(dispatchers: usize, rows: usize, latency: Duration) -> (f64, usize) {
     let db = TestDb::create().await;
     seed(&db, rows, "pending", Duration::ZERO).await;
     let endpoint = FaultProxy::standalone_sns().await;
@@ -77,14 +137,13 @@ async fn dispatcher_loop(rows: usize, latency: Duration) -> (f64, usize) {
     let target = Target::Sns {
         topic_arn: "arn:aws:sns:us-east-1:123456789012:bench".into(),
     };
-    let mut dispatchers = Vec::new();
-    for _ in 0..DISPATCHERS {
-        dispatchers.push(dispatcher(&db, &endpoint.endpoint, target.clone(), config()).await);
+    let mut drains = Vec::new();
+    for _ in 0..dispatchers {
+        drains.push(dispatcher(&db, &endpoint.endpoint, target.clone(), config()).await);
     }
     let started = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(600);
-    let summaries =
-        futures_util::future::join_all(dispatchers.iter().map(|d| d.drain(deadline))).await;
+    let summaries = futures_util::future::join_all(drains.iter().map(|d| d.drain(deadline))).await;
     let elapsed = started.elapsed();
     let published: usize = summaries
         .into_iter()
@@ -225,21 +284,38 @@ async fn main() {
     let rows = env_usize("BENCH_ROWS", 200_000);
     let retained = env_usize("BENCH_RETAINED", 1_000_000);
 
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("drain") {
+        // One drain alone, e.g. under a profiler or to compare two builds.
+        let latency = Duration::from_millis(env_usize("BENCH_LATENCY_MS", 0) as u64);
+        let dispatchers = env_usize("BENCH_DISPATCHERS", DISPATCHERS);
+        let (rate, calls) = dispatcher_loop_of(dispatchers, rows, latency).await;
+        return println!(
+            "drain, {dispatchers} dispatcher(s), {} ms per call: {rate:.0} rows/s, {calls} calls",
+            latency.as_millis()
+        );
+    }
+    let plain = plain_sql_reference(rows).await;
     let floor = sql_floor(rows).await;
     let (zero, zero_calls) = dispatcher_loop(rows, Duration::ZERO).await;
     let (slow, slow_calls) = dispatcher_loop(rows, Duration::from_millis(20)).await;
     println!("## Dispatcher throughput ({DISPATCHERS} dispatchers, claims of {BATCH}, {rows} rows each)\n");
-    println!("| scenario | rows/s | publish calls | ratio to SQL floor |");
-    println!("|---|---|---|---|");
-    println!("| 1. SQL floor: claim + mark published, no bus | {floor:.0} | 0 | 1.00 |");
+    println!("| scenario | rows/s | publish calls | ratio to plain SQL | ratio to store floor |");
+    println!("|---|---|---|---|---|");
+    println!("| 0. plain SQL: lease claim + mark, two statements, no order | {plain:.0} | 0 | 1.00 | {:.2} |", plain / floor);
+    println!("| 1. store floor: the store's claim + record outcomes, no bus | {floor:.0} | 0 | {:.2} | 1.00 |", floor / plain);
     println!(
-        "| 2. dispatcher → zero-latency SNS endpoint | {zero:.0} | {zero_calls} | {:.2} |",
+        "| 2. dispatcher → zero-latency SNS endpoint | {zero:.0} | {zero_calls} | {:.2} | {:.2} |",
+        zero / plain,
         zero / floor
     );
     println!(
-        "| 3. dispatcher → SNS endpoint with 20 ms per call | {slow:.0} | {slow_calls} | {:.2} |",
+        "| 3. dispatcher → SNS endpoint with 20 ms per call | {slow:.0} | {slow_calls} | {:.2} | {:.2} |",
+        slow / plain,
         slow / floor
     );
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("throughput") {
+        return;
+    }
 
     let (p50, p99, max, produced) = commit_to_publish(1_000, 20, false).await;
     println!("\n## Commit-to-publish latency (1000 events/s committed for 20 s, {DISPATCHERS} dispatchers polling every 5 ms when idle)\n");
