@@ -9,13 +9,16 @@
 //! - [`aws`]: SDK configuration and the SNS / EventBridge publishers.
 //! - [`dispatcher`]: the claim → publish → record loop.
 //! - [`envelope`]: the message format every bus carries.
-//! - [`sink`]: reading delivered messages back into projection changes.
+//! - [`producer`]: appending a service's own typed events in its own transaction.
+//! - [`consumer`]: projections plugged into the inbox, registered by the sink.
+//! - [`sink`]: reading delivered messages back into envelopes and payment changes.
 //! - [`metrics`]: CloudWatch metrics as Embedded Metric Format log lines.
 //! - [`failure`]: the classes of function failures an operator sees (`errorType`).
 //! - [`config`], [`telemetry`]: read once at cold start.
 
 pub mod aws;
 pub mod config;
+pub mod consumer;
 pub mod dispatcher;
 pub mod domain;
 pub mod envelope;
@@ -24,5 +27,6 @@ pub mod metrics;
 pub mod outbox;
 pub mod ports;
 pub mod postgres;
+pub mod producer;
 pub mod sink;
 pub mod telemetry;

@@ -306,15 +306,26 @@ pub trait Publisher: Send + Sync {
     ) -> impl Future<Output = Vec<PublishOutcome>> + Send;
 }
 
-/// What the sink needs from the read side.
+/// What the sink needs from the read side: the inbox and the projections behind it.
 pub trait ProjectionStore: Send + Sync {
-    /// Applies `changes` in order, each exactly once per `consumer`, in one transaction; returns
-    /// one outcome per change. A change that fails leaves the others applied. An error means the
-    /// transaction itself could not run or commit (the database is unavailable, refuses the
-    /// credentials, a statement failed): nothing of the batch was applied.
-    fn apply_changes(
+    /// The projections it applies (the sink routes deliveries with them).
+    fn projections(&self) -> &crate::consumer::Projections;
+
+    /// Applies `events` in order, each at most once per `consumer`, in one transaction with the
+    /// projections' writes; returns one outcome per event. An event whose projection fails
+    /// leaves the others applied. An error means the database could not run or commit the
+    /// transaction (unavailable, refusing the credentials, a statement of the inbox failed):
+    /// nothing of the batch was applied.
+    fn apply_events(
         &self,
         consumer: &str,
-        changes: &[crate::sink::PaymentChange],
+        events: &[crate::envelope::EventEnvelope],
     ) -> impl Future<Output = Result<Vec<crate::sink::ApplyOutcome>, StoreError>> + Send;
+
+    /// Deletes up to `max_rows` inbox entries older than `retention`; returns how many.
+    fn delete_expired(
+        &self,
+        retention: std::time::Duration,
+        max_rows: i32,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }

@@ -75,9 +75,20 @@ fn start_cleanup(
     let settings = db.settings.clone();
     tokio::spawn(async move {
         let client = settings.connect().await.expect("cleanup connection");
-        admin::run_cleanup(&client, WEEK, 5_000, pace, None, &stop, |_| {})
-            .await
-            .expect("cleanup")
+        admin::run_cleanup(
+            &client,
+            admin::Expiring::Outbox,
+            WEEK,
+            admin::Batches {
+                size: 5_000,
+                pace,
+                max_statements: None,
+            },
+            &stop,
+            |_| {},
+        )
+        .await
+        .expect("cleanup")
     })
 }
 

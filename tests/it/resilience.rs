@@ -15,12 +15,12 @@ use outbox_shared::postgres::outbox::PgOutboxStore;
 use outbox_shared::postgres::payments::PgPaymentStore;
 use outbox_shared::postgres::projections::PgProjectionStore;
 use outbox_shared::postgres::{ConnectionLimits, DatabaseSettings, Db, TlsMode};
-use outbox_shared::sink::{interpret, parse_delivery, ApplyOutcome, Interpreted};
+use outbox_shared::sink::{parse_delivery, ApplyOutcome};
 use outbox_tests::aws::{create_topic, moto_endpoint, sdk_config_for};
 use outbox_tests::cluster::PrivateCluster;
 use outbox_tests::fault_proxy::FaultProxy;
 use outbox_tests::rotation::{rotate, RotatingSecret, ROLE};
-use outbox_tests::sink_fixtures::{payment_stream, sqs_event};
+use outbox_tests::sink_fixtures::{payment_projections, payment_stream, sqs_event};
 use outbox_tests::tcp_proxy::StallingProxy;
 use outbox_tests::{
     invoke, paid_body, paid_request, refund_request, seed_outbox, test_dispatcher_config, TestDb,
@@ -107,7 +107,7 @@ async fn a_sink_batch_after_a_rotation_is_applied() {
     let secret = RotatingSecret::create(&cluster, &db, "pw-before").await;
     let (conn, reads) = secret.db(Duration::from_secs(5)).await;
     let sink = ProjectionSink::new(
-        PgProjectionStore::new(conn),
+        PgProjectionStore::new(conn, payment_projections()),
         projection_sink::DEFAULT_CONSUMER,
     );
     // One committed-sample-shaped paid event per batch, a different payment each time.
@@ -135,7 +135,7 @@ async fn a_wrong_secret_is_reread_at_most_once_per_interval_and_fails_clearly() 
     let db = TestDb::create_on(&cluster).await;
     let secret = RotatingSecret::create(&cluster, &db, "pw-before").await;
     let (conn, reads) = secret.db(Duration::from_millis(1_500)).await;
-    let store = PgProjectionStore::new(conn);
+    let store = PgProjectionStore::new(conn, payment_projections());
 
     // The password changes in the database but nobody updates the secret.
     cluster.set_password(ROLE, "pw-nobody-knows").await;
@@ -145,13 +145,11 @@ async fn a_wrong_secret_is_reread_at_most_once_per_interval_and_fails_clearly() 
         Ok(outcomes) => panic!("expected the batch to fail, got {outcomes:?}"),
     };
     let body = payment_stream(3, 1).remove(0).body;
-    let Ok(Interpreted::Change(change)) = parse_delivery(&body).and_then(|e| interpret(&e)) else {
-        panic!("the sample stream's first event is a paid change");
-    };
+    let envelope = parse_delivery(&body).expect("the sample stream's first event parses");
     for _ in 0..5 {
         let reason = failure(
             store
-                .apply_changes("c", std::slice::from_ref(&change))
+                .apply_events("c", std::slice::from_ref(&envelope))
                 .await,
         );
         assert!(
@@ -163,7 +161,7 @@ async fn a_wrong_secret_is_reread_at_most_once_per_interval_and_fails_clearly() 
     tokio::time::sleep(Duration::from_millis(1_600)).await;
     failure(
         store
-            .apply_changes("c", std::slice::from_ref(&change))
+            .apply_events("c", std::slice::from_ref(&envelope))
             .await,
     );
     assert_eq!(
@@ -176,7 +174,7 @@ async fn a_wrong_secret_is_reread_at_most_once_per_interval_and_fails_clearly() 
     secret.put("pw-nobody-knows", "AWSCURRENT").await;
     tokio::time::sleep(Duration::from_millis(1_600)).await;
     let outcomes = store
-        .apply_changes("c", std::slice::from_ref(&change))
+        .apply_events("c", std::slice::from_ref(&envelope))
         .await
         .expect("applied once the secret is fixed");
     assert_eq!(outcomes, vec![ApplyOutcome::Applied]);
@@ -293,7 +291,7 @@ async fn a_drain_carries_on_through_a_restart_and_the_sink_applies_everything_on
 
     // Everything the bus got (duplicates included) through the sink: applied once each.
     let sink = ProjectionSink::new(
-        PgProjectionStore::new(Db::new(db.settings.clone())),
+        PgProjectionStore::new(Db::new(db.settings.clone()), payment_projections()),
         projection_sink::DEFAULT_CONSUMER,
     );
     let bodies: Vec<String> = proxy.stats.bodies.lock().unwrap().clone();

@@ -389,9 +389,11 @@ pub mod sink_fixtures {
 
     use aws_lambda_events::sqs::SqsEvent;
     use chrono::{DateTime, TimeZone, Utc};
+    use outbox_shared::consumer::Projections;
     use outbox_shared::domain::events::{PaymentPaidV1, PaymentRefundedV1};
     use outbox_shared::domain::Currency;
     use outbox_shared::envelope::EventEnvelope;
+    use outbox_shared::postgres::payment_projection::PaymentProjections;
     use outbox_shared::postgres::projections::PgProjectionStore;
     use outbox_shared::postgres::Db;
     use projection_sink::ProjectionSink;
@@ -399,10 +401,15 @@ pub mod sink_fixtures {
 
     use super::{sample_json, typed, TestDb};
 
+    /// The projections the sink function registers.
+    pub fn payment_projections() -> Projections {
+        Projections::new().with(PaymentProjections)
+    }
+
     /// A sink on its own connection, as one Lambda instance would have.
     pub fn sink(db: &TestDb) -> ProjectionSink<PgProjectionStore> {
         ProjectionSink::new(
-            PgProjectionStore::new(Db::new(db.settings.clone())),
+            PgProjectionStore::new(Db::new(db.settings.clone()), payment_projections()),
             projection_sink::DEFAULT_CONSUMER,
         )
     }

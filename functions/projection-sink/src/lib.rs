@@ -1,5 +1,6 @@
-//! The projection sink: an SQS-triggered function that applies payment events to the read
-//! projections exactly once in effect, and reports partial batch failures
+//! The projection sink: an SQS-triggered function that applies events to the read projections
+//! registered in `main.rs` (the payment projections here; see docs/extending.md to add yours)
+//! exactly once in effect, and reports partial batch failures
 //! (`batchItemFailures`) instead of failing or acknowledging the whole batch.
 //!
 //! Out-of-order arrival: an event whose predecessor (by aggregate version) is not applied yet is
@@ -9,14 +10,19 @@
 //! sends its successors to the queue's dead-letter queue after `maxReceiveCount`, from where they
 //! are re-driven once it is. An event older than what the projection holds changes nothing.
 
+use std::sync::Mutex;
+use std::time::Instant;
+
 use aws_lambda_events::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
 use lambda_runtime::LambdaEvent;
 use serde::Serialize;
 
+use outbox_shared::consumer::{InboxRetention, Route};
+use outbox_shared::envelope::EventEnvelope;
 use outbox_shared::failure::FunctionError;
 use outbox_shared::metrics::MetricsDocument;
 use outbox_shared::ports::ProjectionStore;
-use outbox_shared::sink::{interpret, parse_delivery, ApplyOutcome, Interpreted, PaymentChange};
+use outbox_shared::sink::{parse_delivery, ApplyOutcome};
 
 /// Consumer name recorded in the inbox (`SINK_CONSUMER`, default `payment-projections`).
 pub const DEFAULT_CONSUMER: &str = "payment-projections";
@@ -25,16 +31,18 @@ pub const DEFAULT_CONSUMER: &str = "payment-projections";
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SinkReport {
-    /// Changes applied now.
+    /// Events applied now.
     pub applied: usize,
     /// Events this consumer had applied already.
     pub duplicates: usize,
-    /// Events older than the projection.
+    /// Events at or below what the projection holds.
     pub stale: usize,
     /// Events of types without a projection (acknowledged).
     pub unknown_types: usize,
     /// Messages reported as failures (redelivered by SQS).
     pub failures: usize,
+    /// Inbox entries deleted by the retention cleanup during this batch.
+    pub inbox_cleaned: u64,
     /// Why the whole batch could not be applied (the database), if it could not.
     #[serde(skip)]
     pub store_failure: Option<FunctionError>,
@@ -44,15 +52,25 @@ pub struct SinkReport {
 pub struct ProjectionSink<S> {
     store: S,
     consumer: String,
+    retention: InboxRetention,
+    next_cleanup: Mutex<Instant>,
 }
 
 impl<S: ProjectionStore> ProjectionSink<S> {
-    /// A sink recording its work in the inbox under `consumer`.
+    /// A sink recording its work in the inbox under `consumer`, with the default inbox retention.
     pub fn new(store: S, consumer: impl Into<String>) -> Self {
         Self {
             store,
             consumer: consumer.into(),
+            retention: InboxRetention::default(),
+            next_cleanup: Mutex::new(Instant::now()),
         }
+    }
+
+    /// The same with another inbox retention.
+    pub fn with_retention(mut self, retention: InboxRetention) -> Self {
+        self.retention = retention;
+        self
     }
 
     /// The store, for wiring.
@@ -64,20 +82,23 @@ impl<S: ProjectionStore> ProjectionSink<S> {
     pub async fn apply_batch(&self, event: SqsEvent) -> (SqsBatchResponse, SinkReport) {
         let mut report = SinkReport::default();
         let mut failed: Vec<String> = Vec::new();
-        let mut changes: Vec<PaymentChange> = Vec::new();
-        let mut change_ids: Vec<String> = Vec::new();
+        let mut events: Vec<EventEnvelope> = Vec::new();
+        // Per event sent to the inbox: its message id, and whether a projection handles its type.
+        let mut sent: Vec<(String, bool)> = Vec::new();
+        let projections = self.store.projections();
         for message in event.records {
             // Without a message id a failure could not be reported for it alone.
             let id = message.message_id.clone().unwrap_or_default();
-            let parsed = parse_delivery(message.body.as_deref().unwrap_or_default())
-                .and_then(|envelope| interpret(&envelope));
-            match parsed {
-                Ok(Interpreted::Change(change)) => {
-                    changes.push(change);
-                    change_ids.push(id);
+            let routed = parse_delivery(message.body.as_deref().unwrap_or_default())
+                .and_then(|envelope| Ok((projections.route(&envelope)?, envelope)));
+            match routed {
+                Ok((Route::Inbox { handled }, envelope)) => {
+                    events.push(envelope);
+                    sent.push((id, handled));
                 }
-                Ok(Interpreted::UnknownType(event_type)) => {
-                    tracing::info!(message_id = %id, %event_type, "no projection for this event type; acknowledged");
+                Ok((Route::Ignore, envelope)) => {
+                    tracing::info!(message_id = %id, event_type = %envelope.event_type,
+                        aggregate_type = %envelope.aggregatetype, "no projection follows this aggregate type; acknowledged");
                     report.unknown_types += 1;
                 }
                 Err(error) => {
@@ -86,31 +107,39 @@ impl<S: ProjectionStore> ProjectionSink<S> {
                 }
             }
         }
-        let outcomes = match self.store.apply_changes(&self.consumer, &changes).await {
+        let outcomes = match self.store.apply_events(&self.consumer, &events).await {
             Ok(outcomes) => outcomes,
             Err(e) => {
                 let reason = outbox_shared::telemetry::error_chain(&e);
                 report.store_failure = Some(FunctionError::from_store(&e));
-                vec![ApplyOutcome::Failed(reason); changes.len()]
+                vec![ApplyOutcome::Failed(reason); events.len()]
             }
         };
-        for ((change, id), outcome) in changes.iter().zip(change_ids).zip(outcomes) {
+        for ((event, (id, handled)), outcome) in events.iter().zip(sent).zip(outcomes) {
             match outcome {
-                ApplyOutcome::Applied => report.applied += 1,
+                ApplyOutcome::Applied if handled => report.applied += 1,
+                ApplyOutcome::Applied => {
+                    tracing::info!(message_id = %id, event_type = %event.event_type,
+                        "no projection for this event type; its aggregate's position advanced");
+                    report.unknown_types += 1;
+                }
                 ApplyOutcome::Duplicate => report.duplicates += 1,
                 ApplyOutcome::Stale => report.stale += 1,
                 ApplyOutcome::Gap => {
-                    tracing::info!(message_id = %id, event_id = %change.event_id, version = change.version,
-                        "earlier event of this payment not applied yet; redelivering");
+                    tracing::info!(message_id = %id, event_id = %event.id, version = event.aggregateversion,
+                        "earlier event of this aggregate not applied yet; redelivering");
                     failed.push(id);
                 }
                 ApplyOutcome::Failed(reason) => {
-                    tracing::warn!(message_id = %id, event_id = %change.event_id, %reason, "apply failed");
+                    tracing::warn!(message_id = %id, event_id = %event.id, %reason, "apply failed");
                     failed.push(id);
                 }
             }
         }
         report.failures = failed.len();
+        if report.store_failure.is_none() {
+            report.inbox_cleaned = self.clean_up_inbox().await;
+        }
         let mut response = SqsBatchResponse::default();
         response.batch_item_failures = failed
             .into_iter()
@@ -122,6 +151,28 @@ impl<S: ProjectionStore> ProjectionSink<S> {
             .collect();
         tracing::info!(?report, "batch done");
         (response, report)
+    }
+
+    /// One inbox retention statement when it is due (at most one a minute per instance); never
+    /// fails the batch.
+    async fn clean_up_inbox(&self) -> u64 {
+        let Some(keep) = self.retention.keep else {
+            return 0;
+        };
+        {
+            let mut next = self.next_cleanup.lock().unwrap_or_else(|e| e.into_inner());
+            if Instant::now() < *next {
+                return 0;
+            }
+            *next = Instant::now() + self.retention.every;
+        }
+        match self.store.delete_expired(keep, self.retention.batch).await {
+            Ok(deleted) => deleted,
+            Err(error) => {
+                tracing::warn!(error = %outbox_shared::telemetry::error_chain(&error), "inbox cleanup failed");
+                0
+            }
+        }
     }
 }
 
@@ -137,6 +188,7 @@ impl SinkReport {
             .count("StaleSkipped", self.stale)
             .count("UnknownTypes", self.unknown_types)
             .count("Failures", self.failures)
+            .count("InboxCleaned", self.inbox_cleaned as usize)
             .latencies("BatchLatency", &[apply_latency]);
         doc
     }

@@ -593,20 +593,59 @@ pub async fn blocking_dead(
     describe(client, &ids).await
 }
 
-/// Published rows a cleanup with this retention would delete now.
+/// What a cleanup deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiring {
+    /// Published outbox rows.
+    Outbox,
+    /// Inbox entries (`processed_events`) of every consumer. Aggregate positions stay, so an
+    /// older redelivery is still recognised as applied.
+    Inbox,
+}
+
+/// Rows a cleanup with this retention would delete now.
 pub async fn count_expired(
     client: &Client,
+    what: Expiring,
     retention: std::time::Duration,
 ) -> Result<i64, tokio_postgres::Error> {
-    let row = client
-        .query_typed(
+    let sql = match what {
+        Expiring::Outbox => {
             "SELECT count(*) FROM outbox
              WHERE id < (SELECT outbox_first_id_at(now() - make_interval(secs => $1)))
-               AND status = 'published' AND published_at < now() - make_interval(secs => $1)",
-            &[(&retention.as_secs_f64(), Type::FLOAT8)],
-        )
+               AND status = 'published' AND published_at < now() - make_interval(secs => $1)"
+        }
+        Expiring::Inbox => {
+            "SELECT count(*) FROM processed_events
+             WHERE processed_at < now() - make_interval(secs => $1)"
+        }
+    };
+    let row = client
+        .query_typed(sql, &[(&retention.as_secs_f64(), Type::FLOAT8)])
         .await?;
     row[0].try_get(0)
+}
+
+/// Deletes one batch of inbox entries older than the retention; served by
+/// `processed_events_processed_at_idx`.
+pub async fn delete_inbox_entries(
+    client: &Client,
+    retention: std::time::Duration,
+    max_rows: i32,
+) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute_typed(
+            "DELETE FROM processed_events
+             WHERE ctid = ANY (ARRAY(
+                 SELECT ctid FROM processed_events
+                 WHERE processed_at < now() - make_interval(secs => $1)
+                 LIMIT $2))",
+            &[
+                (&retention.as_secs_f64(), Type::FLOAT8),
+                (&(max_rows as i64), Type::INT8),
+            ],
+        )
+        .await
 }
 
 /// One cleanup statement: deletes up to `max_rows` expired published rows, returns how many.
@@ -650,23 +689,41 @@ pub struct CleanupRun {
     pub seconds: f64,
 }
 
-/// Deletes expired published rows statement after statement, paced by `pace`, until a statement
+/// How a cleanup run deletes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Batches {
+    /// Rows per statement (one short transaction each).
+    pub size: i32,
+    /// Pacing between statements.
+    pub pace: Pace,
+    /// Stop after this many statements.
+    pub max_statements: Option<u64>,
+}
+
+/// Deletes expired rows statement after statement, paced by `batches.pace`, until a statement
 /// deletes less than a full batch, `max_statements` ran, or `stop` is set. `progress` is called
 /// after each statement with the totals so far.
 pub async fn run_cleanup(
     client: &Client,
+    what: Expiring,
     retention: std::time::Duration,
-    batch: i32,
-    pace: Pace,
-    max_statements: Option<u64>,
+    batches: Batches,
     stop: &std::sync::atomic::AtomicBool,
     mut progress: impl FnMut(&CleanupRun),
 ) -> Result<CleanupRun, tokio_postgres::Error> {
+    let Batches {
+        size: batch,
+        pace,
+        max_statements,
+    } = batches;
     let started = std::time::Instant::now();
     let mut run = CleanupRun::default();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let statement = std::time::Instant::now();
-        let deleted = delete_published(client, retention, batch).await?;
+        let deleted = match what {
+            Expiring::Outbox => delete_published(client, retention, batch).await?,
+            Expiring::Inbox => delete_inbox_entries(client, retention, batch).await?,
+        };
         let took = statement.elapsed();
         run.deleted += deleted;
         run.statements += 1;

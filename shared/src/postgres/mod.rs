@@ -5,6 +5,7 @@ pub mod admin;
 mod connection;
 pub mod migrate;
 pub mod outbox;
+pub mod payment_projection;
 pub mod payments;
 pub mod projections;
 

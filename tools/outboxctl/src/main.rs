@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use outbox_shared::aws::secrets::database_from_env;
 use outbox_shared::aws::{sdk_config, BusPublisher};
+use outbox_shared::consumer::InboxRetention;
 use outbox_shared::dispatcher::{DispatcherConfig, OutboxDispatcher, Target};
 use outbox_shared::postgres::admin::{self, Requeue, Selection};
 use outbox_shared::postgres::migrate::run_migrations;
@@ -80,12 +81,18 @@ enum Command {
         #[command(flatten)]
         confirm: Confirm,
     },
-    /// Delete published events older than the retention, in short batches.
+    /// Delete published events older than the retention, in short batches (with --inbox: the
+    /// consumers' inbox entries instead).
     Cleanup {
-        /// Retention: published longer ago than this (e.g. 7d, 36h, 90m, 45s). Default:
-        /// `OUTBOX_RETENTION_HOURS` hours, else 7 days.
+        /// Retention: published (or, with --inbox, applied) longer ago than this (e.g. 7d, 36h,
+        /// 90m, 45s). Default: `OUTBOX_RETENTION_HOURS` hours, else 7 days; with --inbox,
+        /// `INBOX_RETENTION_DAYS` days, else 14.
         #[arg(long, value_parser = parse_duration)]
         older_than: Option<Duration>,
+        /// Delete inbox entries (`processed_events`) instead of published events. Aggregate
+        /// positions stay: a redelivery older than the retention is still recognised as applied.
+        #[arg(long)]
+        inbox: bool,
         /// Rows per delete statement (one short transaction each).
         #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(i32).range(1..=50_000))]
         batch_size: i32,
@@ -98,6 +105,35 @@ enum Command {
         max_batches: Option<u64>,
         #[command(flatten)]
         confirm: Confirm,
+    },
+    /// Capture a table's row changes into the outbox with a trigger, for code that cannot
+    /// append events itself: `<table>.created|updated|deleted`, in the writer's transaction.
+    Capture {
+        #[command(subcommand)]
+        action: CaptureAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaptureAction {
+    /// Install (or re-install) the capture trigger on a table.
+    Enable {
+        /// The table, optionally schema-qualified (e.g. crm.customers).
+        #[arg(long)]
+        table: String,
+        /// Aggregate type of its events (e.g. customer); the row's primary key is the
+        /// aggregate id.
+        #[arg(long)]
+        aggregate_type: String,
+        /// The column holding each row's tenant.
+        #[arg(long)]
+        tenant_column: String,
+    },
+    /// Remove the capture trigger from a table.
+    Disable {
+        /// The table, optionally schema-qualified.
+        #[arg(long)]
+        table: String,
     },
 }
 
@@ -272,19 +308,56 @@ async fn run(cli: Cli) -> CliResult {
         }
         Command::Cleanup {
             older_than,
+            inbox,
             batch_size,
             duty_cycle,
             max_batches,
             confirm,
         } => {
-            let retention = match older_than {
-                Some(d) => d,
-                None => DispatcherConfig::from_env()?
+            let what = if inbox {
+                admin::Expiring::Inbox
+            } else {
+                admin::Expiring::Outbox
+            };
+            let retention = match (older_than, what) {
+                (Some(d), _) => d,
+                (None, admin::Expiring::Outbox) => DispatcherConfig::from_env()?
                     .retention
                     .ok_or("OUTBOX_RETENTION_HOURS is 0 (keep everything): pass --older-than")?,
+                (None, admin::Expiring::Inbox) => InboxRetention::from_env()?
+                    .keep
+                    .ok_or("INBOX_RETENTION_DAYS is 0 (keep everything): pass --older-than")?,
             };
             let pace = admin::Pace::Duty(duty_cycle);
-            cleanup(&client, retention, batch_size, pace, max_batches, &confirm).await?;
+            let batch = admin::Batches {
+                size: batch_size,
+                pace,
+                max_statements: max_batches,
+            };
+            cleanup(&client, what, retention, batch, &confirm).await?;
+        }
+        Command::Capture { action } => {
+            let message: String = match action {
+                CaptureAction::Enable {
+                    table,
+                    aggregate_type,
+                    tenant_column,
+                } => client
+                    .query_one(
+                        "SELECT outbox_capture_enable($1::text::regclass, $2, $3)",
+                        &[&table, &aggregate_type, &tenant_column],
+                    )
+                    .await?
+                    .get(0),
+                CaptureAction::Disable { table } => client
+                    .query_one(
+                        "SELECT outbox_capture_disable($1::text::regclass)",
+                        &[&table],
+                    )
+                    .await?
+                    .get(0),
+            };
+            println!("{message}");
         }
     }
     Ok(())
@@ -373,42 +446,37 @@ async fn requeue(
 
 async fn cleanup(
     client: &Client,
+    what: admin::Expiring,
     retention: Duration,
-    batch_size: i32,
-    pace: admin::Pace,
-    max_batches: Option<u64>,
+    batch: admin::Batches,
     confirm: &Confirm,
 ) -> CliResult {
-    let expired = admin::count_expired(client, retention).await?;
+    let expired = admin::count_expired(client, what, retention).await?;
     let age = render::age(retention.as_secs_f64());
+    let rows = match what {
+        admin::Expiring::Outbox => format!("events published more than {age} ago"),
+        admin::Expiring::Inbox => format!("inbox entries applied more than {age} ago"),
+    };
     if expired == 0 {
         if confirm.json {
             println!("{}", json!({"expired": 0, "deleted": 0}));
         } else {
-            println!("no events published more than {age} ago");
+            println!("no {rows}");
         }
         return Ok(());
     }
-    let question = format!("delete {expired} events published more than {age} ago");
+    let question = format!("delete {expired} {rows}");
     if !confirmed(&question, confirm)? {
         println!("nothing changed");
         return Ok(());
     }
     let never = std::sync::atomic::AtomicBool::new(false);
     let quiet = confirm.json;
-    let run = admin::run_cleanup(
-        client,
-        retention,
-        batch_size,
-        pace,
-        max_batches,
-        &never,
-        |run| {
-            if !quiet && run.statements % 20 == 0 {
-                eprintln!("… {} deleted", run.deleted);
-            }
-        },
-    )
+    let run = admin::run_cleanup(client, what, retention, batch, &never, |run| {
+        if !quiet && run.statements % 20 == 0 {
+            eprintln!("… {} deleted", run.deleted);
+        }
+    })
     .await?;
     if confirm.json {
         println!(
@@ -417,7 +485,7 @@ async fn cleanup(
         );
     } else {
         println!(
-            "deleted {} events in {} statements, {:.1} s ({:.0} rows/s)",
+            "deleted {} rows in {} statements, {:.1} s ({:.0} rows/s)",
             run.deleted,
             run.statements,
             run.seconds,

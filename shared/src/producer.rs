@@ -1,0 +1,180 @@
+//! The producer API: any service appends its own typed events to the outbox in its own
+//! transaction, next to the state change they describe.
+//!
+//! ```no_run
+//! use outbox_shared::outbox::EventMetadata;
+//! use outbox_shared::producer::{append, OutboxEvent};
+//!
+//! #[derive(serde::Serialize)]
+//! #[serde(rename_all = "camelCase")]
+//! struct CustomerRenamed { tenant: String, customer_id: String, name: String }
+//!
+//! impl OutboxEvent for CustomerRenamed {
+//!     const EVENT_TYPE: &'static str = "customer.renamed";
+//!     const SCHEMA_VERSION: i32 = 1;
+//!     const AGGREGATE_TYPE: &'static str = "customer";
+//!     fn tenant_id(&self) -> &str { &self.tenant }
+//!     fn aggregate_id(&self) -> &str { &self.customer_id }
+//! }
+//!
+//! # async fn demo(client: &mut tokio_postgres::Client) -> Result<(), Box<dyn std::error::Error>> {
+//! let tx = client.transaction().await?;
+//! // ... the service's own writes in `tx` ...
+//! let event = CustomerRenamed { tenant: "acme".into(), customer_id: "c-1".into(), name: "Ada".into() };
+//! let appended = append(&tx, &event, &EventMetadata::new("crm", "request-42")).await?;
+//! tx.commit().await?; // the event exists if and only if the writes do
+//! println!("{} is version {}", appended.event_id, appended.aggregate_version);
+//! # Ok(()) }
+//! ```
+//!
+//! The aggregate's next version is assigned by the outbox itself (the append trigger, under a lock
+//! on the aggregate held until the transaction ends), so concurrent producers of one aggregate
+//! never collide and its events are published in the order their transactions commit.
+
+use serde::Serialize;
+use tokio_postgres::types::Type;
+use tokio_postgres::Transaction;
+use uuid::Uuid;
+
+use crate::outbox::EventMetadata;
+
+/// An event a service appends: its type, schema version and aggregate are part of its Rust type;
+/// its payload is its `Serialize` form (camelCase JSON is the convention of the payment events).
+pub trait OutboxEvent: Serialize + Sync {
+    /// Event type, e.g. `customer.renamed`: the SNS `event_type` attribute, the EventBridge
+    /// `DetailType`, and what consumers register projections for.
+    const EVENT_TYPE: &'static str;
+    /// Version of the payload's schema; bump it on an incompatible change.
+    const SCHEMA_VERSION: i32;
+    /// The kind of aggregate the event belongs to, e.g. `customer`.
+    const AGGREGATE_TYPE: &'static str;
+    /// Owning tenant.
+    fn tenant_id(&self) -> &str;
+    /// The aggregate's id: events of one aggregate are published in order, one at a time.
+    fn aggregate_id(&self) -> &str;
+    /// A key unique per tenant, when the producer wants a second append of the same fact refused
+    /// (e.g. a request id); `None` by default.
+    fn idempotency_key(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// Why an append failed. The caller's transaction is unusable afterwards: roll it back.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// The payload did not serialize.
+    #[error("{event_type}: payload does not serialize: {source}")]
+    Payload {
+        /// The event type.
+        event_type: &'static str,
+        /// The serializer's error.
+        source: serde_json::Error,
+    },
+    /// The event is empty where the outbox needs a value.
+    #[error("{event_type}: {field} must not be empty")]
+    Empty {
+        /// The event type.
+        event_type: &'static str,
+        /// The empty field.
+        field: &'static str,
+    },
+    /// The database refused it (a duplicate idempotency key, a lost connection, ...).
+    #[error("{event_type}: the outbox refused it: {source}")]
+    Database {
+        /// The event type.
+        event_type: &'static str,
+        /// The driver's error (SQLSTATE 23505 for a duplicate idempotency key).
+        source: tokio_postgres::Error,
+    },
+}
+
+impl AppendError {
+    /// Whether it was a second append with the same idempotency key.
+    pub fn is_duplicate(&self) -> bool {
+        matches!(self, Self::Database { source, .. }
+            if source.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION))
+    }
+}
+
+/// What the outbox assigned to an appended event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The event id (a time-ordered UUID v7): consumers dedupe on it.
+    pub event_id: Uuid,
+    /// The aggregate's version after this event (1 for its first).
+    pub aggregate_version: i64,
+}
+
+impl EventMetadata {
+    /// Metadata with a source service and a correlation id, nothing else.
+    pub fn new(source: impl Into<String>, correlation_id: impl Into<String>) -> Self {
+        Self {
+            source: source.into(),
+            correlation_id: correlation_id.into(),
+            ..Self::default()
+        }
+    }
+}
+
+const APPEND: &str = "
+    INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
+                        schema_version, payload, metadata, idempotency_key)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+    RETURNING aggregate_version";
+
+/// Appends `event` to the outbox in `tx`: published once `tx` commits, gone if it rolls back.
+/// The outbox assigns the aggregate version. Empty metadata fields get the outbox's defaults (a
+/// correlation id equal to the event id, `source` = the session's `outbox.source` setting, else
+/// `database`).
+#[tracing::instrument(skip_all, fields(event_type = E::EVENT_TYPE, tenant_id = event.tenant_id(),
+    aggregate_id = event.aggregate_id()))]
+pub async fn append<E: OutboxEvent>(
+    tx: &Transaction<'_>,
+    event: &E,
+    metadata: &EventMetadata,
+) -> Result<Appended, AppendError> {
+    let event_type = E::EVENT_TYPE;
+    for (field, value) in [
+        ("tenant id", event.tenant_id()),
+        ("aggregate id", event.aggregate_id()),
+        ("event type", E::EVENT_TYPE),
+        ("aggregate type", E::AGGREGATE_TYPE),
+    ] {
+        if value.trim().is_empty() {
+            return Err(AppendError::Empty { event_type, field });
+        }
+    }
+    let payload = serde_json::to_value(event)
+        .map_err(|source| AppendError::Payload { event_type, source })?;
+    let mut metadata = serde_json::to_value(metadata)
+        .map_err(|source| AppendError::Payload { event_type, source })?;
+    if let Some(fields) = metadata.as_object_mut() {
+        // Empty strings are "not given": the outbox's defaults apply.
+        fields.retain(|_, v| v.as_str() != Some(""));
+    }
+    let event_id = Uuid::now_v7();
+    let row = tx
+        .query_typed_one(
+            APPEND,
+            &[
+                (&event_id, Type::UUID),
+                (&event.tenant_id(), Type::TEXT),
+                (&E::AGGREGATE_TYPE, Type::TEXT),
+                (&event.aggregate_id(), Type::TEXT),
+                (&E::EVENT_TYPE, Type::TEXT),
+                (&E::SCHEMA_VERSION, Type::INT4),
+                (&payload, Type::JSONB),
+                (&metadata, Type::JSONB),
+                (&event.idempotency_key(), Type::TEXT),
+            ],
+        )
+        .await
+        .map_err(|source| AppendError::Database { event_type, source })?;
+    let aggregate_version = row
+        .try_get(0)
+        .map_err(|source| AppendError::Database { event_type, source })?;
+    Ok(Appended {
+        event_id,
+        aggregate_version,
+    })
+}
