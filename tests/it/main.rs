@@ -1,8 +1,11 @@
 //! Integration tests: one binary, each test on a database of its own on the local PostgreSQL.
 
+mod capture;
 mod chaos;
 mod dispatcher;
+mod extending;
 mod function_errors;
+mod inbox;
 mod migrations;
 mod operations;
 mod order;

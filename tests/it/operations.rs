@@ -2,7 +2,7 @@
 //! against a real database, retention inside the dispatcher's drain, the dispatcher heartbeat and
 //! the command handler's wake-up call, and the metrics the functions write.
 
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,31 +20,10 @@ use outbox_shared::postgres::Db;
 use outbox_tests::aws::{moto_endpoint, sdk_config_for};
 use outbox_tests::fake_lambda::FakeLambda;
 use outbox_tests::{
-    dispatcher, invoke, paid_body, paid_request, seed_outbox, test_dispatcher_config,
-    workspace_binary, TestDb,
+    dispatcher, invoke, outboxctl, paid_body, paid_request, seed_outbox, stderr, stdout,
+    test_dispatcher_config, TestDb,
 };
 use payment_command::{HandlerConfig, PaymentCommandHandler};
-
-/// Runs `outboxctl` on `db` with stdin closed (not a terminal, as in CI or a pipe).
-fn outboxctl(db: &TestDb, args: &[&str]) -> Output {
-    Command::new(workspace_binary("outboxctl"))
-        .args(args)
-        .env("DATABASE_URL", &db.url)
-        .env("DATABASE_TLS", "disable")
-        .env_remove("DATABASE_SECRET_ARN")
-        .env_remove("OUTBOX_RETENTION_HOURS")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run outboxctl")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
 
 fn json_of(output: &Output) -> Value {
     assert!(

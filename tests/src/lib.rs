@@ -367,6 +367,30 @@ pub async fn seed_outbox(
         .expect("seed outbox");
 }
 
+/// Runs `outboxctl` on `db` with stdin closed (not a terminal, as in CI or a pipe).
+pub fn outboxctl(db: &TestDb, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(workspace_binary("outboxctl"))
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .env("DATABASE_TLS", "disable")
+        .env_remove("DATABASE_SECRET_ARN")
+        .env_remove("OUTBOX_RETENTION_HOURS")
+        .env_remove("INBOX_RETENTION_DAYS")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run outboxctl")
+}
+
+/// A process's standard output, as text.
+pub fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A process's standard error, as text.
+pub fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// A binary of this workspace (built by `cargo build`, which `scripts/test` runs first), next to
 /// the test executable's own folder.
 pub fn workspace_binary(name: &str) -> PathBuf {
