@@ -63,6 +63,7 @@ ALTER TABLE outbox ADD CONSTRAINT outbox_metadata_makes_an_envelope CHECK (
 -- applied already (its processed_events row, or a version at or below the position), next in
 -- line (applied now), or ahead of a missing predecessor (a gap: redelivered later). Positions are
 -- never deleted, so a redelivery older than the inbox retention is still recognised as applied.
+-- Used through inbox_take and inbox_record below (shared/src/postgres/projections.rs).
 CREATE TABLE inbox_positions (
     consumer        text        NOT NULL,
     tenant_id       text        NOT NULL,
@@ -83,79 +84,58 @@ CROSS JOIN (SELECT DISTINCT consumer FROM processed_events
 -- Inbox retention deletes by age.
 CREATE INDEX processed_events_processed_at_idx ON processed_events (processed_at);
 
--- Decides, for a batch of events in delivery order, what the consumer does with each, and writes
--- the inbox rows and positions of those it takes, in the caller's transaction:
---   'apply'      new, and next in its aggregate (or allowed to start it): the caller applies it;
---   'duplicate'  this consumer has its inbox row: nothing to do;
---   'stale'      at or below the aggregate's position (applied before, inbox row expired or never
---                written): nothing to do;
---   'gap'        an earlier version is not applied yet: nothing written, redeliver it later.
--- p_starts says which events may be the first one the consumer sees of their aggregate.
--- Positions already present are locked first, in key order, so concurrent sinks do not deadlock.
-CREATE FUNCTION inbox_accept(
+-- The inbox's two statements per batch, as functions so the server keeps their plans per
+-- session (the verdicts are computed by the caller, in delivery order, between the two):
+-- inbox_take locks the positions of the batch's aggregates that exist, in key order (concurrent
+-- sinks cannot deadlock on them; one primary-key probe per aggregate), and writes the inbox rows,
+-- returning the ids that were new for this consumer.
+CREATE FUNCTION inbox_take(
     p_consumer text, p_event_ids uuid[], p_tenants text[], p_event_types text[],
-    p_aggregate_types text[], p_aggregate_ids text[], p_versions bigint[], p_starts boolean[]
-) RETURNS text[] LANGUAGE plpgsql AS $$
-DECLARE
-    v_outcomes text[] := '{}';
-    v_last     bigint;
-    v_count    integer;
+    p_aggregate_types text[], p_aggregate_ids text[],
+    OUT new_ids uuid[], OUT tenants text[], OUT aggregate_types text[], OUT aggregate_ids text[],
+    OUT versions bigint[]
+) LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM 1 FROM inbox_positions p
-    JOIN unnest(p_tenants, p_aggregate_types, p_aggregate_ids) AS k(t, at, ai)
-      ON p.consumer = p_consumer AND p.tenant_id = k.t AND p.aggregate_type = k.at
-     AND p.aggregate_id = k.ai
-    ORDER BY p.tenant_id, p.aggregate_type, p.aggregate_id
-    FOR UPDATE OF p;
-    FOR i IN 1 .. coalesce(array_length(p_event_ids, 1), 0) LOOP
+    SELECT array_agg(p.tenant_id), array_agg(p.aggregate_type), array_agg(p.aggregate_id),
+           array_agg(p.last_version)
+    INTO tenants, aggregate_types, aggregate_ids, versions
+    FROM (SELECT l.*
+          FROM (SELECT DISTINCT * FROM unnest(p_tenants, p_aggregate_types, p_aggregate_ids)
+                ORDER BY 1, 2, 3) AS k(t, at, ai)
+          CROSS JOIN LATERAL (
+              SELECT i.tenant_id, i.aggregate_type, i.aggregate_id, i.last_version
+              FROM inbox_positions i
+              WHERE i.consumer = p_consumer AND i.tenant_id = k.t AND i.aggregate_type = k.at
+                AND i.aggregate_id = k.ai
+              FOR UPDATE) l) p;
+    WITH inserted AS (
         INSERT INTO processed_events (consumer, event_id, tenant_id, event_type)
-        VALUES (p_consumer, p_event_ids[i], p_tenants[i], p_event_types[i])
-        ON CONFLICT DO NOTHING;
-        GET DIAGNOSTICS v_count = ROW_COUNT;
-        IF v_count = 0 THEN
-            v_outcomes := v_outcomes || 'duplicate'::text;
-            CONTINUE;
-        END IF;
-        SELECT last_version INTO v_last FROM inbox_positions
-        WHERE consumer = p_consumer AND tenant_id = p_tenants[i]
-          AND aggregate_type = p_aggregate_types[i] AND aggregate_id = p_aggregate_ids[i]
-        FOR UPDATE;
-        IF NOT FOUND THEN
-            IF p_starts[i] THEN
-                INSERT INTO inbox_positions (consumer, tenant_id, aggregate_type, aggregate_id,
-                                             last_version)
-                VALUES (p_consumer, p_tenants[i], p_aggregate_types[i], p_aggregate_ids[i],
-                        p_versions[i])
-                ON CONFLICT DO NOTHING;
-                GET DIAGNOSTICS v_count = ROW_COUNT;
-                IF v_count = 1 THEN
-                    v_outcomes := v_outcomes || 'apply'::text;
-                    CONTINUE;
-                END IF;
-                -- Another sink started the aggregate meanwhile (and committed): judge by it.
-                SELECT last_version INTO v_last FROM inbox_positions
-                WHERE consumer = p_consumer AND tenant_id = p_tenants[i]
-                  AND aggregate_type = p_aggregate_types[i] AND aggregate_id = p_aggregate_ids[i]
-                FOR UPDATE;
-            ELSE
-                DELETE FROM processed_events WHERE consumer = p_consumer AND event_id = p_event_ids[i];
-                v_outcomes := v_outcomes || 'gap'::text;
-                CONTINUE;
-            END IF;
-        END IF;
-        IF p_versions[i] <= v_last THEN
-            v_outcomes := v_outcomes || 'stale'::text;
-        ELSIF p_versions[i] = v_last + 1 THEN
-            UPDATE inbox_positions SET last_version = p_versions[i], updated_at = now()
-            WHERE consumer = p_consumer AND tenant_id = p_tenants[i]
-              AND aggregate_type = p_aggregate_types[i] AND aggregate_id = p_aggregate_ids[i];
-            v_outcomes := v_outcomes || 'apply'::text;
-        ELSE
-            DELETE FROM processed_events WHERE consumer = p_consumer AND event_id = p_event_ids[i];
-            v_outcomes := v_outcomes || 'gap'::text;
-        END IF;
-    END LOOP;
-    RETURN v_outcomes;
+        SELECT p_consumer, * FROM unnest(p_event_ids, p_tenants, p_event_types)
+        ON CONFLICT DO NOTHING
+        RETURNING event_id)
+    SELECT array_agg(event_id) INTO new_ids FROM inserted;
+END $$;
+
+-- inbox_record advances the positions of the aggregates whose events are applied (never
+-- backwards, in key order) and removes the inbox rows of gaps, so their redelivery is judged
+-- afresh.
+CREATE FUNCTION inbox_record(
+    p_consumer text, p_tenants text[], p_aggregate_types text[], p_aggregate_ids text[],
+    p_versions bigint[], p_gaps uuid[]
+) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF cardinality(p_tenants) > 0 THEN
+        INSERT INTO inbox_positions AS p (consumer, tenant_id, aggregate_type, aggregate_id,
+                                          last_version)
+        SELECT p_consumer, * FROM unnest(p_tenants, p_aggregate_types, p_aggregate_ids, p_versions)
+        ORDER BY 2, 3, 4
+        ON CONFLICT (consumer, tenant_id, aggregate_type, aggregate_id) DO UPDATE
+        SET last_version = EXCLUDED.last_version, updated_at = now()
+        WHERE p.last_version < EXCLUDED.last_version;
+    END IF;
+    IF cardinality(p_gaps) > 0 THEN
+        DELETE FROM processed_events WHERE consumer = p_consumer AND event_id = ANY (p_gaps);
+    END IF;
 END $$;
 
 -- The payment projection's rules, now without inbox logic (the inbox decided what to apply):

@@ -96,19 +96,18 @@ impl Projection for PaymentProjections {
             let amounts: Vec<i64> = changes.iter().map(|c| c.amount_minor).collect();
             let currencies: Vec<&str> = changes.iter().map(|c| c.currency.as_str()).collect();
             let ats: Vec<chrono::DateTime<chrono::Utc>> = changes.iter().map(|c| c.at).collect();
-            tx.execute_typed(
-                PROJECT,
-                &[
-                    (&tenants, Type::TEXT_ARRAY),
-                    (&types, Type::TEXT_ARRAY),
-                    (&payments, Type::TEXT_ARRAY),
-                    (&versions, Type::INT8_ARRAY),
-                    (&amounts, Type::INT8_ARRAY),
-                    (&currencies, Type::TEXT_ARRAY),
-                    (&ats, Type::TIMESTAMPTZ_ARRAY),
-                ],
-            )
-            .await?;
+            let project = [
+                (
+                    &tenants as &(dyn tokio_postgres::types::ToSql + Sync),
+                    Type::TEXT_ARRAY,
+                ),
+                (&types, Type::TEXT_ARRAY),
+                (&payments, Type::TEXT_ARRAY),
+                (&versions, Type::INT8_ARRAY),
+                (&amounts, Type::INT8_ARRAY),
+                (&currencies, Type::TEXT_ARRAY),
+                (&ats, Type::TIMESTAMPTZ_ARRAY),
+            ];
             let mut columns = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for ((tenant, day, currency), (paid, refunded)) in revenue_deltas(&changes) {
                 columns.0.push(tenant);
@@ -117,17 +116,21 @@ impl Projection for PaymentProjections {
                 columns.3.push(paid);
                 columns.4.push(refunded);
             }
-            tx.execute_typed(
-                ADD_REVENUE,
-                &[
-                    (&columns.0, Type::TEXT_ARRAY),
-                    (&columns.1, Type::DATE_ARRAY),
-                    (&columns.2, Type::TEXT_ARRAY),
-                    (&columns.3, Type::INT8_ARRAY),
-                    (&columns.4, Type::INT8_ARRAY),
-                ],
-            )
-            .await?;
+            let revenue = [
+                (
+                    &columns.0 as &(dyn tokio_postgres::types::ToSql + Sync),
+                    Type::TEXT_ARRAY,
+                ),
+                (&columns.1, Type::DATE_ARRAY),
+                (&columns.2, Type::TEXT_ARRAY),
+                (&columns.3, Type::INT8_ARRAY),
+                (&columns.4, Type::INT8_ARRAY),
+            ];
+            // Independent statements: sent together (pipelined), awaited together.
+            tokio::try_join!(
+                tx.execute_typed(PROJECT, &project),
+                tx.execute_typed(ADD_REVENUE, &revenue)
+            )?;
             Ok(())
         })
     }

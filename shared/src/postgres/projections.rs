@@ -9,7 +9,12 @@ use crate::envelope::EventEnvelope;
 use crate::ports::{ProjectionStore, StoreError};
 use crate::sink::ApplyOutcome;
 
-const ACCEPT: &str = "SELECT inbox_accept($1, $2, $3, $4, $5, $6, $7, $8)";
+/// Locks the positions of the batch's aggregates and writes its inbox rows (function of
+/// migration V5, so the server keeps the plans).
+const TAKE: &str = "SELECT * FROM inbox_take($1, $2, $3, $4, $5, $6)";
+
+/// Advances positions and forgets gaps (migration V5).
+const RECORD: &str = "SELECT inbox_record($1, $2, $3, $4, $5, $6)";
 
 /// The inbox's verdict on one event (see `inbox_accept`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,21 +31,25 @@ pub enum Verdict {
 
 /// Records the inbox rows and positions of `events` (delivery order) for `consumer` in `tx`, and
 /// says what to do with each. `starts[i]` says whether `events[i]` may start its aggregate.
-pub async fn accept(
+/// Two calls per batch, whatever its size, each set-based: `inbox_take` locks the positions and
+/// writes the inbox rows, the verdicts are computed here in delivery order, then
+/// [`Accepted::record`] advances the positions (and removes gaps' inbox rows), sent alongside the
+/// projections' writes.
+pub async fn accept<'e>(
     tx: &tokio_postgres::Transaction<'_>,
     consumer: &str,
-    events: &[&EventEnvelope],
+    events: &[&'e EventEnvelope],
     starts: &[bool],
-) -> Result<Vec<Verdict>, StoreError> {
+) -> Result<Accepted<'e>, StoreError> {
+    use std::collections::{HashMap, HashSet};
     let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
     let tenants: Vec<&str> = events.iter().map(|e| e.tenantid.as_str()).collect();
     let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
     let aggregate_types: Vec<&str> = events.iter().map(|e| e.aggregatetype.as_str()).collect();
     let aggregate_ids: Vec<&str> = events.iter().map(|e| e.aggregateid.as_str()).collect();
-    let versions: Vec<i64> = events.iter().map(|e| e.aggregateversion).collect();
-    let texts: Vec<String> = tx
+    let row = tx
         .query_typed_one(
-            ACCEPT,
+            TAKE,
             &[
                 (&consumer, Type::TEXT),
                 (&ids, Type::UUID_ARRAY),
@@ -48,29 +57,122 @@ pub async fn accept(
                 (&types, Type::TEXT_ARRAY),
                 (&aggregate_types, Type::TEXT_ARRAY),
                 (&aggregate_ids, Type::TEXT_ARRAY),
-                (&versions, Type::INT8_ARRAY),
-                (&starts, Type::BOOL_ARRAY),
             ],
         )
-        .await?
-        .try_get(0)?;
-    if texts.len() != events.len() {
-        return Err(StoreError::Corrupt(format!(
-            "{} inbox verdicts for {} events",
-            texts.len(),
-            events.len()
-        )));
-    }
-    texts
+        .await?;
+    // array_agg of nothing is NULL.
+    let new_ids: Vec<uuid::Uuid> = row.try_get::<_, Option<_>>(0)?.unwrap_or_default();
+    let found: [Vec<String>; 3] = [
+        row.try_get::<_, Option<_>>(1)?.unwrap_or_default(),
+        row.try_get::<_, Option<_>>(2)?.unwrap_or_default(),
+        row.try_get::<_, Option<_>>(3)?.unwrap_or_default(),
+    ];
+    let found_versions: Vec<i64> = row.try_get::<_, Option<_>>(4)?.unwrap_or_default();
+    // The batch's aggregates, keyed by its own strings.
+    type Key<'e> = (&'e str, &'e str, &'e str);
+    let keys: HashMap<(String, String, String), Key<'e>> = events
         .iter()
-        .map(|t| match t.as_str() {
-            "apply" => Ok(Verdict::Apply),
-            "duplicate" => Ok(Verdict::Duplicate),
-            "stale" => Ok(Verdict::Stale),
-            "gap" => Ok(Verdict::Gap),
-            other => Err(StoreError::Corrupt(format!("inbox verdict {other:?}"))),
+        .map(|e| {
+            let key = (
+                e.tenantid.as_str(),
+                e.aggregatetype.as_str(),
+                e.aggregateid.as_str(),
+            );
+            ((key.0.to_owned(), key.1.to_owned(), key.2.to_owned()), key)
         })
-        .collect()
+        .collect();
+    let mut position: HashMap<Key<'e>, i64> = HashMap::new();
+    for (i, version) in found_versions.into_iter().enumerate() {
+        let found = (
+            found[0][i].clone(),
+            found[1][i].clone(),
+            found[2][i].clone(),
+        );
+        if let Some(key) = keys.get(&found) {
+            position.insert(*key, version);
+        }
+    }
+    let mut new: HashSet<uuid::Uuid> = new_ids.into_iter().collect();
+    let mut advanced: HashMap<Key<'e>, i64> = HashMap::new();
+    let mut gaps: Vec<uuid::Uuid> = Vec::new();
+    let mut verdicts = Vec::with_capacity(events.len());
+    for (event, starts) in events.iter().zip(starts) {
+        if !new.remove(&event.id) {
+            verdicts.push(Verdict::Duplicate);
+            continue;
+        }
+        let key = (
+            event.tenantid.as_str(),
+            event.aggregatetype.as_str(),
+            event.aggregateid.as_str(),
+        );
+        let version = event.aggregateversion;
+        let verdict = match position.get(&key) {
+            None if *starts => Verdict::Apply,
+            None => Verdict::Gap,
+            Some(&last) if version <= last => Verdict::Stale,
+            Some(&last) if version == last + 1 => Verdict::Apply,
+            Some(_) => Verdict::Gap,
+        };
+        match verdict {
+            Verdict::Apply => {
+                position.insert(key, version);
+                advanced.insert(key, version);
+            }
+            Verdict::Gap => gaps.push(event.id),
+            _ => {}
+        }
+        verdicts.push(verdict);
+    }
+    let mut advanced: Vec<_> = advanced.into_iter().collect();
+    advanced.sort();
+    Ok(Accepted {
+        verdicts,
+        advanced,
+        gaps,
+    })
+}
+
+/// The inbox's verdicts on a batch, and the writes that make them stick.
+#[derive(Debug)]
+pub struct Accepted<'e> {
+    /// One per event, in delivery order.
+    pub verdicts: Vec<Verdict>,
+    /// New positions, in key order.
+    advanced: Vec<((&'e str, &'e str, &'e str), i64)>,
+    /// Events whose inbox rows go again.
+    gaps: Vec<uuid::Uuid>,
+}
+
+impl Accepted<'_> {
+    /// Advances the positions and forgets the gaps, in `tx`. Independent of the projections'
+    /// writes: sent alongside them. Nothing to send when nothing advanced and nothing was a gap.
+    pub async fn record(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        consumer: &str,
+    ) -> Result<(), tokio_postgres::Error> {
+        if self.advanced.is_empty() && self.gaps.is_empty() {
+            return Ok(());
+        }
+        let tenants: Vec<&str> = self.advanced.iter().map(|k| k.0 .0).collect();
+        let aggregate_types: Vec<&str> = self.advanced.iter().map(|k| k.0 .1).collect();
+        let aggregate_ids: Vec<&str> = self.advanced.iter().map(|k| k.0 .2).collect();
+        let versions: Vec<i64> = self.advanced.iter().map(|k| k.1).collect();
+        tx.query_typed(
+            RECORD,
+            &[
+                (&consumer, Type::TEXT),
+                (&tenants, Type::TEXT_ARRAY),
+                (&aggregate_types, Type::TEXT_ARRAY),
+                (&aggregate_ids, Type::TEXT_ARRAY),
+                (&versions, Type::INT8_ARRAY),
+                (&self.gaps, Type::UUID_ARRAY),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
 }
 
 /// Runs every registered projection over the events it handles, in order, in `tx`.
@@ -191,14 +293,19 @@ async fn apply_in(
         .iter()
         .map(|e| projections.starts_aggregate(e))
         .collect();
-    let verdicts = accept(&tx, consumer, events, &starts).await?;
+    let accepted = accept(&tx, consumer, events, &starts).await?;
     let to_apply: Vec<&EventEnvelope> = events
         .iter()
-        .zip(&verdicts)
+        .zip(&accepted.verdicts)
         .filter(|(_, v)| **v == Verdict::Apply)
         .map(|(e, _)| *e)
         .collect();
-    if let Err(error) = project(&tx, projections, &to_apply).await {
+    // The inbox's writes and the projections' go out together (pipelined on the connection).
+    let (recorded, projected) = tokio::join!(
+        accepted.record(&tx, consumer),
+        project(&tx, projections, &to_apply)
+    );
+    if let Err(error) = projected {
         let reason = error.to_string();
         // A projection's statement error leaves the transaction aborted: roll it back. If the
         // connection itself is gone, the rollback fails too, and that is the database's failure
@@ -206,8 +313,10 @@ async fn apply_in(
         tx.rollback().await?;
         return Ok(Err(reason));
     }
+    recorded?;
     tx.commit().await?;
-    Ok(Ok(verdicts
+    Ok(Ok(accepted
+        .verdicts
         .into_iter()
         .map(|v| match v {
             Verdict::Apply => ApplyOutcome::Applied,
