@@ -6,7 +6,20 @@
 -- dead-lettered ("missing field correlation_id"). Now the append trigger fills what is missing
 -- (correlation id = the event id, source = the session's `outbox.source` setting, else
 -- 'database') and a CHECK refuses at insert what still cannot make an envelope.
-ALTER TABLE outbox ALTER COLUMN event_id SET DEFAULT gen_random_uuid();
+-- Event ids written by SQL producers and capture triggers are time-ordered (UUID version 7, as
+-- the Rust producers write them): the unique index on event_id then grows at its right edge
+-- instead of taking inserts on random pages of a large index.
+CREATE FUNCTION outbox_uuid_v7() RETURNS uuid LANGUAGE sql VOLATILE AS $$
+    SELECT encode(
+        set_bit(set_bit(
+            overlay(uuid_send(gen_random_uuid())
+                    placing substring(int8send(floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3)
+                    FROM 1 FOR 6),
+            52, 1), 53, 1),
+        'hex')::uuid
+$$;
+
+ALTER TABLE outbox ALTER COLUMN event_id SET DEFAULT outbox_uuid_v7();
 
 CREATE OR REPLACE FUNCTION outbox_append_order() RETURNS trigger
 LANGUAGE plpgsql AS $$

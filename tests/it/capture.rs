@@ -136,6 +136,20 @@ async fn captured_inserts_updates_and_deletes_become_ordered_events_and_rollback
         .unwrap()
         .get(0);
     assert_eq!(source, "capture:crm.accounts");
+    // Their ids are time-ordered (UUID version 7), in the order they were written.
+    let ids: Vec<uuid::Uuid> = client
+        .query("SELECT event_id FROM outbox ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(ids.iter().all(|id| id.get_version_num() == 7), "{ids:?}");
+    let millis = |id: &uuid::Uuid| id.as_u128() >> 80;
+    assert!(
+        ids.windows(2).all(|w| millis(&w[0]) <= millis(&w[1])),
+        "{ids:?}"
+    );
 
     // Disabled: writes go on, no more events.
     let out = outboxctl(&db, &["capture", "disable", "--table", "crm.accounts"]);
