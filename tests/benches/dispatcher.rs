@@ -281,6 +281,9 @@ async fn main() {
     if std::env::var("BENCH_ONLY").as_deref() == Ok("order") {
         return order_benchmarks().await;
     }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("retention-plans") {
+        return retention_plans().await;
+    }
     let rows = env_usize("BENCH_ROWS", 200_000);
     let retained = env_usize("BENCH_RETAINED", 1_000_000);
 
@@ -353,4 +356,60 @@ async fn order_benchmarks() {
     println!("|---|---|---|---|---|");
     println!("| nothing else runs | {produced} | {p50:.1} | {p99:.1} | {max:.1} |");
     println!("| a write transaction stays open in another database for the whole run | {iproduced} | {ip50:.1} | {ip99:.1} | {imax:.1} |");
+}
+
+/// Updates and HOT updates of the outbox so far (statistics flushed first).
+async fn hot_counts(client: &tokio_postgres::Client) -> (i64, i64) {
+    client
+        .batch_execute("SELECT pg_stat_force_next_flush()")
+        .await
+        .expect("flush stats");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let row = client
+        .query_one(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'outbox'",
+            &[],
+        )
+        .await
+        .expect("stats");
+    (row.get(0), row.get(1))
+}
+
+/// Retention at 5M, looked into: for random (v4) and time-ordered (v7) event ids, the claim's and
+/// the mark's `EXPLAIN (ANALYZE, BUFFERS)`, claim latency of 200 claims of 100 (each marked
+/// published), and the share of HOT updates meanwhile.
+async fn retention_plans() {
+    let retained = env_usize("BENCH_RETAINED_LARGE", 5_000_000);
+    println!("## Claim and mark with {retained} published rows retained\n");
+    for ids in [bench::EventIds::Random, bench::EventIds::TimeOrdered] {
+        let db = TestDb::create().await;
+        let week = Duration::from_secs(8 * 86_400);
+        bench::seed_with_ids(&db, retained, "published", week, ids).await;
+        bench::seed_with_ids(&db, 30_000, "pending", Duration::ZERO, ids).await;
+        let client = db.client().await;
+        let (upd0, hot0) = hot_counts(&client).await;
+        let (p50, p99) = bench::claim_latency(&db, 200).await;
+        let (upd1, hot1) = hot_counts(&client).await;
+        let claim = outbox_shared::postgres::outbox::explain_claim(&client, 100, true)
+            .await
+            .expect("explain claim");
+        let mark = outbox_shared::postgres::outbox::explain_mark(&client, 100)
+            .await
+            .expect("explain mark");
+        let size: String = client
+            .query_one(
+                "SELECT string_agg(indexrelname || ' ' || pg_size_pretty(pg_relation_size(indexrelid)), ', ')
+                 FROM pg_stat_user_indexes WHERE relname = 'outbox'",
+                &[],
+            )
+            .await
+            .expect("sizes")
+            .get(0);
+        println!(
+            "### event ids {ids:?}\n\nclaim p50 {p50:.2} ms, p99 {p99:.2} ms; updates {} of which HOT {} ({:.0} %)\n\nindexes: {size}\n\nclaim of 100:\n\n```\n{claim}\n```\n\nmark of 100:\n\n```\n{mark}\n```\n",
+            upd1 - upd0,
+            hot1 - hot0,
+            100.0 * (hot1 - hot0) as f64 / ((upd1 - upd0).max(1)) as f64
+        );
+    }
 }

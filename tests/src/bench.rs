@@ -22,21 +22,49 @@ pub fn env_usize(name: &str, default: usize) -> usize {
 /// checkpoints, so the writes of seeding a large table are not still being flushed while the
 /// measurement runs.
 pub async fn seed(db: &TestDb, rows: usize, status: &str, published_ago: Duration) {
+    seed_with_ids(db, rows, status, published_ago, EventIds::Random).await
+}
+
+/// How seeded event ids are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventIds {
+    /// Random (UUID v4): inserts land anywhere in the event_id index.
+    Random,
+    /// Time-ordered (UUID v7, as the producers write them): inserts at the index's right edge.
+    TimeOrdered,
+}
+
+/// [`seed`] with a choice of event ids.
+pub async fn seed_with_ids(
+    db: &TestDb,
+    rows: usize,
+    status: &str,
+    published_ago: Duration,
+    ids: EventIds,
+) {
     let client = db.client().await;
+    let id_function = match ids {
+        EventIds::Random => "gen_random_uuid()",
+        EventIds::TimeOrdered => "outbox_uuid_v7()",
+    };
     let tag = uuid::Uuid::new_v4().simple().to_string();
-    client
-        .execute(
-            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
+    // The id function is one of two fixed names above, never input.
+    let sql = format!(
+        "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
                                  event_type, schema_version, payload, metadata, status, published_at,
                                  created_at)
-             SELECT gen_random_uuid(), 'bench', 'payment', 'p' || g || '-' || $3, 1, 'payment.paid', 1,
+             SELECT {id_function}, 'bench', 'payment', 'p' || g || '-' || $3, 1, 'payment.paid', 1,
                     jsonb_build_object('paymentId', 'p' || g, 'amountMinor', 1250, 'currency', 'EUR',
                         'verificationMethod', 'card_3ds', 'verifiedBy', 'acs.examplebank.com',
                         'paidAt', now(), 'note', repeat('x', 120)),
-                    '{\"correlation_id\":\"bench\",\"causation_id\":\"bench\",\"source\":\"payments\"}',
+                    '{{\"correlation_id\":\"bench\",\"causation_id\":\"bench\",\"source\":\"payments\"}}',
                     $2, CASE WHEN $2 = 'published' THEN now() - make_interval(secs => $4) END,
                     CASE WHEN $2 = 'published' THEN now() - make_interval(secs => $4) ELSE now() END
-             FROM generate_series(1, $1::bigint) AS g",
+             FROM generate_series(1, $1::bigint) AS g"
+    );
+    client
+        .execute(
+            &sql,
             &[&(rows as i64), &status, &tag, &published_ago.as_secs_f64()],
         )
         .await

@@ -348,12 +348,41 @@ pub async fn explain_claim(
     limit: i64,
     analyze: bool,
 ) -> Result<String, tokio_postgres::Error> {
-    let options = if analyze { "ANALYZE, BUFFERS, " } else { "" };
     // EXPLAIN takes no bind parameters here: the values are numbers and a fixed word.
     let sql = CLAIM
         .replace("$1", &limit.to_string())
         .replace("$2", "30")
         .replace("$3", "'explain'");
+    explain_rolled_back(client, &sql, analyze).await
+}
+
+/// The plan of marking the first `limit` due heads published (`EXPLAIN (ANALYZE, BUFFERS)` in a
+/// transaction that is rolled back): how many index pages a mark touches.
+pub async fn explain_mark(
+    client: &tokio_postgres::Client,
+    limit: i64,
+) -> Result<String, tokio_postgres::Error> {
+    let ids: Vec<i64> = client
+        .query(
+            "SELECT id FROM outbox WHERE status = 'pending' AND is_head
+             ORDER BY next_attempt_at, id LIMIT $1",
+            &[&limit],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    let sql = MARK_PUBLISHED.replace("$1", &format!("ARRAY[{list}]::bigint[]"));
+    explain_rolled_back(client, &sql, true).await
+}
+
+async fn explain_rolled_back(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    analyze: bool,
+) -> Result<String, tokio_postgres::Error> {
+    let options = if analyze { "ANALYZE, BUFFERS, " } else { "" };
     client.batch_execute("BEGIN").await?;
     let rows = client
         .simple_query(&format!("EXPLAIN ({options}COSTS OFF) {sql}"))
