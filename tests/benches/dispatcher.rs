@@ -264,7 +264,9 @@ async fn retained_claim_latency(retained: usize, claims: usize) -> (f64, f64) {
             .expect("explain");
         println!("\nEXPLAIN ANALYZE of the claim, {retained} published rows retained, {} pending:\n\n```\n{plan}\n```\n", claims * 100);
     }
-    bench::claim_latency(&db, claims).await
+    let latency = bench::claim_latency(&db, claims).await;
+    db.drop_database().await;
+    latency
 }
 
 /// 6: claims of 500 with `parked` aggregates parked behind a dead first event and `parked`
@@ -411,5 +413,7 @@ async fn retention_plans() {
             hot1 - hot0,
             100.0 * (hot1 - hot0) as f64 / ((upd1 - upd0).max(1)) as f64
         );
+        drop(client);
+        db.drop_database().await;
     }
 }

@@ -197,6 +197,7 @@ async fn retention_benchmarks(large: usize, rows: usize) {
     .await
     .expect("cleanup task");
     let (rest, rest_seconds) = (rest.deleted, rest.seconds);
+    big.drop_database().await;
 
     println!("## Retention: claim latency and throughput with published rows retained\n");
     println!(

@@ -45,6 +45,8 @@ pub struct TestDb {
     pub url: String,
     /// Its name (`t_` and a random hex id).
     pub name: String,
+    /// The server's administrative connection, to drop it.
+    admin: DatabaseSettings,
 }
 
 impl TestDb {
@@ -92,7 +94,22 @@ impl TestDb {
             settings,
             name,
             url,
+            admin: admin.clone(),
         }
+    }
+
+    /// Drops the database now (benchmarks' databases are gigabytes; tests leave theirs, and
+    /// `scripts/dev-env prune` drops what earlier runs left).
+    pub async fn drop_database(self) {
+        let client = self.admin.connect().await.expect("admin connection");
+        // The name is built from hex digits only (see create_with).
+        client
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await
+            .expect("drop the test database");
     }
 
     /// A new connection to the test database.
