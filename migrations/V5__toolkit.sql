@@ -152,8 +152,9 @@ BEGIN
 END $$;
 
 -- The payment projection's rules, now without inbox logic (the inbox decided what to apply):
--- a payment.paid creates the payment's row, a payment.refunded adds to its refunds. The revenue
--- of the batch is added by the caller in one statement, in key order.
+-- a payment.paid creates the payment's row, a payment.refunded adds to its refunds; then the
+-- batch's revenue, one row per (tenant, UTC day, currency), in key order, so concurrent sinks take
+-- those shared rows' locks in the same order and cannot deadlock on them. One call per batch.
 CREATE FUNCTION project_payment_events(
     p_tenants text[], p_types text[], p_payments text[], p_versions bigint[], p_amounts bigint[],
     p_currencies text[], p_ats timestamptz[]
@@ -180,6 +181,17 @@ BEGIN
             RAISE EXCEPTION 'no payment projection rule for event type %', p_types[i];
         END IF;
     END LOOP;
+    INSERT INTO tenant_daily_revenue AS r (tenant_id, day, currency, paid_minor, refunded_minor)
+    SELECT e.tenant, (e.at AT TIME ZONE 'UTC')::date, e.currency,
+           coalesce(sum(e.amount) FILTER (WHERE e.type = 'payment.paid'), 0),
+           coalesce(sum(e.amount) FILTER (WHERE e.type = 'payment.refunded'), 0)
+    FROM unnest(p_tenants, p_types, p_amounts, p_currencies, p_ats)
+         AS e(tenant, type, amount, currency, at)
+    GROUP BY 1, 2, 3
+    ORDER BY 1, 2, 3
+    ON CONFLICT (tenant_id, day, currency) DO UPDATE
+    SET paid_minor = r.paid_minor + EXCLUDED.paid_minor,
+        refunded_minor = r.refunded_minor + EXCLUDED.refunded_minor;
 END $$;
 
 DROP FUNCTION apply_payment_events(text, uuid[], text[], text[], text[], bigint[], bigint[], text[], timestamptz[]);
