@@ -9,6 +9,7 @@
 //! - [`aws`]: SDK configuration and the SNS / EventBridge publishers.
 //! - [`dispatcher`]: the claim → publish → record loop.
 //! - [`envelope`]: the message format every bus carries.
+//! - [`feed`]: the events feed clients pull, with per-consumer acknowledgments.
 //! - [`producer`]: appending a service's own typed events in its own transaction.
 //! - [`consumer`]: projections plugged into the inbox, registered by the sink.
 //! - [`sink`]: reading delivered messages back into envelopes and payment changes.
@@ -23,6 +24,7 @@ pub mod dispatcher;
 pub mod domain;
 pub mod envelope;
 pub mod failure;
+pub mod feed;
 pub mod metrics;
 pub mod outbox;
 pub mod ports;

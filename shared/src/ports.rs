@@ -329,3 +329,21 @@ pub trait ProjectionStore: Send + Sync {
         max_rows: i32,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
+
+/// What the events feed needs from storage.
+pub trait EventFeedStore: Send + Sync {
+    /// One page of `query.tenant`'s feed.
+    fn feed_page(
+        &self,
+        query: &crate::feed::FeedQuery,
+    ) -> impl Future<Output = Result<crate::feed::FeedPage, StoreError>> + Send;
+
+    /// Records that `consumer` has `tenant`'s event `event_id`; a second time keeps the first
+    /// acknowledgment's time.
+    fn acknowledge(
+        &self,
+        tenant: &TenantId,
+        event_id: Uuid,
+        consumer: &crate::feed::ConsumerName,
+    ) -> impl Future<Output = Result<crate::feed::AckOutcome, StoreError>> + Send;
+}

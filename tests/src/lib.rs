@@ -156,6 +156,16 @@ pub fn sample_files(function: &str) -> Vec<PathBuf> {
     files
 }
 
+/// The events feed's samples (`events/payment-command/feed/`), sorted by file name.
+pub fn feed_sample_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(events_dir("payment-command").join("feed"))
+        .expect("feed samples folder")
+        .map(|e| e.expect("feed samples entry").path())
+        .collect();
+    files.sort();
+    files
+}
+
 /// A committed sample event, as raw JSON (read once per process, so benchmarks do not measure the
 /// disk).
 pub fn sample_json(function: &str, file: &str) -> Value {

@@ -1,5 +1,6 @@
 //! The HTTP API (payload v2) handler: routes the request, takes the tenant from the verified JWT
-//! claims, parses the command, runs it against the store and maps the outcome to a response.
+//! claims, parses the command, runs it against the store and maps the outcome to a response. It
+//! also serves the events feed (`GET /events`, `POST /events/{eventId}/ack`) to the same clients.
 
 use aws_lambda_events::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
 use aws_lambda_events::encodings::Body;
@@ -12,20 +13,25 @@ use std::time::{Duration, Instant};
 
 use outbox_shared::config::{optional_env, parsed_env, ranged_env, ConfigError};
 use outbox_shared::domain::{IdempotencyKey, PaymentId, TenantId};
+use outbox_shared::feed::{AckOutcome, ConsumerName, FeedQuery, ParameterError};
 use outbox_shared::outbox::EventMetadata;
 use outbox_shared::ports::{
-    MarkPaidCommand, MarkPaidOutcome, PaymentCommandStore, RefundCommand, RefundOutcome,
-    WakeDispatcher,
+    EventFeedStore, MarkPaidCommand, MarkPaidOutcome, PaymentCommandStore, RefundCommand,
+    RefundOutcome, WakeDispatcher,
 };
 
 use crate::request::{
-    body_bytes, parse_mark_paid, parse_refund, FieldError, DEFAULT_MAX_BODY_BYTES,
+    body_bytes, parse_ack, parse_mark_paid, parse_refund, FieldError, DEFAULT_MAX_BODY_BYTES,
 };
 
 /// Route key of the paid command in the HTTP API.
 pub const PAID_ROUTE: &str = "POST /payments/{paymentId}/paid";
 /// Route key of the refund command in the HTTP API.
 pub const REFUND_ROUTE: &str = "POST /payments/{paymentId}/refunds";
+/// Route key of the events feed.
+pub const FEED_ROUTE: &str = "GET /events";
+/// Route key of a consumer's acknowledgment of one event.
+pub const ACK_ROUTE: &str = "POST /events/{eventId}/ack";
 
 /// Handler settings, read once at cold start.
 #[derive(Debug, Clone)]
@@ -96,9 +102,11 @@ impl WakeDispatcher for NoWake {
 enum Route {
     Paid(String),
     Refund(String),
+    Feed,
+    Ack(String),
 }
 
-impl<S: PaymentCommandStore> PaymentCommandHandler<S> {
+impl<S: PaymentCommandStore + EventFeedStore> PaymentCommandHandler<S> {
     /// A handler over `store`; events wait for the dispatcher's schedule.
     pub fn new(store: S, config: HandlerConfig) -> Self {
         Self {
@@ -120,7 +128,7 @@ impl<S: PaymentCommandStore> PaymentCommandHandler<S> {
     }
 }
 
-impl<S: PaymentCommandStore, W: WakeDispatcher> PaymentCommandHandler<S, W> {
+impl<S: PaymentCommandStore + EventFeedStore, W: WakeDispatcher> PaymentCommandHandler<S, W> {
     /// The store, for wiring and tests.
     pub fn store(&self) -> &S {
         &self.store
@@ -158,6 +166,8 @@ impl<S: PaymentCommandStore, W: WakeDispatcher> PaymentCommandHandler<S, W> {
         let result = match route {
             Route::Paid(id) => self.mark_paid(req, tenant, &id, metadata).await,
             Route::Refund(id) => self.refund(req, tenant, &id, metadata).await,
+            Route::Feed => self.feed(req, tenant).await,
+            Route::Ack(id) => self.acknowledge(req, tenant, &id).await,
         };
         result.unwrap_or_else(|e| {
             error(
@@ -266,6 +276,70 @@ impl<S: PaymentCommandStore, W: WakeDispatcher> PaymentCommandHandler<S, W> {
     }
 }
 
+impl<S: PaymentCommandStore + EventFeedStore, W: WakeDispatcher> PaymentCommandHandler<S, W> {
+    async fn feed(
+        &self,
+        req: &ApiGatewayV2httpRequest,
+        tenant: TenantId,
+    ) -> Result<ApiGatewayV2httpResponse, FieldError> {
+        let parameters = query_parameters(req)?;
+        let query = FeedQuery::parse(
+            tenant,
+            parameters.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+        .map_err(parameter_error)?;
+        Ok(match self.store.feed_page(&query).await {
+            Ok(page) => ok(200, &page, false),
+            Err(e) => unavailable(&e),
+        })
+    }
+
+    async fn acknowledge(
+        &self,
+        req: &ApiGatewayV2httpRequest,
+        tenant: TenantId,
+        event_id: &str,
+    ) -> Result<ApiGatewayV2httpResponse, FieldError> {
+        let event_id = uuid::Uuid::parse_str(event_id)
+            .map_err(|_| FieldError::new("eventId", "must be an event id (a UUID)"))?;
+        let body = body_bytes(
+            req.body.as_deref(),
+            req.is_base64_encoded,
+            self.config.max_body_bytes,
+        )?;
+        let consumer =
+            ConsumerName::parse("consumer", &parse_ack(&body)?).map_err(parameter_error)?;
+        Ok(
+            match self.store.acknowledge(&tenant, event_id, &consumer).await {
+                Ok(AckOutcome::Recorded(ack)) => ok(200, &ack, false),
+                Ok(AckOutcome::AlreadyAcknowledged(ack)) => ok(200, &ack, true),
+                // Another tenant's event is answered exactly as an unknown one.
+                Ok(AckOutcome::NotFound) => error(404, "event_not_found", "no such event", None),
+                Err(e) => unavailable(&e),
+            },
+        )
+    }
+}
+
+fn parameter_error(e: ParameterError) -> FieldError {
+    FieldError::new(e.parameter, e.message)
+}
+
+/// The query string as `name → value` pairs, repeats kept (so they can be refused): from the raw
+/// query string when API Gateway passes it, else from the parsed parameters.
+fn query_parameters(req: &ApiGatewayV2httpRequest) -> Result<Vec<(String, String)>, FieldError> {
+    match req.raw_query_string.as_deref().filter(|q| !q.is_empty()) {
+        Some(raw) => Ok(form_urlencoded::parse(raw.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()),
+        None => Ok(req
+            .query_string_parameters
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()),
+    }
+}
+
 impl<S: PaymentCommandStore, W: WakeDispatcher> PaymentCommandHandler<S, W> {
     /// After a commit that wrote an event: wakes the dispatcher unless one is draining or was
     /// woken within the debounce window. Runs before the response is returned, because Lambda
@@ -316,19 +390,16 @@ fn parse_payment_id(raw: &str) -> Result<PaymentId, FieldError> {
 /// route, or a request replayed without route key).
 /// The error is the response to send (boxed: a response is large, a route small).
 fn route(req: &ApiGatewayV2httpRequest) -> Result<Route, Box<ApiGatewayV2httpResponse>> {
-    let path_param = || {
-        req.path_parameters
-            .get("paymentId")
-            .cloned()
-            .unwrap_or_default()
-    };
+    let path_param = |name: &str| req.path_parameters.get(name).cloned().unwrap_or_default();
     match req
         .route_key
         .as_deref()
         .or(req.request_context.route_key.as_deref())
     {
-        Some(PAID_ROUTE) => return Ok(Route::Paid(path_param())),
-        Some(REFUND_ROUTE) => return Ok(Route::Refund(path_param())),
+        Some(PAID_ROUTE) => return Ok(Route::Paid(path_param("paymentId"))),
+        Some(REFUND_ROUTE) => return Ok(Route::Refund(path_param("paymentId"))),
+        Some(FEED_ROUTE) => return Ok(Route::Feed),
+        Some(ACK_ROUTE) => return Ok(Route::Ack(path_param("eventId"))),
         _ => {}
     }
     let path = req
@@ -338,16 +409,25 @@ fn route(req: &ApiGatewayV2httpRequest) -> Result<Route, Box<ApiGatewayV2httpRes
         .unwrap_or("");
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     // The last three segments, so a stage prefix such as `/prod` does not matter.
-    let route = match segments.as_slice() {
-        [.., "payments", id, "paid"] => Route::Paid((*id).to_owned()),
-        [.., "payments", id, "refunds"] => Route::Refund((*id).to_owned()),
+    use aws_lambda_events::http::Method;
+    let (route, method) = match segments.as_slice() {
+        [.., "payments", id, "paid"] => (Route::Paid((*id).to_owned()), Method::POST),
+        [.., "payments", id, "refunds"] => (Route::Refund((*id).to_owned()), Method::POST),
+        [.., "events", id, "ack"] => (Route::Ack((*id).to_owned()), Method::POST),
+        [.., "events"] => (Route::Feed, Method::GET),
         _ => return Err(Box::new(error(404, "not_found", "no such route", None))),
     };
-    if req.request_context.http.method != aws_lambda_events::http::Method::POST {
-        let mut response = error(405, "method_not_allowed", "only POST is allowed here", None);
-        response
-            .headers
-            .insert("allow", HeaderValue::from_static("POST"));
+    if req.request_context.http.method != method {
+        let mut response = error(
+            405,
+            "method_not_allowed",
+            &format!("only {method} is allowed here"),
+            None,
+        );
+        response.headers.insert(
+            "allow",
+            HeaderValue::from_str(method.as_str()).expect("a method is a valid header value"),
+        );
         return Err(Box::new(response));
     }
     Ok(route)

@@ -187,6 +187,13 @@ pub const MARK_PAID_FIELDS: &[&str] = &[
     "verifiedBy",
 ];
 
+/// The body of an acknowledgment: `{"consumer": "<name>"}`. The name's rules are checked by
+/// [`outbox_shared::feed::ConsumerName`].
+pub fn parse_ack(bytes: &[u8]) -> Result<String, FieldError> {
+    let obj = Object::parse(bytes, &["consumer"])?;
+    Ok(string(&obj, "consumer")?.to_owned())
+}
+
 /// Parses the body of `POST /payments/{paymentId}/paid`.
 pub fn parse_mark_paid(bytes: &[u8]) -> Result<MarkPaid, FieldError> {
     let obj = Object::parse(bytes, MARK_PAID_FIELDS)?;

@@ -3,6 +3,7 @@
 
 pub mod admin;
 mod connection;
+pub mod feed;
 pub mod migrate;
 pub mod outbox;
 pub mod payment_projection;

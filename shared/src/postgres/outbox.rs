@@ -85,11 +85,23 @@ const CLAIM: &str = "
 const LOCK_OUTCOME_ROWS: &str = "
     SELECT id FROM outbox WHERE id = ANY ($1) ORDER BY id FOR UPDATE SKIP LOCKED";
 
-/// Published rows leave the claim index. `published_at` records when.
+/// Locks the feed rows of the tenants about to get feed positions, in one order (no deadlock
+/// between two dispatchers), until the transaction ends: positions of one tenant are drawn by one
+/// transaction at a time, so they commit in increasing order (migration V6).
+const LOCK_FEED_TENANTS: &str = "
+    INSERT INTO outbox_feed_tenants AS t (tenant_id)
+    SELECT DISTINCT tenant_id FROM outbox WHERE id = ANY ($1) ORDER BY 1
+    ON CONFLICT (tenant_id) DO UPDATE SET last_published_at = now()";
+
+/// Published rows leave the claim index. `published_at` records when; a row published for the
+/// first time gets its feed position (in id order within the batch), a replayed one keeps its own.
 const MARK_PUBLISHED: &str = "
-    UPDATE outbox
-    SET status = 'published', published_at = now(), locked_until = NULL, last_error = NULL
-    WHERE id = ANY($1) AND status = 'pending'";
+    UPDATE outbox o
+    SET status = 'published', published_at = now(), locked_until = NULL, last_error = NULL,
+        feed_position = coalesce(o.feed_position, p.position)
+    FROM (SELECT id, nextval('outbox_feed_position_seq') AS position
+          FROM (SELECT unnest($1::bigint[]) AS id ORDER BY 1) ids) p
+    WHERE o.id = p.id AND o.status = 'pending'";
 
 /// The successor of each row just published becomes its aggregate's head. A successor appended
 /// but not committed yet is not seen here; its appender waited for this transaction (`FOR
@@ -276,15 +288,6 @@ async fn record_outcomes_in(
         .map(|row| row.try_get(0))
         .collect::<Result<_, _>>()?;
     let (outcomes, later) = outcomes.split(|id| locked.contains(&id));
-    if !outcomes.published.is_empty() {
-        tx.execute_typed(MARK_PUBLISHED, &[(&outcomes.published, Type::INT8_ARRAY)])
-            .await?;
-        tx.execute_typed(
-            PROMOTE_SUCCESSORS,
-            &[(&outcomes.published, Type::INT8_ARRAY)],
-        )
-        .await?;
-    }
     if !outcomes.retries.is_empty() {
         let ids: Vec<i64> = outcomes.retries.iter().map(|r| r.0).collect();
         let delays: Vec<f64> = outcomes.retries.iter().map(|r| r.1.as_secs_f64()).collect();
@@ -313,11 +316,18 @@ async fn record_outcomes_in(
         )
         .await?;
     }
+    // Last, so the tenants' feed locks are held for the mark and the commit only.
+    if !outcomes.published.is_empty() {
+        for statement in [LOCK_FEED_TENANTS, MARK_PUBLISHED, PROMOTE_SUCCESSORS] {
+            tx.execute_typed(statement, &[(&outcomes.published, Type::INT8_ARRAY)])
+                .await?;
+        }
+    }
     tx.commit().await?;
     Ok(later)
 }
 
-fn claimed_from_row(
+pub(crate) fn claimed_from_row(
     row: &tokio_postgres::Row,
 ) -> Result<crate::outbox::ClaimedEvent, tokio_postgres::Error> {
     let metadata: serde_json::Value = row.try_get("metadata")?;
