@@ -26,6 +26,8 @@ pub enum Target {
         /// Bus name or ARN.
         bus_name: String,
     },
+    /// NATS JetStream subjects (see [`crate::nats`]).
+    Nats(crate::nats::NatsSettings),
 }
 
 /// Dispatcher settings, read once at cold start.
@@ -141,7 +143,8 @@ impl DispatcherConfig {
 }
 
 impl Target {
-    /// Reads `OUTBOX_TARGET` (`sns` or `eventbridge`) and `SNS_TOPIC_ARN` or `EVENT_BUS_NAME`.
+    /// Reads `OUTBOX_TARGET` (`sns`, `eventbridge` or `nats`) and `SNS_TOPIC_ARN`,
+    /// `EVENT_BUS_NAME` or the `NATS_*` settings.
     pub fn from_env() -> Result<Self, ConfigError> {
         match required_env("OUTBOX_TARGET")?.as_str() {
             "sns" => Ok(Self::Sns {
@@ -150,9 +153,10 @@ impl Target {
             "eventbridge" => Ok(Self::EventBridge {
                 bus_name: optional_env("EVENT_BUS_NAME").unwrap_or_else(|| "default".into()),
             }),
+            "nats" => Ok(Self::Nats(crate::nats::NatsSettings::from_env()?)),
             other => Err(ConfigError::Invalid {
                 name: "OUTBOX_TARGET",
-                reason: format!("{other:?} is not one of sns, eventbridge"),
+                reason: format!("{other:?} is not one of sns, eventbridge, nats"),
             }),
         }
     }

@@ -7,6 +7,7 @@
 //! - [`ports`]: the narrow traits each Lambda asks for.
 //! - [`postgres`]: connection handling, migrations and the SQL behind the ports.
 //! - [`aws`]: SDK configuration and the SNS / EventBridge publishers.
+//! - [`nats`]: the NATS JetStream publisher, and a JetStream consumer for the inbox.
 //! - [`dispatcher`]: the claim → publish → record loop.
 //! - [`envelope`]: the message format every bus carries.
 //! - [`feed`]: the events feed clients pull, with per-consumer acknowledgments.
@@ -26,6 +27,7 @@ pub mod envelope;
 pub mod failure;
 pub mod feed;
 pub mod metrics;
+pub mod nats;
 pub mod outbox;
 pub mod ports;
 pub mod postgres;

@@ -8,6 +8,7 @@ mod feed;
 mod function_errors;
 mod inbox;
 mod migrations;
+mod nats;
 mod operations;
 mod order;
 mod payment_command;

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use outbox_shared::aws::BusPublisher;
-use outbox_shared::dispatcher::{OutboxDispatcher, Target};
+use outbox_shared::dispatcher::OutboxDispatcher;
 use outbox_shared::outbox::Outcomes;
 use outbox_shared::ports::OutboxStore;
 use outbox_shared::postgres::admin::{self, Requeue, Selection};
@@ -42,12 +42,10 @@ fn standalone_dispatcher(
     config.max_attempts = 2;
     OutboxDispatcher::new(
         PgOutboxStore::new(Db::new(db.settings.clone())),
-        BusPublisher::new(
-            sdk,
-            &Target::Sns {
-                topic_arn: "arn:aws:sns:us-east-1:123456789012:standalone".into(),
-            },
-        ),
+        BusPublisher::Sns(outbox_shared::aws::sns::SnsPublisher::new(
+            aws_sdk_sns::Client::new(sdk),
+            "arn:aws:sns:us-east-1:123456789012:standalone".into(),
+        )),
         config,
         name,
     )

@@ -68,7 +68,9 @@ async fn a_drain_during_a_rotation_uses_the_pending_value() {
             &Target::Sns {
                 topic_arn: "arn:aws:sns:us-east-1:123456789012:standalone".into(),
             },
-        ),
+        )
+        .await
+        .expect("publisher"),
         test_dispatcher_config(),
         "rotation-test",
     );
@@ -221,7 +223,9 @@ async fn a_drain_carries_on_through_a_restart_and_the_sink_applies_everything_on
         BusPublisher::new(
             &sdk_config_for(&proxy.endpoint).await,
             &Target::Sns { topic_arn },
-        ),
+        )
+        .await
+        .expect("publisher"),
         config,
         "restart-test",
     );
@@ -393,7 +397,9 @@ async fn a_connection_that_stops_answering_is_given_up_within_the_bound() {
             &Target::Sns {
                 topic_arn: "arn:aws:sns:us-east-1:123456789012:standalone".into(),
             },
-        ),
+        )
+        .await
+        .expect("publisher"),
         test_dispatcher_config(),
         "stall-test",
     );

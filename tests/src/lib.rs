@@ -299,6 +299,7 @@ pub mod bench;
 pub mod cluster;
 pub mod fake_lambda;
 pub mod fault_proxy;
+pub mod nats;
 pub mod rotation;
 pub mod runtime_api;
 pub mod tcp_proxy;
@@ -333,7 +334,7 @@ pub async fn dispatcher(
     let sdk = aws::sdk_config_for(endpoint).await;
     OutboxDispatcher::new(
         PgOutboxStore::new(Db::new(db.settings.clone())),
-        BusPublisher::new(&sdk, &target),
+        BusPublisher::new(&sdk, &target).await.expect("publisher"),
         config,
         format!("test-{}", uuid::Uuid::new_v4().simple()),
     )

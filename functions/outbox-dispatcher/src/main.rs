@@ -15,7 +15,11 @@ async fn main() -> Result<(), Error> {
     let db = or_init_failed(SERVICE, database_from_env().await).await?;
     let target = or_init_failed(SERVICE, Target::from_env()).await?;
     let config = or_init_failed(SERVICE, DispatcherConfig::from_env()).await?;
-    let publisher = BusPublisher::new(&sdk_config().await, &target);
+    let publisher = or_init_failed(
+        SERVICE,
+        BusPublisher::new(&sdk_config().await, &target).await,
+    )
+    .await?;
     let store = PgOutboxStore::new(db);
     store.db().warm_up().await;
     // The log stream names this execution environment: it identifies the lease holder.

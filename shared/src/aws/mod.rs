@@ -60,12 +60,18 @@ pub enum BusPublisher {
     Sns(sns::SnsPublisher),
     /// EventBridge `PutEvents`.
     EventBridge(eventbridge::EventBridgePublisher),
+    /// NATS JetStream (boxed: its context is much larger than the SDK clients).
+    Nats(Box<crate::nats::NatsPublisher>),
 }
 
 impl BusPublisher {
-    /// Builds the publisher for `target` on `config`.
-    pub fn new(config: &SdkConfig, target: &crate::dispatcher::Target) -> Self {
-        match target {
+    /// Builds the publisher for `target`: an SDK client on `config` for SNS and EventBridge, a
+    /// NATS connection (kept re-established in the background) for NATS.
+    pub async fn new(
+        config: &SdkConfig,
+        target: &crate::dispatcher::Target,
+    ) -> Result<Self, crate::config::ConfigError> {
+        Ok(match target {
             crate::dispatcher::Target::Sns { topic_arn } => Self::Sns(sns::SnsPublisher::new(
                 aws_sdk_sns::Client::new(config),
                 topic_arn.clone(),
@@ -76,7 +82,10 @@ impl BusPublisher {
                     bus_name.clone(),
                 ))
             }
-        }
+            crate::dispatcher::Target::Nats(settings) => {
+                Self::Nats(Box::new(crate::nats::NatsPublisher::connect(settings).await?))
+            }
+        })
     }
 }
 
@@ -85,6 +94,7 @@ impl crate::ports::Publisher for BusPublisher {
         match self {
             Self::Sns(p) => p.limits(),
             Self::EventBridge(p) => p.limits(),
+            Self::Nats(p) => p.limits(),
         }
     }
 
@@ -92,6 +102,7 @@ impl crate::ports::Publisher for BusPublisher {
         match self {
             Self::Sns(p) => p.entry_size(message),
             Self::EventBridge(p) => p.entry_size(message),
+            Self::Nats(p) => p.entry_size(message),
         }
     }
 
@@ -102,6 +113,7 @@ impl crate::ports::Publisher for BusPublisher {
         match self {
             Self::Sns(p) => p.publish(batch).await,
             Self::EventBridge(p) => p.publish(batch).await,
+            Self::Nats(p) => p.publish(batch).await,
         }
     }
 }

@@ -15,10 +15,14 @@ use uuid::Uuid;
 use outbox_shared::aws::secrets::database_from_env;
 use outbox_shared::aws::{sdk_config, BusPublisher};
 use outbox_shared::consumer::InboxRetention;
+use outbox_shared::consumer::Projections;
 use outbox_shared::dispatcher::{DispatcherConfig, OutboxDispatcher, Target};
+use outbox_shared::nats::{ensure_stream, ConsumeReport, NatsSettings, StreamSpec};
 use outbox_shared::postgres::admin::{self, Requeue, Selection};
 use outbox_shared::postgres::migrate::run_migrations;
 use outbox_shared::postgres::outbox::PgOutboxStore;
+use outbox_shared::postgres::payment_projection::PaymentProjections;
+use outbox_shared::postgres::projections::PgProjectionStore;
 use outbox_shared::postgres::ConnectionLimits;
 
 #[derive(Parser)]
@@ -39,7 +43,9 @@ enum Command {
     /// Apply the schema migrations that have not been applied yet (safe to run again).
     Migrate,
     /// Drain the outbox now, as the dispatcher function does, with the same settings
-    /// (`OUTBOX_TARGET`, `SNS_TOPIC_ARN` / `EVENT_BUS_NAME`, `DISPATCH_*`).
+    /// (`OUTBOX_TARGET`, `SNS_TOPIC_ARN` / `EVENT_BUS_NAME` / `NATS_*`, `DISPATCH_*`). With
+    /// `DISPATCH_IDLE_POLL_MS` set it keeps polling until the time is up: a long-running relay
+    /// next to NATS.
     Dispatch {
         /// Stop claiming after this many seconds even if rows are still due.
         #[arg(long, default_value_t = 60)]
@@ -111,6 +117,61 @@ enum Command {
     Capture {
         #[command(subcommand)]
         action: CaptureAction,
+    },
+    /// NATS JetStream (`NATS_URL`, `NATS_CREDS_FILE`): create the outbox's stream, or apply the
+    /// payment projections from a durable consumer through the inbox.
+    Nats {
+        #[command(subcommand)]
+        action: NatsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum NatsAction {
+    /// Create the stream, or update it to these settings (prints its state as JSON).
+    Stream {
+        /// Stream name.
+        #[arg(long, default_value = "OUTBOX")]
+        name: String,
+        /// Subjects it stores (repeatable). Default: `<NATS_SUBJECT_PREFIX or outbox>.>`.
+        #[arg(long = "subject")]
+        subjects: Vec<String>,
+        /// JetStream drops a message whose `Nats-Msg-Id` (the event id) it stored within this
+        /// window: a re-publish after a dispatcher died between publish and mark.
+        #[arg(long, default_value = "2m", value_parser = parse_duration)]
+        duplicate_window: Duration,
+        /// Keep at most this many messages, refusing new ones when full (the dispatcher retries
+        /// them). Default: unlimited.
+        #[arg(long)]
+        max_messages: Option<i64>,
+        /// Drop messages older than this (e.g. 7d). Default: kept.
+        #[arg(long, value_parser = parse_duration)]
+        max_age: Option<Duration>,
+    },
+    /// Apply the stream's events to the payment projections through the inbox, from a durable
+    /// pull consumer; each message is acknowledged once its effect committed.
+    Consume {
+        /// The stream.
+        #[arg(long, default_value = "OUTBOX")]
+        stream: String,
+        /// Durable consumer name (created if missing); also the inbox consumer name.
+        #[arg(long, default_value = "projection-sink")]
+        durable: String,
+        /// Only these subjects (e.g. `outbox.payment.>`).
+        #[arg(long)]
+        filter_subject: Option<String>,
+        /// Messages per fetch and per database transaction.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        batch: u16,
+        /// Deliveries of a message before JetStream gives up on it.
+        #[arg(long, default_value_t = 10)]
+        max_deliver: i64,
+        /// Stop after this many seconds (default: run until stopped).
+        #[arg(long)]
+        for_seconds: Option<u64>,
+        /// Stop at the first fetch that finds nothing (to catch up and exit).
+        #[arg(long)]
+        until_idle: bool,
     },
 }
 
@@ -229,13 +290,116 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> CliResult {
+    if let Command::Nats {
+        action:
+            NatsAction::Stream {
+                name,
+                subjects,
+                duplicate_window,
+                max_messages,
+                max_age,
+            },
+    } = &cli.command
+    {
+        let settings = NatsSettings::from_env()?;
+        let client = settings.connect("outboxctl").await?;
+        let jetstream = async_nats::jetstream::new(client);
+        let subjects = if subjects.is_empty() {
+            vec![format!("{}.>", settings.subject_prefix)]
+        } else {
+            subjects.clone()
+        };
+        let spec = StreamSpec {
+            name: name.clone(),
+            subjects,
+            duplicate_window: *duplicate_window,
+            max_messages: *max_messages,
+            max_age: *max_age,
+        };
+        let info = tokio::time::timeout(Duration::from_secs(10), ensure_stream(&jetstream, &spec))
+            .await
+            .map_err(|_| "NATS did not answer within 10 s")?
+            .map_err(|e| format!("creating the stream failed: {e}"))?;
+        println!(
+            "{}",
+            json!({"stream": info.config.name, "subjects": info.config.subjects,
+                   "messages": info.state.messages,
+                   "duplicateWindowSeconds": info.config.duplicate_window.as_secs()})
+        );
+        return Ok(());
+    }
     // Credentials re-read when the database refuses them, as in the functions.
     let db = database_from_env().await?;
+    if let Command::Nats {
+        action:
+            NatsAction::Consume {
+                stream,
+                durable,
+                filter_subject,
+                batch,
+                max_deliver,
+                for_seconds,
+                until_idle,
+            },
+    } = &cli.command
+    {
+        let settings = NatsSettings::from_env()?;
+        let jetstream = async_nats::jetstream::new(settings.connect("outboxctl").await?);
+        let consumer = outbox_shared::nats::sink_consumer(
+            &jetstream,
+            stream,
+            durable,
+            filter_subject.as_deref(),
+            *max_deliver,
+        )
+        .await
+        .map_err(|e| format!("the durable consumer could not be set up: {e}"))?;
+        let store = PgProjectionStore::new(db, Projections::new().with(PaymentProjections));
+        let deadline = for_seconds.map(|s| Instant::now() + Duration::from_secs(s));
+        let mut total = serde_json::Map::new();
+        let mut sums = ConsumeReport::default();
+        loop {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+            let report = match outbox_shared::nats::consume(
+                &consumer,
+                &store,
+                durable,
+                usize::from(*batch),
+                Duration::from_secs(1),
+                Duration::from_secs(1),
+            )
+            .await
+            {
+                Ok(report) => report,
+                // NATS restarting or unreachable: the client reconnects; try again shortly.
+                Err(e) => {
+                    eprintln!("outboxctl: consuming failed, retrying in 1 s: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            sums.received += report.received;
+            sums.acknowledged += report.acknowledged;
+            sums.redelivered += report.redelivered;
+            sums.terminated += report.terminated;
+            if *until_idle && report.received == 0 {
+                break;
+            }
+        }
+        total.insert("received".into(), sums.received.into());
+        total.insert("acknowledged".into(), sums.acknowledged.into());
+        total.insert("redelivered".into(), sums.redelivered.into());
+        total.insert("terminated".into(), sums.terminated.into());
+        println!("{}", serde_json::Value::Object(total));
+        return Ok(());
+    }
     if let Command::Dispatch { for_seconds } = cli.command {
         let target = Target::from_env()?;
         let mut config = DispatcherConfig::from_env()?;
         config.safety_margin = Duration::ZERO;
-        let publisher = BusPublisher::new(&sdk_config().await, &target);
+        let publisher = BusPublisher::new(&sdk_config().await, &target).await?;
         let store = PgOutboxStore::new(db);
         let worker = format!("outboxctl-{}", std::process::id());
         let dispatcher = OutboxDispatcher::new(store, publisher, config, worker);
@@ -264,7 +428,7 @@ async fn run(cli: Cli) -> CliResult {
                 }
             }
         }
-        Command::Dispatch { .. } => unreachable!("handled above"),
+        Command::Dispatch { .. } | Command::Nats { .. } => unreachable!("handled above"),
         Command::Status {
             tenant,
             limit,
