@@ -288,6 +288,12 @@ async fn main() {
     }
     let rows = env_usize("BENCH_ROWS", 200_000);
     let retained = env_usize("BENCH_RETAINED", 1_000_000);
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("feed") {
+        return feed_benchmarks(env_usize("BENCH_FEED_RETAINED", 5_000_000)).await;
+    }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("nats") {
+        return nats_benchmarks(env_usize("BENCH_NATS_ROWS", 100_000)).await;
+    }
 
     if std::env::var("BENCH_ONLY").as_deref() == Ok("drain") {
         // One drain alone, e.g. under a profiler or to compare two builds.
@@ -416,4 +422,129 @@ async fn retention_plans() {
         drop(client);
         db.drop_database().await;
     }
+}
+
+/// Pages of the events feed with `retained` published events of the tenant: `pages` reads of 100
+/// events after a random cursor, then `pages` polls at the end of the feed (an empty page).
+async fn feed_pages(retained: usize, pages: usize) -> ((f64, f64), (f64, f64)) {
+    use outbox_shared::domain::TenantId;
+    use outbox_shared::feed::{FeedCursor, FeedQuery};
+    use outbox_shared::ports::EventFeedStore;
+    let db = TestDb::create().await;
+    seed(&db, retained, "published", Duration::ZERO).await;
+    let client = db.client().await;
+    let (low, high): (i64, i64) = {
+        let row = client
+            .query_one(
+                "SELECT min(feed_position), max(feed_position) FROM outbox",
+                &[],
+            )
+            .await
+            .expect("positions");
+        (row.get(0), row.get(1))
+    };
+    let store =
+        outbox_shared::postgres::payments::PgPaymentStore::new(Db::new(db.settings.clone()));
+    let tenant = TenantId::parse("bench").expect("tenant");
+    let measure = |positions: Vec<i64>| {
+        let store = &store;
+        let tenant = tenant.clone();
+        async move {
+            let mut latencies = Vec::with_capacity(positions.len());
+            for position in positions {
+                let query = FeedQuery::parse(
+                    tenant.clone(),
+                    [
+                        ("limit", "100"),
+                        ("after", FeedCursor { position }.encode(&tenant).as_str()),
+                    ],
+                )
+                .expect("query");
+                let started = Instant::now();
+                let page = store.feed_page(&query).await.expect("page");
+                latencies.push(started.elapsed());
+                assert!(page.events.len() <= 100);
+            }
+            latencies.sort();
+            (pct(&latencies, 0.50), pct(&latencies, 0.99))
+        }
+    };
+    // Warm-up, then the measured reads.
+    measure((0..50).map(|_| fastrand::i64(low..high)).collect()).await;
+    let middle = measure(
+        (0..pages)
+            .map(|_| fastrand::i64(low..high.max(low + 1) - 100))
+            .collect(),
+    )
+    .await;
+    let tail = measure(vec![high; pages]).await;
+    drop(client);
+    db.drop_database().await;
+    (middle, tail)
+}
+
+async fn feed_benchmarks(retained: usize) {
+    let (small_mid, small_tail) = feed_pages(10_000, 2_000).await;
+    let (large_mid, large_tail) = feed_pages(retained, 2_000).await;
+    println!(
+        "## Events feed: one page of 100 through the store (2000 pages each, one connection)\n"
+    );
+    println!("| published events retained | page at a random cursor p50 / p99 ms | poll at the end p50 / p99 ms |");
+    println!("|---|---|---|");
+    println!(
+        "| 10000 | {:.2} / {:.2} | {:.2} / {:.2} |",
+        small_mid.0, small_mid.1, small_tail.0, small_tail.1
+    );
+    println!(
+        "| {retained} | {:.2} / {:.2} | {:.2} / {:.2} |",
+        large_mid.0, large_mid.1, large_tail.0, large_tail.1
+    );
+    println!(
+        "\nratio (p50, {retained} / 10000): page {:.2}, poll {:.2}",
+        large_mid.0 / small_mid.0,
+        large_tail.0 / small_tail.0
+    );
+}
+
+/// The drain to NATS JetStream (a nats-server of its own, file storage) beside the same drain to
+/// the zero-latency SNS stand-in, `rows` each, two dispatchers, in one run.
+async fn nats_benchmarks(rows: usize) {
+    let sns = dispatcher_loop(rows, Duration::ZERO).await.0;
+    let nats = outbox_tests::nats::PrivateNats::start().await;
+    nats.stream("OUTBOX", "outbox", None).await;
+    let db = TestDb::create().await;
+    seed(&db, rows, "pending", Duration::ZERO).await;
+    let target = Target::Nats(nats.settings("outbox"));
+    let mut drains = Vec::new();
+    for _ in 0..DISPATCHERS {
+        drains.push(dispatcher(&db, "http://127.0.0.1:9", target.clone(), config()).await);
+    }
+    let started = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let summaries = futures_util::future::join_all(drains.iter().map(|d| d.drain(deadline))).await;
+    let elapsed = started.elapsed();
+    let published: usize = summaries
+        .into_iter()
+        .map(|s| s.expect("drain").published)
+        .sum();
+    assert_eq!(published, rows);
+    let js = nats.jetstream().await;
+    let stored = js
+        .get_stream("OUTBOX")
+        .await
+        .expect("stream")
+        .get_info()
+        .await
+        .expect("info")
+        .state
+        .messages;
+    assert_eq!(stored as usize, rows);
+    let rate = published as f64 / elapsed.as_secs_f64();
+    db.drop_database().await;
+    println!("## Drain to NATS JetStream beside SNS ({DISPATCHERS} dispatchers, claims of {BATCH}, {rows} rows each)\n");
+    println!("| target | rows/s |");
+    println!("|---|---|");
+    println!("| zero-latency SNS stand-in (loopback HTTP) | {sns:.0} |");
+    println!("| NATS JetStream (nats-server, file storage, every ack awaited) | {rate:.0} |");
+    println!("\nratio (JetStream / SNS): {:.2}", rate / sns);
 }

@@ -52,14 +52,15 @@ pub async fn seed_with_ids(
     let sql = format!(
         "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
                                  event_type, schema_version, payload, metadata, status, published_at,
-                                 created_at)
+                                 created_at, feed_position)
              SELECT {id_function}, 'bench', 'payment', 'p' || g || '-' || $3, 1, 'payment.paid', 1,
                     jsonb_build_object('paymentId', 'p' || g, 'amountMinor', 1250, 'currency', 'EUR',
                         'verificationMethod', 'card_3ds', 'verifiedBy', 'acs.examplebank.com',
                         'paidAt', now(), 'note', repeat('x', 120)),
                     '{{\"correlation_id\":\"bench\",\"causation_id\":\"bench\",\"source\":\"payments\"}}',
                     $2, CASE WHEN $2 = 'published' THEN now() - make_interval(secs => $4) END,
-                    CASE WHEN $2 = 'published' THEN now() - make_interval(secs => $4) ELSE now() END
+                    CASE WHEN $2 = 'published' THEN now() - make_interval(secs => $4) ELSE now() END,
+                    CASE WHEN $2 = 'published' THEN nextval('outbox_feed_position_seq') END
              FROM generate_series(1, $1::bigint) AS g"
     );
     client

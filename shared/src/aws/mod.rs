@@ -82,9 +82,9 @@ impl BusPublisher {
                     bus_name.clone(),
                 ))
             }
-            crate::dispatcher::Target::Nats(settings) => {
-                Self::Nats(Box::new(crate::nats::NatsPublisher::connect(settings).await?))
-            }
+            crate::dispatcher::Target::Nats(settings) => Self::Nats(Box::new(
+                crate::nats::NatsPublisher::connect(settings).await?,
+            )),
         })
     }
 }
