@@ -154,9 +154,14 @@ enum NatsAction {
         /// The stream.
         #[arg(long, default_value = "OUTBOX")]
         stream: String,
-        /// Durable consumer name (created if missing); also the inbox consumer name.
+        /// Durable consumer name on the stream (created if missing).
         #[arg(long, default_value = "projection-sink")]
         durable: String,
+        /// The inbox consumer the events are applied as. Keep the SQS sink's name
+        /// (`SINK_CONSUMER`, default `payment-projections`) when both feed the same projection
+        /// tables: the inbox then applies each event once whichever path brings it.
+        #[arg(long, default_value = "payment-projections")]
+        inbox_consumer: String,
         /// Only these subjects (e.g. `outbox.payment.>`).
         #[arg(long)]
         filter_subject: Option<String>,
@@ -335,6 +340,7 @@ async fn run(cli: Cli) -> CliResult {
             NatsAction::Consume {
                 stream,
                 durable,
+                inbox_consumer,
                 filter_subject,
                 batch,
                 max_deliver,
@@ -365,7 +371,7 @@ async fn run(cli: Cli) -> CliResult {
             let report = match outbox_shared::nats::consume(
                 &consumer,
                 &store,
-                durable,
+                inbox_consumer,
                 usize::from(*batch),
                 Duration::from_secs(1),
                 Duration::from_secs(1),
