@@ -137,9 +137,25 @@ async fn dispatcher_loop_of(dispatchers: usize, rows: usize, latency: Duration) 
     let target = Target::Sns {
         topic_arn: "arn:aws:sns:us-east-1:123456789012:bench".into(),
     };
+    let rate = timed_drain(&db, dispatchers, &endpoint.endpoint, target, rows).await;
+    let calls = endpoint
+        .stats
+        .publish_calls
+        .load(std::sync::atomic::Ordering::Relaxed);
+    (rate, calls)
+}
+
+/// Drains `db`'s `rows` pending rows with `dispatchers` dispatchers to `target`; rows/s.
+async fn timed_drain(
+    db: &TestDb,
+    dispatchers: usize,
+    endpoint: &str,
+    target: Target,
+    rows: usize,
+) -> f64 {
     let mut drains = Vec::new();
     for _ in 0..dispatchers {
-        drains.push(dispatcher(&db, &endpoint.endpoint, target.clone(), config()).await);
+        drains.push(dispatcher(db, endpoint, target.clone(), config()).await);
     }
     let started = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -150,11 +166,7 @@ async fn dispatcher_loop_of(dispatchers: usize, rows: usize, latency: Duration) 
         .map(|s| s.expect("drain").published)
         .sum();
     assert_eq!(published, rows);
-    let calls = endpoint
-        .stats
-        .publish_calls
-        .load(std::sync::atomic::Ordering::Relaxed);
-    (published as f64 / elapsed.as_secs_f64(), calls)
+    published as f64 / elapsed.as_secs_f64()
 }
 
 /// 4: producers commit events at `rate`/s for `seconds` while dispatchers drain continuously;
@@ -515,19 +527,7 @@ async fn nats_benchmarks(rows: usize) {
     let db = TestDb::create().await;
     seed(&db, rows, "pending", Duration::ZERO).await;
     let target = Target::Nats(nats.settings("outbox"));
-    let mut drains = Vec::new();
-    for _ in 0..DISPATCHERS {
-        drains.push(dispatcher(&db, "http://127.0.0.1:9", target.clone(), config()).await);
-    }
-    let started = Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let summaries = futures_util::future::join_all(drains.iter().map(|d| d.drain(deadline))).await;
-    let elapsed = started.elapsed();
-    let published: usize = summaries
-        .into_iter()
-        .map(|s| s.expect("drain").published)
-        .sum();
-    assert_eq!(published, rows);
+    let rate = timed_drain(&db, DISPATCHERS, "http://127.0.0.1:9", target, rows).await;
     let js = nats.jetstream().await;
     let stored = js
         .get_stream("OUTBOX")
@@ -539,7 +539,6 @@ async fn nats_benchmarks(rows: usize) {
         .state
         .messages;
     assert_eq!(stored as usize, rows);
-    let rate = published as f64 / elapsed.as_secs_f64();
     db.drop_database().await;
     println!("## Drain to NATS JetStream beside SNS ({DISPATCHERS} dispatchers, claims of {BATCH}, {rows} rows each)\n");
     println!("| target | rows/s |");
