@@ -340,8 +340,8 @@ pub async fn dispatcher(
     )
 }
 
-/// Drains until a drain claims nothing and no row is backing off (rows parked behind a dead
-/// event of their aggregate stay pending), waiting out backoff delays, for at most `limit`.
+/// Drains until a drain claims nothing and no aggregate's head is pending (rows parked behind a
+/// dead event of their aggregate stay pending), waiting out backoff delays, for at most `limit`.
 pub async fn drain_until_settled(
     dispatcher: &OutboxDispatcher<PgOutboxStore, BusPublisher>,
     db: &TestDb,
@@ -354,13 +354,12 @@ pub async fn drain_until_settled(
             .drain(std::time::Instant::now() + Duration::from_secs(30))
             .await
             .expect("drain");
-        let backing_off = db
-            .count(
-                &client,
-                "outbox WHERE status = 'pending' AND next_attempt_at > now()",
-            )
+        // Every pending head still has to go: backing off, due (it may have become due just
+        // after the drain's last claim), or leased. Rows parked behind a dead event are not heads.
+        let heads_left = db
+            .count(&client, "outbox WHERE status = 'pending' AND is_head")
             .await;
-        if summary.claimed == 0 && backing_off == 0 {
+        if summary.claimed == 0 && heads_left == 0 {
             return;
         }
         assert!(
