@@ -6,7 +6,8 @@
 //!    handler's wake-up call (an asynchronous invoke over HTTP to a stand-in for Lambda).
 //!
 //! Run: `scripts/bench` (or `cargo bench -p outbox-tests --bench operations` with `.local/env`
-//! sourced). `BENCH_RETAINED_LARGE` (default 5000000), `BENCH_OPS_ROWS` (rows drained per
+//! sourced; `BENCH_ONLY=retention-runs BENCH_RUNS=3` repeats the 5M-vs-10k ratios alone).
+//! `BENCH_RETAINED_LARGE` (default 5000000), `BENCH_OPS_ROWS` (rows drained per
 //! throughput figure, default 100000), `BENCH_WAKE_SECONDS` (per latency scenario, default 150),
 //! `BENCH_WAKE_RATE` (commands/s, default 20), `BENCH_INVOKE_START_MS` (time the stand-in takes
 //! to start a function after an invoke, default 100: a warm Lambda start, conservatively).
@@ -431,5 +432,30 @@ async fn main() {
     }
     if only.is_empty() || only == "retention" {
         retention_benchmarks(large, rows).await;
+    }
+    if only == "retention-runs" {
+        retention_runs(large, rows, env_usize("BENCH_RUNS", 3)).await;
+    }
+}
+
+/// The 5M-vs-10k ratios alone (no cleanup scenarios), `runs` times in a row, each run with fresh
+/// databases: how much the ratios move from run to run.
+async fn retention_runs(large: usize, rows: usize, runs: usize) {
+    println!("| run | 10k claim p50 ms | {large} claim p50 ms | claim p50 ratio | 10k rows/s | {large} rows/s | throughput ratio |");
+    println!("|---|---|---|---|---|---|---|");
+    for run in 1..=runs {
+        let small = TestDb::create().await;
+        seed(&small, 10_000, "published", Duration::ZERO).await;
+        let (small50, _, small_tput, _) = measure(&small, rows, None).await;
+        small.drop_database().await;
+        let big = TestDb::create().await;
+        seed(&big, large, "published", Duration::from_secs(8 * 86_400)).await;
+        let (big50, _, big_tput, _) = measure(&big, rows, None).await;
+        big.drop_database().await;
+        println!(
+            "| {run} | {small50:.2} | {big50:.2} | {:.2} | {small_tput:.0} | {big_tput:.0} | {:.2} |",
+            big50 / small50,
+            small_tput / big_tput
+        );
     }
 }
