@@ -732,17 +732,13 @@ async fn eventbridge_failed_entries_are_handled_one_by_one() {
     // 11 rows in two calls (10 + 1): entry 1 of the first call throttled, the poison refused for good.
     assert_eq!((first.published, first.retried, first.dead), (9, 1, 1));
     drain_until_settled(&d, &db, Duration::from_secs(30)).await;
-    let unpublished: Vec<String> = client
-        .query(
+    let unpublished = db
+        .texts(
+            &client,
             "SELECT format('%s %s attempts=%s error=%s', aggregate_id, status, attempts, last_error)
              FROM outbox WHERE status <> 'published' ORDER BY id",
-            &[],
         )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .await;
     assert_eq!(
         db.count(&client, "outbox WHERE status = 'published'").await,
         10,

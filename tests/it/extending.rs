@@ -364,17 +364,13 @@ async fn a_second_domain_goes_end_to_end_through_the_public_api_alone() {
     );
     assert!(gaps > 0, "reverse order must have produced gaps: {gaps}");
 
-    let rows: Vec<String> = client
-        .query(
+    let rows = db
+        .texts(
+            &client,
             "SELECT tenant_id || '/' || customer_id || ': ' || name || ' (' || renames || ' renames, v'
                     || version || ')'
              FROM customer_directory ORDER BY customer_id",
-            &[],
         )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .await;
     assert_eq!(rows, expected);
 }

@@ -181,15 +181,13 @@ async fn pages_read_while_events_are_published_and_deleted_skip_and_repeat_nothi
     let deleted = deleter.await.unwrap();
 
     let client = db.client().await;
-    let published: HashSet<String> = client
-        .query(
+    let published: HashSet<String> = db
+        .texts(
+            &client,
             "SELECT event_id::text FROM outbox WHERE tenant_id = 'acme' AND feed_position IS NOT NULL",
-            &[],
         )
         .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
+        .into_iter()
         .collect();
     let ids: Vec<String> = seen
         .iter()

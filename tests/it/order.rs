@@ -343,20 +343,16 @@ async fn producers_two_dispatchers_and_a_redrive_at_once_leave_nothing_stuck_or_
                 return;
             }
             if Instant::now() >= deadline {
-                let stuck: Vec<String> = client
-                    .query(
+                let stuck = db
+                    .texts(
+                        &client,
                         "SELECT concat_ws(' ', aggregate_id, aggregate_version, status, is_head,
                                 attempts, locked_until > now(), next_attempt_at > now(), last_error)
                          FROM outbox o WHERE EXISTS (SELECT 1 FROM outbox u WHERE u.status <> 'published'
                               AND u.aggregate_id = o.aggregate_id)
                          ORDER BY aggregate_id, aggregate_version",
-                        &[],
                     )
-                    .await
-                    .unwrap()
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect();
+                    .await;
                 panic!("{left} events never published:\n{}", stuck.join("\n"));
             }
         }

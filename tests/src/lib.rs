@@ -128,6 +128,17 @@ impl TestDb {
         )
     }
 
+    /// The first column of every row of `sql`, as text (for listings in assertions).
+    pub async fn texts(&self, client: &Client, sql: &str) -> Vec<String> {
+        client
+            .query(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
     /// `SELECT count(*)` of a query's rows.
     pub async fn count(&self, client: &Client, from_where: &str) -> i64 {
         client
