@@ -298,8 +298,8 @@ pub async fn ensure_stream(
     }
 }
 
-/// What one [`consume`] pass did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What one [`consume`] pass (or several, added up) did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ConsumeReport {
     /// Messages fetched.
     pub received: usize,
@@ -310,6 +310,15 @@ pub struct ConsumeReport {
     pub redelivered: usize,
     /// Not an envelope: terminated (JetStream stops redelivering; the advisory reports it).
     pub terminated: usize,
+}
+
+impl std::ops::AddAssign for ConsumeReport {
+    fn add_assign(&mut self, other: Self) {
+        self.received += other.received;
+        self.acknowledged += other.acknowledged;
+        self.redelivered += other.redelivered;
+        self.terminated += other.terminated;
+    }
 }
 
 /// A durable pull consumer on `stream` for the sink, created if missing: explicit acks, 30 s to

@@ -552,7 +552,9 @@ async fn a_page_is_an_index_range_scan() {
         )
         .await
         .unwrap();
-    let plan = outbox_shared::postgres::feed::explain_page(&client, "acme", 0, 50)
+    let tenant = outbox_shared::domain::TenantId::parse("acme").unwrap();
+    let query = outbox_shared::feed::FeedQuery::parse(tenant, [("limit", "50")]).unwrap();
+    let plan = outbox_shared::postgres::feed::explain_page(&client, &query)
         .await
         .unwrap();
     assert!(plan.contains("outbox_feed_idx"), "{plan}");

@@ -49,35 +49,62 @@ const ACKNOWLEDGE: &str = "
            (SELECT acknowledged_at FROM outbox_feed_acks
             WHERE event_id = $1 AND consumer = $3 AND tenant_id = $2) AS earlier_at";
 
+/// The page statement's parameters for `query`, in `$1..$10` order.
+struct PageParameters<'a> {
+    exact: Option<&'a str>,
+    prefix: Option<&'a str>,
+    consumer: Option<&'a str>,
+    fetch: i64,
+}
+
+impl<'a> PageParameters<'a> {
+    fn of(query: &'a FeedQuery) -> Self {
+        let (exact, prefix) = match &query.event_type {
+            Some(TypeFilter::Exact(t)) => (Some(t.as_str()), None),
+            Some(TypeFilter::Prefix(p)) => (None, Some(p.as_str())),
+            None => (None, None),
+        };
+        Self {
+            exact,
+            prefix,
+            consumer: query.consumer.as_ref().map(ConsumerName::as_str),
+            // One row more than the page, to tell whether more follow.
+            fetch: query.limit + 1,
+        }
+    }
+
+    async fn query(
+        &self,
+        client: &tokio_postgres::Client,
+        sql: &str,
+        query: &FeedQuery,
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        client
+            .query_typed(
+                sql,
+                &[
+                    (&query.tenant.as_str(), Type::TEXT),
+                    (&query.after.position, Type::INT8),
+                    (&self.exact, Type::TEXT),
+                    (&self.prefix, Type::TEXT),
+                    (&query.aggregate_id, Type::TEXT),
+                    (&query.created_from, Type::TIMESTAMPTZ),
+                    (&query.created_to, Type::TIMESTAMPTZ),
+                    (&self.consumer, Type::TEXT),
+                    (&query.exclude_acknowledged, Type::BOOL),
+                    (&self.fetch, Type::INT8),
+                ],
+            )
+            .await
+    }
+}
+
 /// Reads one page of the feed.
 pub async fn page(
     client: &tokio_postgres::Client,
     query: &FeedQuery,
 ) -> Result<FeedPage, StoreError> {
-    let (exact, prefix) = match &query.event_type {
-        Some(TypeFilter::Exact(t)) => (Some(t.as_str()), None),
-        Some(TypeFilter::Prefix(p)) => (None, Some(p.as_str())),
-        None => (None, None),
-    };
-    let consumer = query.consumer.as_ref().map(ConsumerName::as_str);
-    let fetch = query.limit + 1;
-    let rows = client
-        .query_typed(
-            PAGE,
-            &[
-                (&query.tenant.as_str(), Type::TEXT),
-                (&query.after.position, Type::INT8),
-                (&exact, Type::TEXT),
-                (&prefix, Type::TEXT),
-                (&query.aggregate_id, Type::TEXT),
-                (&query.created_from, Type::TIMESTAMPTZ),
-                (&query.created_to, Type::TIMESTAMPTZ),
-                (&consumer, Type::TEXT),
-                (&query.exclude_acknowledged, Type::BOOL),
-                (&fetch, Type::INT8),
-            ],
-        )
-        .await?;
+    let rows = PageParameters::of(query).query(client, PAGE, query).await?;
     let has_more = rows.len() as i64 > query.limit;
     let mut events = Vec::with_capacity(rows.len().min(query.limit as usize));
     let mut last = query.after;
@@ -153,32 +180,13 @@ impl crate::ports::EventFeedStore for super::payments::PgPaymentStore {
     }
 }
 
-/// The plan of an unfiltered page of `tenant` after `position` (`EXPLAIN`, for tests and the
-/// benchmark).
+/// The plan of `query`'s page (`EXPLAIN`, for tests and the benchmark).
 pub async fn explain_page(
     client: &tokio_postgres::Client,
-    tenant: &str,
-    position: i64,
-    limit: i64,
+    query: &FeedQuery,
 ) -> Result<String, tokio_postgres::Error> {
-    let none: Option<&str> = None;
-    let no_time: Option<chrono::DateTime<chrono::Utc>> = None;
-    let rows = client
-        .query_typed(
-            &format!("EXPLAIN (COSTS OFF) {PAGE}"),
-            &[
-                (&tenant, Type::TEXT),
-                (&position, Type::INT8),
-                (&none, Type::TEXT),
-                (&none, Type::TEXT),
-                (&none, Type::TEXT),
-                (&no_time, Type::TIMESTAMPTZ),
-                (&no_time, Type::TIMESTAMPTZ),
-                (&none, Type::TEXT),
-                (&false, Type::BOOL),
-                (&(limit + 1), Type::INT8),
-            ],
-        )
+    let rows = PageParameters::of(query)
+        .query(client, &format!("EXPLAIN (COSTS OFF) {PAGE}"), query)
         .await?;
     Ok(rows
         .iter()

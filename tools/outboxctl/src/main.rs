@@ -362,7 +362,6 @@ async fn run(cli: Cli) -> CliResult {
         .map_err(|e| format!("the durable consumer could not be set up: {e}"))?;
         let store = PgProjectionStore::new(db, Projections::new().with(PaymentProjections));
         let deadline = for_seconds.map(|s| Instant::now() + Duration::from_secs(s));
-        let mut total = serde_json::Map::new();
         let mut sums = ConsumeReport::default();
         loop {
             if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -386,19 +385,12 @@ async fn run(cli: Cli) -> CliResult {
                     continue;
                 }
             };
-            sums.received += report.received;
-            sums.acknowledged += report.acknowledged;
-            sums.redelivered += report.redelivered;
-            sums.terminated += report.terminated;
+            sums += report;
             if *until_idle && report.received == 0 {
                 break;
             }
         }
-        total.insert("received".into(), sums.received.into());
-        total.insert("acknowledged".into(), sums.acknowledged.into());
-        total.insert("redelivered".into(), sums.redelivered.into());
-        total.insert("terminated".into(), sums.terminated.into());
-        println!("{}", serde_json::Value::Object(total));
+        println!("{}", serde_json::to_string(&sums)?);
         return Ok(());
     }
     if let Command::Dispatch { for_seconds } = cli.command {
