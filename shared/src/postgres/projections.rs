@@ -1,5 +1,5 @@
-//! The inbox on PostgreSQL (`processed_events`, `inbox_positions`, function `inbox_accept` of
-//! migration V5) and the registered projections applied in its transaction.
+//! The inbox on PostgreSQL (`processed_events`, `inbox_positions`, functions `inbox_take` and
+//! `inbox_record` of migration V5) and the registered projections applied in its transaction.
 
 use tokio_postgres::types::Type;
 
@@ -16,7 +16,7 @@ const TAKE: &str = "SELECT * FROM inbox_take($1, $2, $3, $4, $5, $6)";
 /// Advances positions and forgets gaps (migration V5).
 const RECORD: &str = "SELECT inbox_record($1, $2, $3, $4, $5, $6)";
 
-/// The inbox's verdict on one event (see `inbox_accept`).
+/// The inbox's verdict on one event (computed in [`accept`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// New and next in its aggregate: apply it now.
