@@ -15,7 +15,9 @@ use outbox_shared::dispatcher::{DispatcherConfig, Target};
 use outbox_shared::ports::OutboxStore;
 use outbox_shared::postgres::outbox::PgOutboxStore;
 use outbox_shared::postgres::Db;
-use outbox_tests::bench::{self, arrival_latencies, env_usize, mark_published, pct, seed};
+use outbox_tests::bench::{
+    self, arrival_latencies, env_usize, mark_published, pct, seed, Stopwatch, Throughput,
+};
 use outbox_tests::fault_proxy::FaultProxy;
 use outbox_tests::{dispatcher, TestDb};
 
@@ -36,10 +38,10 @@ fn config() -> DispatcherConfig {
 }
 
 /// 1: claim + mark published through the store, no bus, `DISPATCHERS` connections.
-async fn sql_floor(rows: usize) -> f64 {
+async fn sql_floor(rows: usize) -> Throughput {
     let db = TestDb::create().await;
     seed(&db, rows, "pending", Duration::ZERO).await;
-    let started = Instant::now();
+    let watch = Stopwatch::start();
     let workers: Vec<_> = (0..DISPATCHERS)
         .map(|w| {
             let store = PgOutboxStore::new(Db::new(db.settings.clone()));
@@ -65,14 +67,14 @@ async fn sql_floor(rows: usize) -> f64 {
         total += w.await.expect("worker");
     }
     assert_eq!(total, rows);
-    total as f64 / started.elapsed().as_secs_f64()
+    watch.stop(total)
 }
 
 /// The reference: a plain lease queue's two statements, claim (`UPDATE … WHERE id IN (SELECT …
 /// FOR UPDATE SKIP LOCKED) RETURNING`) then mark published, sent as raw SQL on `DISPATCHERS`
 /// connections to the same seeded table, through its plain pending index, with no per-aggregate
 /// order and no promotion.
-async fn plain_sql_reference(rows: usize) -> f64 {
+async fn plain_sql_reference(rows: usize) -> Throughput {
     const CLAIM: &str = "
         UPDATE outbox SET locked_until = now() + interval '60 seconds', locked_by = $2,
                           attempts = attempts + 1
@@ -91,7 +93,7 @@ async fn plain_sql_reference(rows: usize) -> f64 {
     for _ in 0..DISPATCHERS {
         clients.push(db.client().await);
     }
-    let started = Instant::now();
+    let watch = Stopwatch::start();
     let workers: Vec<_> = clients
         .into_iter()
         .enumerate()
@@ -121,15 +123,19 @@ async fn plain_sql_reference(rows: usize) -> f64 {
         total += w.await.expect("worker");
     }
     assert_eq!(total, rows);
-    total as f64 / started.elapsed().as_secs_f64()
+    watch.stop(total)
 }
 
 /// 2 and 3: the dispatcher loop publishing to the standalone SNS endpoint.
-async fn dispatcher_loop(rows: usize, latency: Duration) -> (f64, usize) {
+async fn dispatcher_loop(rows: usize, latency: Duration) -> (Throughput, usize) {
     dispatcher_loop_of(DISPATCHERS, rows, latency).await
 }
 
-async fn dispatcher_loop_of(dispatchers: usize, rows: usize, latency: Duration) -> (f64, usize) {
+async fn dispatcher_loop_of(
+    dispatchers: usize,
+    rows: usize,
+    latency: Duration,
+) -> (Throughput, usize) {
     let db = TestDb::create().await;
     seed(&db, rows, "pending", Duration::ZERO).await;
     let endpoint = FaultProxy::standalone_sns().await;
@@ -145,28 +151,28 @@ async fn dispatcher_loop_of(dispatchers: usize, rows: usize, latency: Duration) 
     (rate, calls)
 }
 
-/// Drains `db`'s `rows` pending rows with `dispatchers` dispatchers to `target`; rows/s.
+/// Drains `db`'s `rows` pending rows with `dispatchers` dispatchers to `target`.
 async fn timed_drain(
     db: &TestDb,
     dispatchers: usize,
     endpoint: &str,
     target: Target,
     rows: usize,
-) -> f64 {
+) -> Throughput {
     let mut drains = Vec::new();
     for _ in 0..dispatchers {
         drains.push(dispatcher(db, endpoint, target.clone(), config()).await);
     }
-    let started = Instant::now();
+    let watch = Stopwatch::start();
     let deadline = Instant::now() + Duration::from_secs(600);
     let summaries = futures_util::future::join_all(drains.iter().map(|d| d.drain(deadline))).await;
-    let elapsed = started.elapsed();
+    let throughput = watch.stop(rows);
     let published: usize = summaries
         .into_iter()
         .map(|s| s.expect("drain").published)
         .sum();
     assert_eq!(published, rows);
-    published as f64 / elapsed.as_secs_f64()
+    throughput
 }
 
 /// 4: producers commit events at `rate`/s for `seconds` while dispatchers drain continuously;
@@ -311,31 +317,28 @@ async fn main() {
         // One drain alone, e.g. under a profiler or to compare two builds.
         let latency = Duration::from_millis(env_usize("BENCH_LATENCY_MS", 0) as u64);
         let dispatchers = env_usize("BENCH_DISPATCHERS", DISPATCHERS);
-        let (rate, calls) = dispatcher_loop_of(dispatchers, rows, latency).await;
+        let _split = std::env::var("BENCH_SEPARATE_CPUS")
+            .is_ok_and(|v| v == "1")
+            .then(bench::SeparateCpus::pin)
+            .flatten();
+        let (drain, calls) = dispatcher_loop_of(dispatchers, rows, latency).await;
         return println!(
-            "drain, {dispatchers} dispatcher(s), {} ms per call: {rate:.0} rows/s, {calls} calls",
-            latency.as_millis()
+            "drain, {dispatchers} dispatcher(s), {} ms per call: {:.0} rows/s, {calls} calls, \
+             CPU per row: postgres {:.0} µs, bench process {:.0} µs",
+            latency.as_millis(),
+            drain.rate,
+            drain.cpu.postgres_us,
+            drain.cpu.own_us
         );
     }
-    let plain = plain_sql_reference(rows).await;
-    let floor = sql_floor(rows).await;
-    let (zero, zero_calls) = dispatcher_loop(rows, Duration::ZERO).await;
-    let (slow, slow_calls) = dispatcher_loop(rows, Duration::from_millis(20)).await;
-    println!("## Dispatcher throughput ({DISPATCHERS} dispatchers, claims of {BATCH}, {rows} rows each)\n");
-    println!("| scenario | rows/s | publish calls | ratio to plain SQL | ratio to store floor |");
-    println!("|---|---|---|---|---|");
-    println!("| 0. plain SQL: lease claim + mark, two statements, no order | {plain:.0} | 0 | 1.00 | {:.2} |", plain / floor);
-    println!("| 1. store floor: the store's claim + record outcomes, no bus | {floor:.0} | 0 | {:.2} | 1.00 |", floor / plain);
-    println!(
-        "| 2. dispatcher → zero-latency SNS endpoint | {zero:.0} | {zero_calls} | {:.2} | {:.2} |",
-        zero / plain,
-        zero / floor
-    );
-    println!(
-        "| 3. dispatcher → SNS endpoint with 20 ms per call | {slow:.0} | {slow_calls} | {:.2} | {:.2} |",
-        slow / plain,
-        slow / floor
-    );
+    throughput_table(rows, "all processes on all CPUs").await;
+    if let Some(_split) = bench::SeparateCpus::pin() {
+        throughput_table(
+            rows,
+            "PostgreSQL on one CPU, the dispatchers and the SNS stand-in on the other",
+        )
+        .await;
+    }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("throughput") {
         return;
     }
@@ -354,6 +357,51 @@ async fn main() {
     println!("| 10000 | {small50:.2} | {small99:.2} |");
     println!("| {retained} | {large50:.2} | {large99:.2} |");
     println!("\nratio (p50, large / small): {:.2}", large50 / small50);
+}
+
+/// Scenarios 0 to 3 in one table: the plain-SQL reference, the store floor, and the drain to a
+/// zero-latency and a 20 ms SNS endpoint, with each one's CPU per row.
+async fn throughput_table(rows: usize, placement: &str) {
+    let plain = plain_sql_reference(rows).await;
+    let floor = sql_floor(rows).await;
+    let (zero, zero_calls) = dispatcher_loop(rows, Duration::ZERO).await;
+    let (slow, slow_calls) = dispatcher_loop(rows, Duration::from_millis(20)).await;
+    println!("## Dispatcher throughput ({DISPATCHERS} dispatchers, claims of {BATCH}, {rows} rows each; {placement})\n");
+    println!("| scenario | rows/s | publish calls | ratio to plain SQL | ratio to store floor | postgres CPU µs/row | bench process CPU µs/row |");
+    println!("|---|---|---|---|---|---|---|");
+    let scenarios = [
+        (
+            "0. plain SQL: lease claim + mark, two statements, no order",
+            plain,
+            0,
+        ),
+        (
+            "1. store floor: the store's claim + record outcomes, no bus",
+            floor,
+            0,
+        ),
+        (
+            "2. dispatcher → zero-latency SNS endpoint",
+            zero,
+            zero_calls,
+        ),
+        (
+            "3. dispatcher → SNS endpoint with 20 ms per call",
+            slow,
+            slow_calls,
+        ),
+    ];
+    for (name, measured, calls) in scenarios {
+        println!(
+            "| {name} | {:.0} | {calls} | {:.2} | {:.2} | {:.0} | {:.0} |",
+            measured.rate,
+            measured.rate / plain.rate,
+            measured.rate / floor.rate,
+            measured.cpu.postgres_us,
+            measured.cpu.own_us
+        );
+    }
+    println!();
 }
 
 /// The claim redesign's figures: parked and backing-off rows ahead of the claim, and a write
@@ -521,13 +569,15 @@ async fn feed_benchmarks(retained: usize) {
 /// The drain to NATS JetStream (a nats-server of its own, file storage) beside the same drain to
 /// the zero-latency SNS stand-in, `rows` each, two dispatchers, in one run.
 async fn nats_benchmarks(rows: usize) {
-    let sns = dispatcher_loop(rows, Duration::ZERO).await.0;
+    let sns = dispatcher_loop(rows, Duration::ZERO).await.0.rate;
     let nats = outbox_tests::nats::PrivateNats::start().await;
     nats.stream("OUTBOX", "outbox", None).await;
     let db = TestDb::create().await;
     seed(&db, rows, "pending", Duration::ZERO).await;
     let target = Target::Nats(nats.settings("outbox"));
-    let rate = timed_drain(&db, DISPATCHERS, "http://127.0.0.1:9", target, rows).await;
+    let rate = timed_drain(&db, DISPATCHERS, "http://127.0.0.1:9", target, rows)
+        .await
+        .rate;
     let js = nats.jetstream().await;
     let stored = js
         .get_stream("OUTBOX")

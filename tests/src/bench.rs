@@ -182,3 +182,198 @@ pub async fn claim_latency_of(db: &TestDb, claims: usize, batch: usize) -> (f64,
     latencies.sort();
     (pct(&latencies, 0.5), pct(&latencies, 0.99))
 }
+
+/// CPU time spent by the local PostgreSQL server (every `postgres` process, plus the exited
+/// backends its postmaster has reaped) and by this process, between `start` and `per_row`. Read
+/// from `/proc`, so only meaningful with the server on this machine, as the benchmarks run it.
+pub struct CpuMeter {
+    postgres: Duration,
+    own: Duration,
+}
+
+/// CPU microseconds per row: (PostgreSQL, this process).
+#[derive(Debug, Clone, Copy)]
+pub struct CpuPerRow {
+    /// All PostgreSQL processes.
+    pub postgres_us: f64,
+    /// This benchmark process (dispatchers, their SDK clients, fake endpoints).
+    pub own_us: f64,
+}
+
+impl CpuMeter {
+    /// Starts measuring.
+    pub fn start() -> Self {
+        Self {
+            postgres: postgres_cpu(),
+            own: own_cpu(),
+        }
+    }
+
+    /// CPU per row since `start`.
+    pub fn per_row(&self, rows: usize) -> CpuPerRow {
+        let micros = |d: Duration| d.as_secs_f64() * 1e6 / rows.max(1) as f64;
+        CpuPerRow {
+            postgres_us: micros(postgres_cpu().saturating_sub(self.postgres)),
+            own_us: micros(own_cpu().saturating_sub(self.own)),
+        }
+    }
+}
+
+/// Linux reports process times in USER_HZ ticks, 100 a second on every architecture it runs on.
+const TICKS_PER_SECOND: u64 = 100;
+
+/// (command name, parent pid, utime + stime, cutime + cstime) of `/proc/<pid>/stat`.
+fn proc_stat(pid: &str) -> Option<(String, String, u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(") ")?;
+    let comm = head.split_once(" (")?.1.to_owned();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state, ppid, ..., utime (14th field of the line), stime, cutime, cstime.
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Some((
+        comm,
+        fields.get(1)?.to_string(),
+        tick(11) + tick(12),
+        tick(13) + tick(14),
+    ))
+}
+
+fn ticks(n: u64) -> Duration {
+    Duration::from_millis(n * 1000 / TICKS_PER_SECOND)
+}
+
+fn own_cpu() -> Duration {
+    proc_stat("self").map_or(Duration::ZERO, |(_, _, own, _)| ticks(own))
+}
+
+/// (pid, command name, parent pid, own ticks, reaped children's ticks) of every process.
+fn process_stats() -> Vec<(String, String, String, u64, u64)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_string_lossy().into_owned();
+            pid.bytes().all(|b| b.is_ascii_digit()).then_some(pid)
+        })
+        .filter_map(|pid| {
+            proc_stat(&pid).map(|(comm, ppid, own, reaped)| (pid, comm, ppid, own, reaped))
+        })
+        .collect()
+}
+
+fn postgres_cpu() -> Duration {
+    let stats: Vec<_> = process_stats()
+        .into_iter()
+        .filter(|(_, comm, ..)| comm == "postgres")
+        .collect();
+    let postgres_pids: std::collections::HashSet<&str> =
+        stats.iter().map(|(pid, ..)| pid.as_str()).collect();
+    let total: u64 = stats
+        .iter()
+        .map(|(_, _, ppid, own, reaped)| {
+            // The postmaster (its parent is not a postgres process) also carries its reaped
+            // backends' time.
+            own + if postgres_pids.contains(ppid.as_str()) {
+                0
+            } else {
+                *reaped
+            }
+        })
+        .sum();
+    ticks(total)
+}
+
+/// Wall time and CPU of one measured phase.
+pub struct Stopwatch {
+    started: std::time::Instant,
+    cpu: CpuMeter,
+}
+
+/// A phase's rows per second and CPU per row.
+#[derive(Debug, Clone, Copy)]
+pub struct Throughput {
+    /// Rows per second of wall time.
+    pub rate: f64,
+    /// CPU per row.
+    pub cpu: CpuPerRow,
+}
+
+impl Stopwatch {
+    /// Starts the clock and the CPU meter.
+    pub fn start() -> Self {
+        Self {
+            started: std::time::Instant::now(),
+            cpu: CpuMeter::start(),
+        }
+    }
+
+    /// Throughput of `rows` since `start`.
+    pub fn stop(&self, rows: usize) -> Throughput {
+        let elapsed = self.started.elapsed();
+        Throughput {
+            rate: rows as f64 / elapsed.as_secs_f64(),
+            cpu: self.cpu.per_row(rows),
+        }
+    }
+}
+
+/// While alive, the local PostgreSQL server runs on the first CPU only and this process on the
+/// others, as in a deployment where the database and the relay do not share a machine (the
+/// relay in Lambda, the bus elsewhere). Dropping it gives every process all CPUs back.
+pub struct SeparateCpus {
+    all: String,
+}
+
+impl SeparateCpus {
+    /// Pins the processes (`taskset`, util-linux); `None` on a one-CPU machine.
+    pub fn pin() -> Option<Self> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cpus < 2 {
+            return None;
+        }
+        let split = Self {
+            all: format!("0-{}", cpus - 1),
+        };
+        for pid in postgres_pids() {
+            taskset("0", &pid);
+        }
+        taskset(&format!("1-{}", cpus - 1), &std::process::id().to_string());
+        Some(split)
+    }
+}
+
+impl Drop for SeparateCpus {
+    fn drop(&mut self) {
+        for pid in postgres_pids() {
+            taskset(&self.all, &pid);
+        }
+        taskset(&self.all, &std::process::id().to_string());
+    }
+}
+
+/// Sets the CPU list of every thread of `pid`; a process that is gone meanwhile is skipped.
+fn taskset(cpus: &str, pid: &str) {
+    let status = std::process::Command::new("taskset")
+        .args(["--all-tasks", "--cpu-list", "--pid", cpus, pid])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("taskset (util-linux) runs");
+    if !status.success() && std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        panic!("taskset {cpus} {pid} failed: {status}");
+    }
+}
+
+fn postgres_pids() -> Vec<String> {
+    process_stats()
+        .into_iter()
+        .filter(|(_, comm, ..)| comm == "postgres")
+        .map(|(pid, ..)| pid)
+        .collect()
+}

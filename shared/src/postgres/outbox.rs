@@ -316,9 +316,11 @@ async fn record_outcomes_in(
         )
         .await?;
     }
-    // Last, so the tenants' feed locks are held for the mark and the commit only.
+    // Last, so the tenants' feed locks are held for the mark and the commit only: successors are
+    // promoted first (they become heads at the commit all the same), then the tenants are locked
+    // and the rows marked.
     if !outcomes.published.is_empty() {
-        for statement in [LOCK_FEED_TENANTS, MARK_PUBLISHED, PROMOTE_SUCCESSORS] {
+        for statement in [PROMOTE_SUCCESSORS, LOCK_FEED_TENANTS, MARK_PUBLISHED] {
             tx.execute_typed(statement, &[(&outcomes.published, Type::INT8_ARRAY)])
                 .await?;
         }
