@@ -655,8 +655,7 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
         let mut ready = Vec::with_capacity(claimed.len());
         let mut rejected = Vec::new();
         for event in claimed {
-            let body = match EventEnvelope::from_row(&event).and_then(|e| serde_json::to_string(&e))
-            {
+            let body = match EventEnvelope::body_of(&event) {
                 Ok(body) => body,
                 Err(e) => {
                     rejected.push((

@@ -77,4 +77,109 @@ impl EventEnvelope {
             data: row.payload.clone(),
         })
     }
+
+    /// The JSON a bus carries for a claimed row: the same bytes as serializing
+    /// [`EventEnvelope::from_row`]'s envelope, without copying the row's payload and metadata
+    /// first (the dispatcher does this for every row it publishes).
+    pub fn body_of(row: &crate::outbox::ClaimedEvent) -> Result<String, serde_json::Error> {
+        let metadata = crate::outbox::EventMetadata::deserialize(&row.metadata)?;
+        serde_json::to_string(&EnvelopeOfRow {
+            specversion: SPEC_VERSION,
+            id: row.event_id,
+            source: &metadata.source,
+            event_type: &row.event_type,
+            schemaversion: row.schema_version,
+            subject: &format!("{}/{}", row.aggregate_type, row.aggregate_id),
+            time: row.created_at,
+            datacontenttype: "application/json",
+            tenantid: &row.tenant_id,
+            aggregatetype: &row.aggregate_type,
+            aggregateid: &row.aggregate_id,
+            aggregateversion: row.aggregate_version,
+            correlationid: &metadata.correlation_id,
+            causationid: metadata.causation_id.as_deref(),
+            traceparent: metadata.traceparent.as_deref(),
+            tracestate: metadata.tracestate.as_deref(),
+            data: &row.payload,
+        })
+    }
+}
+
+/// [`EventEnvelope`] borrowing from the row, for serializing only: same fields, same order.
+#[derive(Serialize)]
+struct EnvelopeOfRow<'a> {
+    specversion: &'a str,
+    id: Uuid,
+    source: &'a str,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    schemaversion: i32,
+    subject: &'a str,
+    time: DateTime<Utc>,
+    datacontenttype: &'a str,
+    tenantid: &'a str,
+    aggregatetype: &'a str,
+    aggregateid: &'a str,
+    aggregateversion: i64,
+    correlationid: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    causationid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tracestate: Option<&'a str>,
+    data: &'a serde_json::Value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::ClaimedEvent;
+
+    fn row(metadata: serde_json::Value) -> ClaimedEvent {
+        ClaimedEvent {
+            id: 7,
+            event_id: Uuid::new_v4(),
+            tenant_id: "tenant-a".into(),
+            aggregate_type: "payment".into(),
+            aggregate_id: "pay-\"1\"/é".into(),
+            aggregate_version: 3,
+            event_type: "payment.paid".into(),
+            schema_version: 2,
+            payload: serde_json::json!({"amount": {"minor": 1250, "currency": "EUR"}, "note": "a\nb"}),
+            metadata,
+            attempts: 1,
+            created_at: Utc::now(),
+            xray_trace_header: None,
+        }
+    }
+
+    #[test]
+    fn the_body_is_the_serialized_envelope_byte_for_byte() {
+        let full = serde_json::json!({
+            "correlation_id": "corr", "causation_id": "cause", "traceparent": "00-abc-def-01",
+            "tracestate": "k=v", "xray_trace_header": "Root=1", "source": "payments",
+            "extra": "kept out"
+        });
+        let minimal = serde_json::json!({"correlation_id": "corr", "source": "payments"});
+        for metadata in [full, minimal] {
+            let row = row(metadata);
+            let owned = serde_json::to_string(&EventEnvelope::from_row(&row).unwrap()).unwrap();
+            assert_eq!(EventEnvelope::body_of(&row).unwrap(), owned);
+        }
+    }
+
+    #[test]
+    fn metadata_that_is_not_the_command_sides_shape_is_an_error_both_ways() {
+        // Tried: no source, a number as correlation id, not an object at all.
+        for metadata in [
+            serde_json::json!({"correlation_id": "corr"}),
+            serde_json::json!({"correlation_id": 5, "source": "payments"}),
+            serde_json::json!(["payments"]),
+        ] {
+            let row = row(metadata);
+            assert!(EventEnvelope::from_row(&row).is_err());
+            assert!(EventEnvelope::body_of(&row).is_err());
+        }
+    }
 }
