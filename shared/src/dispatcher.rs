@@ -1,8 +1,9 @@
 //! The dispatcher: claim a batch, publish it in bus-sized calls (several in flight), record each
 //! row's outcome, and repeat until the outbox has nothing due or the deadline is near. The three
-//! steps are pipelined: while one batch is at the bus, the database records the one before and
-//! leases the one after, so neither waits for the other.
+//! steps are pipelined: while one batch is at the bus (on tasks of its own), the database records
+//! the one before and, on a second connection, leases the one after, so none waits for another.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, StreamExt};
@@ -270,15 +271,40 @@ impl DispatchSummary {
     }
 }
 
+/// A spawned part of a drain that ends with it: a drain dropped mid-publish (the invocation
+/// timed out) leaves no publish running behind it.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T: Send + 'static> AbortOnDrop<T> {
+    /// Spawns `future` in the current span.
+    fn spawn(future: impl std::future::Future<Output = T> + Send + 'static) -> Self {
+        Self(tokio::spawn(tracing::Instrument::in_current_span(future)))
+    }
+
+    /// Its output; a panic in it goes on in the caller.
+    async fn join(mut self) -> T {
+        match (&mut self.0).await {
+            Ok(output) => output,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The claim → publish → record loop over a store and a bus.
 pub struct OutboxDispatcher<S, P> {
     store: S,
-    publisher: P,
+    bus: Arc<Bus<P>>,
     config: DispatcherConfig,
     worker_id: String,
 }
 
-impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
+impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
     /// A dispatcher; `worker_id` names it in `locked_by` (with a fresh suffix per claim).
     pub fn new(
         store: S,
@@ -288,7 +314,10 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
     ) -> Self {
         Self {
             store,
-            publisher,
+            bus: Arc::new(Bus {
+                publisher,
+                config: config.clone(),
+            }),
             config,
             worker_id: worker_id.into(),
         }
@@ -340,28 +369,41 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
                 next_cleanup = now + self.clean_up(&mut summary).await;
             }
             // The pipeline: the bus takes batch k while the database records batch k-1 (which
-            // promotes its aggregates' next events) and then leases batch k+1. No transaction
-            // spans the publish; the database work is the same statements as one after the
-            // other, on the one connection, and at most `max_in_flight` calls are at the bus.
+            // promotes its aggregates' next events) and, on a second connection, leases batch
+            // k+1. No transaction spans the publish, and at most `max_in_flight` calls are at
+            // the bus.
             let publishing = ahead.take();
             let was_publishing = publishing.is_some();
-            let (published, claimed) = tokio::join!(
+            let recorded_before = summary.published + summary.retried + summary.dead;
+            let (published, recorded, claimed) = tokio::join!(
                 async {
                     match publishing {
                         Some(claim) => Some(self.publish(claim).await),
                         None => None,
                     }
                 },
-                async {
-                    self.record_all(&mut unrecorded, &mut summary).await?;
-                    self.claim().await
-                }
+                self.record_all(&mut unrecorded, &mut summary),
+                self.claim(),
             );
             unrecorded.extend(published);
-            let claim = match claimed {
-                Ok(claim) => claim,
-                Err(e) => {
-                    outage.pause(e, &mut summary, stop_at).await?;
+            let claim = match (recorded, claimed) {
+                (Ok(()), Ok(claim)) => claim,
+                (recorded, claimed) => {
+                    // Keep what was leased; pause for the failure.
+                    let claim_failure = match claimed {
+                        Ok(claim) if claim.events.is_empty() => {
+                            unrecorded.push(ClaimedBatch::empty(&claim));
+                            None
+                        }
+                        Ok(claim) => {
+                            ahead = Some(claim);
+                            None
+                        }
+                        Err(e) => Some(e),
+                    };
+                    if let Some(e) = recorded.err().or(claim_failure) {
+                        outage.pause(e, &mut summary, stop_at).await?;
+                    }
                     continue;
                 }
             };
@@ -371,8 +413,11 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
                 continue;
             }
             unrecorded.push(ClaimedBatch::empty(&claim));
-            if was_publishing {
-                // The batch just published may have promoted successors: claim again at once.
+            if was_publishing
+                || summary.published + summary.retried + summary.dead > recorded_before
+            {
+                // The batch just published, or the outcomes recorded beside this claim, may have
+                // promoted successors the claim could not see yet: claim again at once.
                 continue;
             }
             if let Err(e) = self.record_all(&mut unrecorded, &mut summary).await {
@@ -554,48 +599,12 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
         })
     }
 
-    /// Publishes a leased batch in bus-sized calls, at most `max_in_flight` at once, and notes
-    /// each row's outcome (not recorded yet).
-    #[tracing::instrument(skip_all, fields(lease_owner = %claim.lease_owner, rows = claim.events.len()))]
+    /// Publishes a leased batch on a task of its own, so serializing and signing its calls
+    /// never delays this drain's database round trips (the pipeline's other half).
     async fn publish(&self, claim: Claim) -> ClaimedBatch {
-        let mut batch = ClaimedBatch {
-            lease_owner: claim.lease_owner,
-            claimed: claim.events.len(),
-            outcomes: Outcomes::default(),
-            publish_calls: 0,
-            failed_publish_calls: 0,
-            claim_latency: Some(claim.latency),
-            publish_latencies: Vec::new(),
-        };
-        let (messages, rejected) = self.prepare(claim.events);
-        for (event, reason) in rejected {
-            self.record(&mut batch.outcomes, &event, PublishOutcome::Reject(reason));
-        }
-        let calls = self.plan_calls(messages);
-        batch.publish_calls = calls.len();
-        let results: Vec<(Vec<OutgoingMessage>, Vec<PublishOutcome>, Duration)> =
-            stream::iter(calls)
-                .map(|call| async move {
-                    let started = Instant::now();
-                    let results = self.publisher.publish(&call).await;
-                    (call, results, started.elapsed())
-                })
-                .buffer_unordered(self.config.max_in_flight)
-                .collect()
-                .await;
-        batch.publish_latencies = results.iter().map(|r| r.2).collect();
-        for (call, results, _) in results {
-            if results
-                .iter()
-                .all(|r| matches!(r, PublishOutcome::Retry(_)))
-            {
-                batch.failed_publish_calls += 1;
-            }
-            for (message, outcome) in call.iter().zip(results) {
-                self.record(&mut batch.outcomes, &message.event, outcome);
-            }
-        }
-        batch
+        AbortOnDrop::spawn(Arc::clone(&self.bus).publish(claim))
+            .join()
+            .await
     }
 
     /// Records a published batch's outcomes: what was recorded as a summary, and the batch with
@@ -643,6 +652,64 @@ impl<S: OutboxStore, P: Publisher> OutboxDispatcher<S, P> {
             },
             rest,
         ))
+    }
+}
+
+/// The bus side of a dispatcher, shared with the tasks that publish its batches.
+struct Bus<P> {
+    publisher: P,
+    config: DispatcherConfig,
+}
+
+impl<P: Publisher + 'static> Bus<P> {
+    /// Publishes a leased batch in bus-sized calls, at most `max_in_flight` at once, and notes
+    /// each row's outcome (not recorded yet).
+    #[tracing::instrument(skip_all, fields(lease_owner = %claim.lease_owner, rows = claim.events.len()))]
+    async fn publish(self: Arc<Self>, claim: Claim) -> ClaimedBatch {
+        let mut batch = ClaimedBatch {
+            lease_owner: claim.lease_owner,
+            claimed: claim.events.len(),
+            outcomes: Outcomes::default(),
+            publish_calls: 0,
+            failed_publish_calls: 0,
+            claim_latency: Some(claim.latency),
+            publish_latencies: Vec::new(),
+        };
+        let (messages, rejected) = self.prepare(claim.events);
+        for (event, reason) in rejected {
+            self.record(&mut batch.outcomes, &event, PublishOutcome::Reject(reason));
+        }
+        let calls = self.plan_calls(messages);
+        batch.publish_calls = calls.len();
+        let results: Vec<(Vec<OutgoingMessage>, Vec<PublishOutcome>, Duration)> =
+            stream::iter(calls)
+                .map(|call| {
+                    // Each call is a task of its own, so the SDK's serializing, signing and
+                    // parsing spread over the runtime's threads.
+                    let bus = Arc::clone(&self);
+                    let task = AbortOnDrop::spawn(async move {
+                        let started = Instant::now();
+                        let results = bus.publisher.publish(&call).await;
+                        (call, results, started.elapsed())
+                    });
+                    task.join()
+                })
+                .buffer_unordered(self.config.max_in_flight)
+                .collect()
+                .await;
+        batch.publish_latencies = results.iter().map(|r| r.2).collect();
+        for (call, results, _) in results {
+            if results
+                .iter()
+                .all(|r| matches!(r, PublishOutcome::Retry(_)))
+            {
+                batch.failed_publish_calls += 1;
+            }
+            for (message, outcome) in call.iter().zip(results) {
+                self.record(&mut batch.outcomes, &message.event, outcome);
+            }
+        }
+        batch
     }
 
     /// Serializes each row's envelope; rows that cannot be published at all (unreadable metadata,

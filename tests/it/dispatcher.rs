@@ -845,3 +845,95 @@ async fn the_claim_is_served_by_the_partial_index() {
         "the index order serves ORDER BY: {plan}"
     );
 }
+
+#[tokio::test]
+async fn one_drain_publishes_every_version_though_records_and_claims_overlap() {
+    // Each batch's outcomes are recorded beside the next claim, so the claim cannot yet see the
+    // successors that record promotes: the drain must not take that empty claim for the end.
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    // Few aggregates, many versions: after each batch nothing is claimable until its record
+    // commits.
+    seed_outbox(&client, "acme", &aggregates("agg", 3), 8, "{}").await;
+    let endpoint = FaultProxy::standalone_sns().await;
+    let settings = test_dispatcher_config();
+    let d = dispatcher(
+        &db,
+        &endpoint.endpoint,
+        Target::Sns {
+            topic_arn: "arn:aws:sns:us-east-1:123456789012:versions".into(),
+        },
+        settings,
+    )
+    .await;
+    let summary = d
+        .drain(Instant::now() + Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(summary.stopped, Some(StopReason::Empty));
+    assert_eq!(summary.published, 24, "{summary:?}");
+    assert_eq!(statuses(&db).await.get("published"), Some(&24));
+    // Version order per aggregate on the wire.
+    let ids = endpoint.stats.event_ids.lock().unwrap().clone();
+    let versions: HashMap<String, (String, i64)> = client
+        .query(
+            "SELECT event_id::text, aggregate_id, aggregate_version FROM outbox",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    let mut last: HashMap<&str, i64> = HashMap::new();
+    for id in &ids {
+        let (aggregate, version) = &versions[id];
+        let previous = last.insert(aggregate, *version).unwrap_or(0);
+        assert_eq!(*version, previous + 1, "{aggregate} out of order");
+    }
+}
+
+#[tokio::test]
+async fn a_drain_dropped_mid_publish_leaves_no_publish_running() {
+    // The invocation timing out drops the drain: the batch's remaining calls must not go on
+    // without it (their outcomes could never be recorded).
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    seed_outbox(&client, "acme", &aggregates("agg", 50), 1, "{}").await;
+    let endpoint = FaultProxy::standalone_sns().await;
+    endpoint.set_latency(Duration::from_millis(300));
+    let mut settings = test_dispatcher_config();
+    settings.max_in_flight = 1;
+    let d = dispatcher(
+        &db,
+        &endpoint.endpoint,
+        Target::Sns {
+            topic_arn: "arn:aws:sns:us-east-1:123456789012:dropped".into(),
+        },
+        settings,
+    )
+    .await;
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(450),
+        d.drain(Instant::now() + Duration::from_secs(60)),
+    )
+    .await;
+    assert!(dropped.is_err(), "the drain was still publishing");
+    let calls = || {
+        endpoint
+            .stats
+            .publish_calls
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let at_drop = calls();
+    assert!(
+        (1..=2).contains(&at_drop),
+        "{at_drop} calls before the drop"
+    );
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        calls(),
+        at_drop,
+        "no call after the drop (five were planned)"
+    );
+}

@@ -455,3 +455,64 @@ async fn pay<W: outbox_shared::ports::WakeDispatcher>(
     )
     .await
 }
+
+/// The pid of the backend that ran one operation, which holds its connection for `hold` first.
+async fn backend_pid(db: &Db, hold: Duration) -> i32 {
+    db.run(|client| async move {
+        let row = client
+            .query_one(
+                "SELECT pg_backend_pid(), pg_sleep($1)::text",
+                &[&hold.as_secs_f64()],
+            )
+            .await?;
+        Ok(row.get::<_, i32>(0))
+    })
+    .await
+    .expect("operation")
+}
+
+#[tokio::test]
+async fn overlapping_operations_take_a_second_connection_only_when_allowed_and_needed() {
+    let db = TestDb::create().await;
+    let hold = Duration::from_millis(300);
+
+    // Default (2): one after the other they share one connection; overlapping, they get two,
+    // and a third overlapping one waits for one of them.
+    let two = Db::new(db.settings.clone());
+    let first = backend_pid(&two, Duration::ZERO).await;
+    assert_eq!(backend_pid(&two, Duration::ZERO).await, first);
+    let (a, b, c) = tokio::join!(
+        backend_pid(&two, hold),
+        backend_pid(&two, hold),
+        backend_pid(&two, hold)
+    );
+    assert_ne!(a, b, "two overlapping operations, two connections");
+    assert!(
+        [a, b].contains(&first) && [a, b].contains(&c),
+        "at most two: {a} {b} {c}"
+    );
+
+    // With 1 they take turns on the one connection.
+    let one = Db::new(db.settings.clone()).with_limits(ConnectionLimits {
+        max_connections: 1,
+        ..ConnectionLimits::default()
+    });
+    let (a, b) = tokio::join!(backend_pid(&one, hold), backend_pid(&one, hold));
+    assert_eq!(a, b);
+
+    // Both connections ended by the server: each slot opens a new one on its next operation.
+    let admin = db.client().await;
+    for pid in [first, c] {
+        admin
+            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (a, b) = tokio::join!(backend_pid(&two, hold), backend_pid(&two, hold));
+    assert_ne!(a, b);
+    assert!(
+        ![first, c].contains(&a) && ![first, c].contains(&b),
+        "new connections"
+    );
+}

@@ -38,7 +38,7 @@ pub const SERVICE: &str = "outbox-dispatcher";
 /// Fails the invocation, with the class as `errorType`, when the database failed for the whole
 /// drain (or for good), and when every publish call failed (`BusUnavailable`: the rows back off
 /// and are retried, but the bus being down is worth an alarm).
-pub async fn handle<S: OutboxStore, P: Publisher>(
+pub async fn handle<S: OutboxStore, P: Publisher + 'static>(
     dispatcher: &OutboxDispatcher<S, P>,
     event: LambdaEvent<ScheduledEvent>,
 ) -> Result<DispatchSummary, FunctionError> {

@@ -1,6 +1,8 @@
 //! Connection settings and the lazily (re)connected client a Lambda instance keeps.
 //!
-//! A Lambda instance handles one invocation at a time, so it holds one connection, not a pool.
+//! A Lambda instance handles one invocation at a time, so it holds a connection or two, not a
+//! pool: a second one is opened only when two operations overlap (the dispatcher records one
+//! batch's outcomes while it leases the next), up to `DATABASE_MAX_CONNECTIONS`.
 //! Every statement is sent with `query_typed` (unnamed statements, one round trip), so nothing
 //! outlives a transaction on the server: the connection works behind RDS Proxy without pinning.
 
@@ -115,6 +117,10 @@ pub struct ConnectionLimits {
     /// Least time between two reads of the credentials (`DATABASE_CREDENTIALS_REFRESH_MS`,
     /// 0..=600000, default 5000): a wrong secret cannot make an instance hammer Secrets Manager.
     pub refresh_interval: Duration,
+    /// Connections an instance holds at most (`DATABASE_MAX_CONNECTIONS`, 1..=4, default 2). An
+    /// operation takes a free one, opening it if needed, or waits for one: with 1, the
+    /// dispatcher's record and next claim run one after the other.
+    pub max_connections: usize,
 }
 
 impl Default for ConnectionLimits {
@@ -124,12 +130,13 @@ impl Default for ConnectionLimits {
             operation: Duration::from_millis(5_000),
             statement_timeout: Some(Duration::from_millis(5_000)),
             refresh_interval: Duration::from_millis(5_000),
+            max_connections: 2,
         }
     }
 }
 
 impl ConnectionLimits {
-    /// Reads the three settings, falling back to the defaults.
+    /// Reads the settings, falling back to the defaults.
     pub fn from_env() -> Result<Self, ConfigError> {
         let d = Self::default();
         let ms = |name, default: Duration, min, max| {
@@ -147,6 +154,7 @@ impl ConnectionLimits {
                 0,
                 600_000,
             )?,
+            max_connections: ranged_env("DATABASE_MAX_CONNECTIONS", d.max_connections, 1, 4)?,
         })
     }
 }
@@ -311,11 +319,16 @@ pub struct Db {
     credentials: Option<Arc<dyn CredentialSource>>,
     last_refresh: std::sync::Mutex<Option<Instant>>,
     limits: ConnectionLimits,
-    slot: Arc<Mutex<Option<Client>>>,
+    /// `limits.max_connections` of them, each empty until an operation needs it.
+    slots: Vec<Arc<Mutex<Option<Client>>>>,
 }
 
 /// The instance's connection, held exclusively by one operation (see [`Db::run`]).
 pub type Connection = OwnedMappedMutexGuard<Option<Client>, Client>;
+
+fn slots(n: usize) -> Vec<Arc<Mutex<Option<Client>>>> {
+    (0..n.max(1)).map(|_| Arc::new(Mutex::new(None))).collect()
+}
 
 impl Db {
     /// A handle that connects on first use, with the default [`ConnectionLimits`] and no way to
@@ -326,7 +339,7 @@ impl Db {
             credentials: None,
             last_refresh: std::sync::Mutex::new(None),
             limits: ConnectionLimits::default(),
-            slot: Arc::new(Mutex::new(None)),
+            slots: slots(ConnectionLimits::default().max_connections),
         }
     }
 
@@ -338,6 +351,9 @@ impl Db {
 
     /// Other bounds on connecting and on each operation.
     pub fn with_limits(mut self, limits: ConnectionLimits) -> Self {
+        if limits.max_connections != self.slots.len() {
+            self.slots = slots(limits.max_connections);
+        }
         self.limits = limits;
         self
     }
@@ -408,14 +424,44 @@ impl Db {
     /// The connection, (re)opened if needed, held exclusively until the guard drops. Not bounded
     /// by the operation timeout (administrative commands may run long): stores use [`Db::run`].
     pub async fn client(&self) -> Result<Connection, DbError> {
-        let mut slot = self.slot.clone().lock_owned().await;
+        Ok(self.client_in_slot().await?.1)
+    }
+
+    /// A free connection (an open one first), or the first to be given back; with its slot.
+    async fn client_in_slot(&self) -> Result<(usize, Connection), DbError> {
+        let free = |open: bool| {
+            self.slots.iter().enumerate().find_map(|(i, slot)| {
+                let guard = slot.clone().try_lock_owned().ok()?;
+                (guard.is_some() == open).then_some((i, guard))
+            })
+        };
+        let (i, mut slot) = match free(true).or_else(|| free(false)) {
+            Some(found) => found,
+            None => {
+                let waits = self
+                    .slots
+                    .iter()
+                    .map(|slot| Box::pin(slot.clone().lock_owned()));
+                let (guard, i, _) = futures_util::future::select_all(waits).await;
+                (i, guard)
+            }
+        };
         if slot.as_ref().is_none_or(Client::is_closed) {
             *slot = Some(self.open().await?);
         }
-        Ok(OwnedMutexGuard::map(slot, |slot| match slot {
+        let connection = OwnedMutexGuard::map(slot, |slot| match slot {
             Some(client) => client,
             None => unreachable!("the slot was filled above"),
-        }))
+        });
+        Ok((i, connection))
+    }
+
+    /// Closes the connection in slot `i` (broken, or not answering): the next operation that
+    /// takes the slot opens a new one. No slot (`usize::MAX`): the operation never got one.
+    async fn drop_connection(&self, i: usize) {
+        if let Some(slot) = self.slots.get(i) {
+            slot.lock().await.take();
+        }
     }
 
     /// Runs one store operation on the connection, bounded by the operation timeout (connecting
@@ -432,14 +478,17 @@ impl Db {
         F: Fn(Connection) -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
+        // The slot of the attempt under way, for dropping its connection on a timeout.
+        let in_use = std::sync::atomic::AtomicUsize::new(usize::MAX);
         let attempts = async {
             let mut retried = false;
             loop {
-                let connection = self.client().await?;
+                let (slot, connection) = self.client_in_slot().await?;
+                in_use.store(slot, std::sync::atomic::Ordering::Relaxed);
                 match operation(connection).await {
                     Err(e) if e.is_connection_lost() => {
                         // The guard went with the operation's future; take the broken client out.
-                        self.slot.lock().await.take();
+                        self.drop_connection(slot).await;
                         if retried {
                             return Err(e);
                         }
@@ -454,7 +503,8 @@ impl Db {
         match tokio::time::timeout(self.limits.operation, attempts).await {
             Ok(result) => result,
             Err(_) => {
-                self.slot.lock().await.take();
+                self.drop_connection(in_use.load(std::sync::atomic::Ordering::Relaxed))
+                    .await;
                 tracing::warn!(
                     timeout_ms = self.limits.operation.as_millis() as u64,
                     "database did not answer in time; connection dropped"
