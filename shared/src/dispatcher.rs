@@ -299,8 +299,8 @@ impl<T> Drop for AbortOnDrop<T> {
 /// The claim → publish → record loop over a store and a bus.
 pub struct OutboxDispatcher<S, P> {
     store: S,
+    /// The publisher and the settings (shared with the publishing tasks).
     bus: Arc<Bus<P>>,
-    config: DispatcherConfig,
     worker_id: String,
 }
 
@@ -314,11 +314,7 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
     ) -> Self {
         Self {
             store,
-            bus: Arc::new(Bus {
-                publisher,
-                config: config.clone(),
-            }),
-            config,
+            bus: Arc::new(Bus { publisher, config }),
             worker_id: worker_id.into(),
         }
     }
@@ -340,7 +336,7 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
     pub async fn drain(&self, deadline: Instant) -> Result<DispatchSummary, StoreError> {
         let started = Instant::now();
         let stop_at = deadline
-            .checked_sub(self.config.safety_margin)
+            .checked_sub(self.bus.config.safety_margin)
             .unwrap_or(started);
         let mut summary = DispatchSummary::default();
         let owner = format!("{}/{}", self.worker_id, uuid::Uuid::new_v4().simple());
@@ -358,7 +354,7 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
                 summary.stopped = Some(StopReason::Deadline);
                 break;
             }
-            if self.config.idle_poll.is_some() && now >= next_heartbeat {
+            if self.bus.config.idle_poll.is_some() && now >= next_heartbeat {
                 if let Err(e) = self.store.heartbeat(&owner, HEARTBEAT_TTL).await {
                     outage.pause(e, &mut summary, stop_at).await?;
                     continue;
@@ -424,7 +420,7 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
                 outage.pause(e, &mut summary, stop_at).await?;
                 continue;
             }
-            let Some(pause) = self.config.idle_poll else {
+            let Some(pause) = self.bus.config.idle_poll else {
                 summary.stopped = Some(StopReason::Empty);
                 break;
             };
@@ -450,7 +446,7 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
                  their lease ends, and published ones go out once more (consumers dedupe)"
             );
         }
-        if self.config.idle_poll.is_some() {
+        if self.bus.config.idle_poll.is_some() {
             match self.store.release(&owner).await {
                 Ok(()) => {
                     // A command that committed while the heartbeat still held did not wake
@@ -458,7 +454,7 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
                     // claim that then hits a silent database (bounded by the operation
                     // timeout, 5 s by default, under the default 10 s margin) still ends before
                     // the deadline.
-                    let final_stop = stop_at + self.config.safety_margin / 4;
+                    let final_stop = stop_at + self.bus.config.safety_margin / 4;
                     while unrecorded.is_empty() && Instant::now() < final_stop {
                         let batch = self.dispatch_batch().await;
                         match batch {
@@ -506,17 +502,17 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
     /// One retention cleanup statement; returns how long to wait before the next. A failure is
     /// logged, not returned: cleanup must never stop publishing.
     async fn clean_up(&self, summary: &mut DispatchSummary) -> Duration {
-        let Some(retention) = self.config.retention else {
+        let Some(retention) = self.bus.config.retention else {
             return CLEANUP_IDLE_PAUSE;
         };
         match self
             .store
-            .delete_published(retention, self.config.cleanup_batch)
+            .delete_published(retention, self.bus.config.cleanup_batch)
             .await
         {
             Ok(deleted) => {
                 summary.cleaned += deleted;
-                if deleted >= self.config.cleanup_batch as u64 {
+                if deleted >= self.bus.config.cleanup_batch as u64 {
                     CLEANUP_BUSY_PAUSE
                 } else {
                     CLEANUP_IDLE_PAUSE
@@ -590,7 +586,11 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
         let started = Instant::now();
         let events = self
             .store
-            .claim_batch(self.config.batch_size, self.config.lease, &lease_owner)
+            .claim_batch(
+                self.bus.config.batch_size,
+                self.bus.config.lease,
+                &lease_owner,
+            )
             .await?;
         Ok(Claim {
             lease_owner,
@@ -655,7 +655,7 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
     }
 }
 
-/// The bus side of a dispatcher, shared with the tasks that publish its batches.
+/// The publisher and the dispatcher's settings, shared with the tasks that publish its batches.
 struct Bus<P> {
     publisher: P,
     config: DispatcherConfig,

@@ -364,16 +364,7 @@ async fn producers_two_dispatchers_and_a_redrive_at_once_leave_nothing_stuck_or_
 
     // On the wire: each aggregate's versions first arrived in increasing order, none missing.
     let client = db.client().await;
-    let rows: HashMap<String, (String, i64)> = client
-        .query(
-            "SELECT event_id::text, aggregate_id, aggregate_version FROM outbox",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
-        .collect();
+    let rows = db.event_versions(&client).await;
     assert_eq!(rows.len(), 4 * per_producer as usize);
     let mut last: HashMap<String, i64> = HashMap::new();
     let mut seen = HashSet::new();

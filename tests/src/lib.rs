@@ -4,7 +4,7 @@
 //! The tests need a running PostgreSQL: `scripts/dev-env up` starts one and writes
 //! `OUTBOX_TEST_DATABASE_URL` to `.local/env`. Without it they fail with a message, never skip.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -136,6 +136,21 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
             .iter()
             .map(|r| r.get(0))
+            .collect()
+    }
+
+    /// Every outbox row's (aggregate id, aggregate version) by event id, to check what reached
+    /// a bus against.
+    pub async fn event_versions(&self, client: &Client) -> HashMap<String, (String, i64)> {
+        client
+            .query(
+                "SELECT event_id::text, aggregate_id, aggregate_version FROM outbox",
+                &[],
+            )
+            .await
+            .expect("event versions")
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
             .collect()
     }
 
