@@ -151,6 +151,7 @@ mod tests {
             attempts: 1,
             created_at: Utc::now(),
             xray_trace_header: None,
+            replay: false,
         }
     }
 

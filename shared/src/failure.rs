@@ -85,7 +85,8 @@ impl FailureClass {
             StoreError::Connect(DbError::Tls(_)) => Self::InvalidConfiguration,
             StoreError::Connect(DbError::Connect(_))
             | StoreError::Unavailable(_)
-            | StoreError::Timeout(_) => Self::DatabaseUnavailable,
+            | StoreError::Timeout(_)
+            | StoreError::Conflict(_) => Self::DatabaseUnavailable,
             StoreError::Statement(_) => Self::DatabaseStatementFailed,
             StoreError::Corrupt(_) => Self::StoredDataInvalid,
         }

@@ -80,6 +80,9 @@ pub struct ClaimedEvent {
     pub created_at: chrono::DateTime<chrono::Utc>,
     /// The X-Ray trace header from the metadata, if any (EventBridge `TraceHeader`).
     pub xray_trace_header: Option<String>,
+    /// A replay: published before, delivered again by an operator's request, outside the
+    /// aggregate's order (consumers see it as a duplicate of what they applied).
+    pub replay: bool,
 }
 
 /// What became of each claimed row, written back in one transaction.

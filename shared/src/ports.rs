@@ -23,10 +23,15 @@ pub enum StoreError {
     /// server or the network stopped answering, or the statement waited too long for a lock.
     #[error("database did not answer within {} ms", .0.as_millis())]
     Timeout(std::time::Duration),
-    /// A statement failed (a constraint the rules should have prevented, a serialization failure,
-    /// a trigger): the transaction was rolled back and nothing was written.
+    /// A statement failed (a constraint the rules should have prevented, a trigger): the
+    /// transaction was rolled back and nothing was written.
     #[error("database statement failed")]
     Statement(#[source] tokio_postgres::Error),
+    /// The statement lost a lock conflict: a deadlock (40P01), a lock it gave up waiting for
+    /// (55P03, `lock_timeout`), a server statement timeout (57014) or a serialization failure
+    /// (40001). Nothing was written; the same statement may succeed at once: transient.
+    #[error("database lock conflict")]
+    Conflict(#[source] tokio_postgres::Error),
     /// A stored row holds a value the code does not understand.
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
@@ -43,7 +48,10 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            StoreError::Connect(_) | StoreError::Unavailable(_) | StoreError::Timeout(_)
+            StoreError::Connect(_)
+                | StoreError::Unavailable(_)
+                | StoreError::Timeout(_)
+                | StoreError::Conflict(_)
         )
     }
 
@@ -63,8 +71,16 @@ impl From<tokio_postgres::Error> for StoreError {
                 || *c == SqlState::CRASH_SHUTDOWN
                 || *c == SqlState::CANNOT_CONNECT_NOW
         });
+        let lost_a_conflict = e.code().is_some_and(|c| {
+            *c == SqlState::T_R_DEADLOCK_DETECTED
+                || *c == SqlState::LOCK_NOT_AVAILABLE
+                || *c == SqlState::QUERY_CANCELED
+                || *c == SqlState::T_R_SERIALIZATION_FAILURE
+        });
         if e.is_closed() || e.as_db_error().is_none() || ended_by_server {
             StoreError::Unavailable(e)
+        } else if lost_a_conflict {
+            StoreError::Conflict(e)
         } else {
             StoreError::Statement(e)
         }

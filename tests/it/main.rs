@@ -11,6 +11,7 @@ mod migrations;
 mod nats;
 mod operations;
 mod order;
+mod order_model;
 mod payment_command;
 mod resilience;
 mod sample_events;

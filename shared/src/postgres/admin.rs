@@ -26,6 +26,8 @@ pub struct TenantCounts {
     pub published: i64,
     /// Dead.
     pub dead: i64,
+    /// Discarded (dead, given up by an operator, kept for audit).
+    pub discarded: i64,
 }
 
 /// An aggregate held back by a dead event: its later events wait until it is redriven.
@@ -132,7 +134,8 @@ const COUNTS: &str = "
     SELECT tenant_id,
            count(*) FILTER (WHERE status = 'pending')   AS pending,
            count(*) FILTER (WHERE status = 'published') AS published,
-           count(*) FILTER (WHERE status = 'dead')      AS dead
+           count(*) FILTER (WHERE status = 'dead')      AS dead,
+           count(*) FILTER (WHERE status = 'discarded') AS discarded
     FROM outbox
     WHERE $1::text IS NULL OR tenant_id = $1
     GROUP BY tenant_id
@@ -208,6 +211,7 @@ pub async fn status(
                 pending: r.try_get("pending")?,
                 published: r.try_get("published")?,
                 dead: r.try_get("dead")?,
+                discarded: r.try_get("discarded")?,
             })
         })
         .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
@@ -420,14 +424,6 @@ async fn selected_ids(
     rows.iter().map(|r| r.try_get(0)).collect()
 }
 
-/// Puts rows back in line: pending, due now, attempts from zero. The dispatcher's claim keeps
-/// each aggregate's order, so they go out in version order whatever order they come back in.
-const REQUEUE: &str = "
-    UPDATE outbox
-    SET status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL,
-        failed_at = NULL, locked_until = NULL, locked_by = NULL, published_at = NULL
-    WHERE id = ANY ($1) AND status = $2";
-
 /// What a redrive or replay would take or took.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -537,49 +533,94 @@ async fn describe(
         .collect()
 }
 
-/// Puts the selected rows back in line in batches of [`CHANGE_BATCH`], oldest first, each batch
-/// its own short transaction; returns how many rows changed. A row that changed status since it
-/// was selected (deleted by retention, redriven by someone else) is skipped.
+/// Applies `which` to the selected rows in batches of [`CHANGE_BATCH`], oldest first, each batch
+/// one statement (migration V7: `outbox_redrive` puts dead rows back in line, `outbox_replay`
+/// marks published rows for delivery again); returns how many rows changed. A row that changed
+/// status since it was selected (deleted by retention, redriven by someone else) is skipped; a
+/// row someone holds right now (a producer committing its successor) is tried again for up to a
+/// second, never waited on.
 pub async fn requeue(
     client: &Client,
     which: Requeue,
     selection: &Selection,
 ) -> Result<u64, tokio_postgres::Error> {
+    let sql = match which {
+        Requeue::Dead => "SELECT changed, held FROM outbox_redrive($1)",
+        Requeue::Published => "SELECT changed, held FROM outbox_replay($1)",
+    };
     let mut changed = 0;
     let mut after = 0;
     loop {
         let ids = select_batch(client, which, selection, after, CHANGE_BATCH).await?;
         let Some(&last) = ids.last() else { break };
-        // Back in line and, in the same transaction, each touched aggregate's lowest unpublished
-        // row made its head: they go out in version order (a replayed old version before newer
-        // pending ones), and no claim sees the rows in between.
-        client.batch_execute("BEGIN").await?;
-        let batch = async {
-            let n = client
-                .execute_typed(
-                    REQUEUE,
-                    &[(&ids, Type::INT8_ARRAY), (&which.status(), Type::TEXT)],
-                )
-                .await?;
-            client
-                .execute_typed("SELECT outbox_reset_heads($1)", &[(&ids, Type::INT8_ARRAY)])
-                .await?;
-            Ok::<u64, tokio_postgres::Error>(n)
-        }
-        .await;
-        match batch {
-            Ok(n) => {
-                client.batch_execute("COMMIT").await?;
-                changed += n;
+        let mut todo = ids;
+        for attempt in 0..20 {
+            let row = client.query_one(sql, &[&todo]).await?;
+            let done: Vec<i64> = row.try_get(0)?;
+            let held: Vec<i64> = row.try_get(1)?;
+            changed += done.len() as u64;
+            if held.is_empty() || attempt == 19 {
+                break;
             }
-            Err(e) => {
-                let _ = client.batch_execute("ROLLBACK").await;
-                return Err(e);
-            }
+            todo = held;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         after = last;
     }
     Ok(changed)
+}
+
+/// What a discard did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiscardReport {
+    /// Dead events now discarded (kept, never published).
+    pub discarded: u64,
+    /// Dead events someone held each time they were tried (run the discard again).
+    pub held: u64,
+    /// The events that became their aggregate's head: what the discard unparked.
+    pub unparked: Vec<SelectedEvent>,
+}
+
+/// Discards the selected dead events (migration V7, `outbox_discard`): each is kept with the
+/// reason for audit and never published, and its aggregate's next event goes. In batches of
+/// [`CHANGE_BATCH`], each one statement; a row someone holds is tried again for up to a second.
+pub async fn discard(
+    client: &Client,
+    selection: &Selection,
+    reason: &str,
+) -> Result<DiscardReport, tokio_postgres::Error> {
+    let mut report = DiscardReport::default();
+    let mut unparked = Vec::new();
+    let mut after = 0;
+    loop {
+        let ids = select_batch(client, Requeue::Dead, selection, after, CHANGE_BATCH).await?;
+        let Some(&last) = ids.last() else { break };
+        let mut todo = ids;
+        for attempt in 0..20 {
+            let row = client
+                .query_one(
+                    "SELECT discarded, held, unparked FROM outbox_discard($1, $2)",
+                    &[&todo, &reason],
+                )
+                .await?;
+            let done: Vec<i64> = row.try_get(0)?;
+            let held: Vec<i64> = row.try_get(1)?;
+            let promoted: Vec<i64> = row.try_get(2)?;
+            report.discarded += done.len() as u64;
+            unparked.extend(promoted);
+            if held.is_empty() || attempt == 19 {
+                report.held += held.len() as u64;
+                break;
+            }
+            todo = held;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        after = last;
+    }
+    unparked.truncate(100);
+    report.unparked = describe(client, &unparked).await?;
+    Ok(report)
 }
 
 /// Dead events that still hold back events of `selection` after a redrive: an aggregate's

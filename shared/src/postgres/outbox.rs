@@ -1,5 +1,6 @@
-//! SQL of the `outbox` table on the command side: appending an event inside the caller's
-//! transaction, which is the whole point of the pattern (state and event commit together).
+//! SQL of the `outbox` table: appending an event inside the caller's transaction (state and
+//! event commit together), and the dispatcher's side: the claim, the record of its outcomes
+//! (`outbox_record`, migration V7), heartbeats and retention.
 
 use tokio_postgres::types::Type;
 use tokio_postgres::Transaction;
@@ -39,96 +40,67 @@ pub async fn append(
     Ok(())
 }
 
-/// Leases publishable rows. Served by `outbox_head_claim_idx` (`(next_attempt_at, id) WHERE
-/// status = 'pending' AND is_head`) and ordered the same way.
-/// - `is_head`: only an aggregate's first unpublished event is claimable, so an aggregate's
-///   events go out one by one in version order, and a failing (backing off or dead) event holds
-///   back its own aggregate only. Parked rows (not heads) are not in the index at all, and heads
-///   backing off sort after every due row: neither is read, however many there are.
-/// - Why version order is commit order, with no wait on other transactions: appending an event
-///   locks its aggregate's row in `outbox_aggregates` until the appending transaction ends
-///   (trigger `outbox_append_order`, migration V4), so version N+1 can only commit after version
-///   N. A head is visible only once its transaction committed, and its successor becomes head only
-///   when it is published (promoted in [`record_outcomes`](crate::ports::OutboxStore)). A long
-///   transaction elsewhere in the cluster holds back nothing.
+/// Leases publishable rows: pending aggregate heads, and replays. Each branch is served by its
+/// partial index (`outbox_head_claim_idx`: `(next_attempt_at, id) WHERE status = 'pending' AND
+/// is_head`; `outbox_replay_claim_idx`: `... WHERE replay`) and ordered the same way.
+/// - `is_head`: only an aggregate's first event that is not published or discarded is claimable,
+///   so its events go out one by one in version order, and a failing (backing off or dead) event
+///   holds back its own aggregate only. Parked rows are not in the index at all, and heads backing
+///   off sort after every due row: neither is read, however many there are. Which row is head is
+///   kept by the functions of migration V7 (`outbox_append_order`, `outbox_settle_head`,
+///   `outbox_mark_done`): the one place the rule lives.
+/// - Why version order is commit order, with no wait on other transactions: appending locks the
+///   aggregate's row in `outbox_aggregates` until the appending transaction ends, so version N+1
+///   commits after version N. A long transaction elsewhere in the cluster holds back nothing.
+/// - Replays (`replay`): published events delivered again, outside the aggregate's order (they
+///   are done already), in version order among the aggregate's replays (`NOT EXISTS` an earlier
+///   one, probed on the aggregate's unique index: replays are an operator's occasional batch).
 /// - `FOR UPDATE SKIP LOCKED`: concurrent dispatchers take disjoint rows without waiting, and a
-///   head whose successor is being appended right now (the appender holds it `FOR SHARE`) is
-///   taken on a later call.
+///   row a producer holds right now is taken on a later call.
 /// - `locked_until`: the claim is a lease written in this one autocommitted statement, not a lock
 ///   held across the publish; a dispatcher that dies leaves rows that are claimable once it ends.
+///   `locked_by` is fresh for every claim: it fences the claim's outcomes (`outbox_record`).
 /// - `id = ANY (ARRAY(...))`: the leased rows are updated through the primary key; a join with
 ///   the CTE lets the planner hash-join against a sequential scan of the whole table.
 const CLAIM: &str = "
-    WITH candidates AS (
-        SELECT o.id
-        FROM outbox o
-        WHERE o.status = 'pending'
-          AND o.is_head
-          AND o.next_attempt_at <= now()
-          AND (o.locked_until IS NULL OR o.locked_until <= now())
-        ORDER BY o.next_attempt_at, o.id
-        LIMIT $1
-        FOR UPDATE OF o SKIP LOCKED
+    WITH live AS (
+        SELECT o.id, o.next_attempt_at
+         FROM outbox o
+         WHERE o.status = 'pending'
+           AND o.is_head
+           AND o.next_attempt_at <= now()
+           AND (o.locked_until IS NULL OR o.locked_until <= now())
+         ORDER BY o.next_attempt_at, o.id
+         LIMIT $1
+         FOR UPDATE OF o SKIP LOCKED
+    ), replays AS (
+        SELECT o.id, o.next_attempt_at
+         FROM outbox o
+         WHERE o.replay
+           AND o.next_attempt_at <= now()
+           AND (o.locked_until IS NULL OR o.locked_until <= now())
+           AND NOT EXISTS (SELECT 1 FROM outbox e
+                           WHERE e.tenant_id = o.tenant_id AND e.aggregate_type = o.aggregate_type
+                             AND e.aggregate_id = o.aggregate_id
+                             AND e.aggregate_version < o.aggregate_version AND e.replay)
+         ORDER BY o.next_attempt_at, o.id
+         LIMIT $1
+         FOR UPDATE OF o SKIP LOCKED
+    ), candidates AS (
+        SELECT * FROM live UNION ALL SELECT * FROM replays
     )
     UPDATE outbox o
     SET locked_until = now() + make_interval(secs => $2),
         locked_by = $3,
         attempts = o.attempts + 1
-    WHERE o.id = ANY (ARRAY(SELECT id FROM candidates))
+    WHERE o.id = ANY (ARRAY(SELECT id FROM candidates ORDER BY next_attempt_at, id LIMIT $1))
     RETURNING o.id, o.event_id, o.tenant_id, o.aggregate_type, o.aggregate_id,
               o.aggregate_version, o.event_type, o.schema_version, o.payload, o.metadata,
-              o.attempts, o.created_at";
+              o.attempts, o.created_at, o.replay";
 
-/// Locks the rows whose outcomes are about to be recorded. A row held by an appender (its
-/// successor is being appended, `FOR SHARE`) is skipped, not waited for: its outcome is recorded
-/// on a later call, so a long transaction appending to one aggregate never holds up the batch.
-const LOCK_OUTCOME_ROWS: &str = "
-    SELECT id FROM outbox WHERE id = ANY ($1) ORDER BY id FOR UPDATE SKIP LOCKED";
-
-/// Locks the feed rows of the tenants about to get feed positions, in one order (no deadlock
-/// between two dispatchers), until the transaction ends: positions of one tenant are drawn by one
-/// transaction at a time, so they commit in increasing order (migration V6).
-const LOCK_FEED_TENANTS: &str = "
-    INSERT INTO outbox_feed_tenants AS t (tenant_id)
-    SELECT DISTINCT tenant_id FROM outbox WHERE id = ANY ($1) ORDER BY 1
-    ON CONFLICT (tenant_id) DO UPDATE SET last_published_at = now()";
-
-/// Published rows leave the claim index. `published_at` records when; a row published for the
-/// first time gets its feed position (in id order within the batch), a replayed one keeps its own.
-const MARK_PUBLISHED: &str = "
-    UPDATE outbox o
-    SET status = 'published', published_at = now(), locked_until = NULL, last_error = NULL,
-        feed_position = coalesce(o.feed_position, p.position)
-    FROM (SELECT id, nextval('outbox_feed_position_seq') AS position
-          FROM (SELECT unnest($1::bigint[]) AS id ORDER BY 1) ids) p
-    WHERE o.id = p.id AND o.status = 'pending'";
-
-/// The successor of each row just published becomes its aggregate's head. A successor appended
-/// but not committed yet is not seen here; its appender waited for this transaction (`FOR
-/// SHARE` on the predecessor) and marks itself head when it sees the predecessor published.
-const PROMOTE_SUCCESSORS: &str = "
-    UPDATE outbox s SET is_head = true
-    FROM outbox p
-    CROSS JOIN LATERAL (
-        SELECT n.id, n.status FROM outbox n
-        WHERE n.tenant_id = p.tenant_id AND n.aggregate_type = p.aggregate_type
-          AND n.aggregate_id = p.aggregate_id AND n.aggregate_version > p.aggregate_version
-        ORDER BY n.aggregate_version
-        LIMIT 1) next
-    WHERE p.id = ANY ($1) AND s.id = next.id AND next.status <> 'published' AND NOT s.is_head";
-
-const SCHEDULE_RETRIES: &str = "
-    UPDATE outbox o
-    SET next_attempt_at = now() + make_interval(secs => r.delay_secs),
-        last_error = r.error, failed_at = now(), locked_until = NULL, locked_by = NULL
-    FROM unnest($1::bigint[], $2::float8[], $3::text[]) AS r(id, delay_secs, error)
-    WHERE o.id = r.id AND o.locked_by = $4 AND o.status = 'pending'";
-
-const MARK_DEAD: &str = "
-    UPDATE outbox o
-    SET status = 'dead', last_error = r.error, failed_at = now(), locked_until = NULL, locked_by = NULL
-    FROM unnest($1::bigint[], $2::text[]) AS r(id, error)
-    WHERE o.id = r.id AND o.locked_by = $3 AND o.status = 'pending'";
+/// One claim's outcomes in one statement (migration V7): fenced by the lease, rows someone holds
+/// deferred (returned), successors promoted.
+const RECORD: &str = "SELECT outbox_record($1, $2, $3, $4, $5, $6, $7)";
 
 /// Served by the two partial indexes (pending, dead): the cost follows the backlog, not the
 /// rows retained. With the cluster's oldest transaction holding an xid.
@@ -213,8 +185,8 @@ impl crate::ports::OutboxStore for PgOutboxStore {
         outcomes: &crate::outbox::Outcomes,
     ) -> Result<crate::outbox::Outcomes, crate::ports::StoreError> {
         self.db
-            .run(|mut client| async move {
-                record_outcomes_in(&mut client, lease_owner, outcomes).await
+            .run(|client| async move {
+                Ok(record_outcomes_in(&client, lease_owner, outcomes).await?)
             })
             .await
     }
@@ -273,60 +245,38 @@ impl crate::ports::OutboxStore for PgOutboxStore {
     }
 }
 
-/// Records the outcomes of one claim in one transaction on `client`; returns those of rows an
-/// appender holds right now.
-async fn record_outcomes_in(
-    client: &mut tokio_postgres::Client,
+/// Records the outcomes of one claim in one statement on `client`; returns those of rows someone
+/// holds right now (to record on a later call). Rows no longer leased to `lease_owner` are
+/// neither changed nor returned: their outcome is late, and the row's newer state stands.
+pub async fn record_outcomes_in(
+    client: &tokio_postgres::Client,
     lease_owner: &str,
     outcomes: &crate::outbox::Outcomes,
-) -> Result<crate::outbox::Outcomes, crate::ports::StoreError> {
-    let tx = client.transaction().await?;
-    let locked: std::collections::HashSet<i64> = tx
-        .query_typed(LOCK_OUTCOME_ROWS, &[(&outcomes.ids(), Type::INT8_ARRAY)])
-        .await?
-        .iter()
-        .map(|row| row.try_get(0))
-        .collect::<Result<_, _>>()?;
-    let (outcomes, later) = outcomes.split(|id| locked.contains(&id));
-    if !outcomes.retries.is_empty() {
-        let ids: Vec<i64> = outcomes.retries.iter().map(|r| r.0).collect();
-        let delays: Vec<f64> = outcomes.retries.iter().map(|r| r.1.as_secs_f64()).collect();
-        let errors: Vec<&str> = outcomes.retries.iter().map(|r| r.2.as_str()).collect();
-        tx.execute_typed(
-            SCHEDULE_RETRIES,
+) -> Result<crate::outbox::Outcomes, tokio_postgres::Error> {
+    let retry_ids: Vec<i64> = outcomes.retries.iter().map(|r| r.0).collect();
+    let delays: Vec<f64> = outcomes.retries.iter().map(|r| r.1.as_secs_f64()).collect();
+    let retry_errors: Vec<&str> = outcomes.retries.iter().map(|r| r.2.as_str()).collect();
+    let dead_ids: Vec<i64> = outcomes.dead.iter().map(|d| d.0).collect();
+    let dead_errors: Vec<&str> = outcomes.dead.iter().map(|d| d.1.as_str()).collect();
+    let row = client
+        .query_typed(
+            RECORD,
             &[
-                (&ids, Type::INT8_ARRAY),
+                (&lease_owner, Type::TEXT),
+                (&outcomes.published, Type::INT8_ARRAY),
+                (&retry_ids, Type::INT8_ARRAY),
                 (&delays, Type::FLOAT8_ARRAY),
-                (&errors, Type::TEXT_ARRAY),
-                (&lease_owner, Type::TEXT),
+                (&retry_errors, Type::TEXT_ARRAY),
+                (&dead_ids, Type::INT8_ARRAY),
+                (&dead_errors, Type::TEXT_ARRAY),
             ],
         )
         .await?;
-    }
-    if !outcomes.dead.is_empty() {
-        let ids: Vec<i64> = outcomes.dead.iter().map(|d| d.0).collect();
-        let errors: Vec<&str> = outcomes.dead.iter().map(|d| d.1.as_str()).collect();
-        tx.execute_typed(
-            MARK_DEAD,
-            &[
-                (&ids, Type::INT8_ARRAY),
-                (&errors, Type::TEXT_ARRAY),
-                (&lease_owner, Type::TEXT),
-            ],
-        )
-        .await?;
-    }
-    // Last, so the tenants' feed locks are held for the mark and the commit only: successors are
-    // promoted first (they become heads at the commit all the same), then the tenants are locked
-    // and the rows marked.
-    if !outcomes.published.is_empty() {
-        for statement in [PROMOTE_SUCCESSORS, LOCK_FEED_TENANTS, MARK_PUBLISHED] {
-            tx.execute_typed(statement, &[(&outcomes.published, Type::INT8_ARRAY)])
-                .await?;
-        }
-    }
-    tx.commit().await?;
-    Ok(later)
+    let deferred: Vec<i64> = row[0]
+        .try_get::<_, Option<Vec<i64>>>(0)?
+        .unwrap_or_default();
+    let deferred: std::collections::HashSet<i64> = deferred.into_iter().collect();
+    Ok(outcomes.split(|id| deferred.contains(&id)).0)
 }
 
 pub(crate) fn claimed_from_row(
@@ -350,6 +300,7 @@ pub(crate) fn claimed_from_row(
         metadata,
         attempts: row.try_get("attempts")?,
         created_at: row.try_get("created_at")?,
+        replay: row.try_get("replay")?,
     })
 }
 
@@ -385,7 +336,16 @@ pub async fn explain_mark(
         .map(|r| r.get(0))
         .collect();
     let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
-    let sql = MARK_PUBLISHED.replace("$1", &format!("ARRAY[{list}]::bigint[]"));
+    // The mark as `outbox_mark_done` runs it (migration V7).
+    let sql = format!(
+        "UPDATE outbox o
+         SET status = 'published', published_at = now(), is_head = false, locked_until = NULL,
+             locked_by = NULL, last_error = NULL,
+             feed_position = coalesce(o.feed_position, f.position)
+         FROM (SELECT id, nextval('outbox_feed_position_seq') AS position
+               FROM (SELECT unnest(ARRAY[{list}]::bigint[]) AS id ORDER BY 1) ids) f
+         WHERE o.id = f.id"
+    );
     explain_rolled_back(client, &sql, true).await
 }
 

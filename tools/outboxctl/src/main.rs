@@ -30,7 +30,7 @@ use outbox_shared::postgres::ConnectionLimits;
     name = "outboxctl",
     version,
     about = "Administer the transactional outbox",
-    after_help = "Destructive commands (redrive, replay, cleanup) show what they would change and \
+    after_help = "Destructive commands (redrive, discard, replay, cleanup) show what they would change and \
                   ask for confirmation; --yes skips the question (required when not on a terminal)."
 )]
 struct Cli {
@@ -73,8 +73,24 @@ enum Command {
         #[command(flatten)]
         confirm: Confirm,
     },
-    /// Publish already published events again (to rebuild a consumer), in aggregate order.
-    /// Consumers that deduplicate by event id skip events they have applied.
+    /// Give up dead events: kept with the reason for audit, never published; each aggregate's
+    /// next event goes. Prints what it unparks.
+    Discard {
+        #[command(flatten)]
+        select: Select,
+        /// Every dead event (still narrowed by the other options).
+        #[arg(long)]
+        all: bool,
+        /// Why (kept with each event).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        confirm: Confirm,
+    },
+    /// Deliver already published events again (to rebuild a consumer): same event ids and
+    /// versions, in version order among one aggregate's replays, outside the aggregate's live
+    /// order (its new events do not wait for them). Consumers that deduplicate by event id or
+    /// aggregate version skip events they have applied.
     Replay {
         #[command(flatten)]
         select: Select,
@@ -448,6 +464,16 @@ async fn run(cli: Cli) -> CliResult {
             selection.all = all;
             requeue(&client, Requeue::Dead, &selection, &confirm).await?;
         }
+        Command::Discard {
+            select,
+            all,
+            reason,
+            confirm,
+        } => {
+            let mut selection = select.selection();
+            selection.all = all;
+            discard(&client, &selection, &reason, &confirm).await?;
+        }
         Command::Replay {
             select,
             from,
@@ -602,6 +628,70 @@ async fn requeue(
             "\nStill held back by earlier dead events of the same aggregates (redrive these too):"
         );
         print!("{}", render::events(&blocking, true));
+    }
+    Ok(())
+}
+
+async fn discard(
+    client: &Client,
+    selection: &Selection,
+    reason: &str,
+    confirm: &Confirm,
+) -> CliResult {
+    selection.validate()?;
+    if reason.trim().is_empty() {
+        return Err("--reason must say why the events are given up".into());
+    }
+    let (count, sample) = admin::preview(client, Requeue::Dead, selection, 20).await?;
+    if count == 0 {
+        if confirm.json {
+            println!("{}", json!({"selected": 0, "discarded": 0}));
+        } else {
+            println!("no dead events match");
+        }
+        return Ok(());
+    }
+    if !confirm.json {
+        print!("{}", render::events(&sample, true));
+        if count > sample.len() as u64 {
+            println!("… and {} more", count - sample.len() as u64);
+        }
+    }
+    let question = format!(
+        "discard {count} dead event{} (never published)",
+        if count == 1 { "" } else { "s" }
+    );
+    if !confirmed(&question, confirm)? {
+        println!("nothing changed");
+        return Ok(());
+    }
+    let report = admin::discard(client, selection, reason).await?;
+    if confirm.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "selected": count,
+                "discarded": report.discarded,
+                "held": report.held,
+                "unparked": report.unparked,
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "{} event{} discarded",
+        report.discarded,
+        if report.discarded == 1 { "" } else { "s" }
+    );
+    if report.held > 0 {
+        println!(
+            "{} held by a transaction right now: run the discard again",
+            report.held
+        );
+    }
+    if !report.unparked.is_empty() {
+        println!("\nNow first in line for their aggregates (unparked):");
+        print!("{}", render::events(&report.unparked, false));
     }
     Ok(())
 }

@@ -1,0 +1,1241 @@
+//! The order model: seeded random schedules of every operation the toolkit offers, run on real
+//! PostgreSQL sessions and checked against a model after every step.
+//!
+//! Sessions: two producers (each may hold a transaction open across many steps), two dispatchers
+//! (claims whose outcomes are recorded steps later, leases that expire under them, late
+//! records), and an operator (replay, redrive, discard, retention). A step is one operation on
+//! one session, or two operations of dispatchers and the operator at the same time. After each
+//! step the outbox is read and checked (see [`check`] and docs/reliability.md):
+//! - *sound*: an event is claimable only when every earlier version is published or discarded;
+//! - *gap-free*: an aggregate's committed versions are 1..n;
+//! - *live*: an aggregate's first event not published or discarded, when pending, is claimable;
+//! - *in order*: live publishes of an aggregate come in version order;
+//! - *fenced*: an outcome recorded under a lease that is no longer the row's changes nothing;
+//! - *never waits*: no dispatcher or operator statement waits on a producer's lock, and none
+//!   fails on a lock conflict;
+//! - *nothing lost*: at the end, once producers committed and dispatchers drained, every event is
+//!   published, discarded, dead, or waiting behind a dead one.
+//!
+//! `ORDER_MODEL_SCHEDULES` (default 1500) sets how many schedules run, `ORDER_MODEL_SEED` the
+//! first seed (each schedule's seed is printed with any failure: rerun with that seed and
+//! `ORDER_MODEL_SCHEDULES=1` to reproduce it). `ORDER_MODEL_SURVEY=1` keeps going after a
+//! failure and prints, for each kind of failure, the first schedule that found it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use outbox_shared::outbox::{ClaimedEvent, Outcomes};
+use outbox_shared::ports::OutboxStore;
+use outbox_shared::postgres::admin::{self, Requeue, Selection};
+use outbox_shared::postgres::outbox::PgOutboxStore;
+use outbox_shared::postgres::Db;
+use outbox_tests::TestDb;
+use serde_json::Value;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+const TENANT: &str = "model";
+const AGGREGATES: usize = 2;
+const STEPS: usize = 28;
+const PRODUCERS: usize = 2;
+const DISPATCHERS: usize = 2;
+const METADATA: &str = r#"{"correlation_id":"model","source":"model"}"#;
+
+/// One row of the outbox as the model reads it after a step.
+#[derive(Debug, Clone, PartialEq)]
+struct Row {
+    id: i64,
+    event_id: Uuid,
+    aggregate: String,
+    version: i64,
+    event_type: String,
+    status: String,
+    is_head: bool,
+    locked_by: Option<String>,
+    replay: bool,
+}
+
+impl Row {
+    fn done(&self) -> bool {
+        matches!(self.status.as_str(), "published" | "discarded")
+    }
+}
+
+/// A claim whose outcomes are not recorded yet.
+#[derive(Debug, Clone)]
+struct Batch {
+    dispatcher: usize,
+    owner: String,
+    rows: Vec<(i64, bool)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Kind {
+    WaitsOnProducer,
+    LockConflictError,
+    StatementFailed,
+    TwoHeadsOrUnsoundHead,
+    Stranded,
+    VersionGap,
+    OutOfOrder,
+    LateOutcomeApplied,
+    DeletedUnpublished,
+    Lost,
+}
+
+#[derive(Debug)]
+struct Violation {
+    kind: Kind,
+    step: String,
+    detail: String,
+}
+
+fn violation(kind: Kind, step: &str, detail: impl Into<String>) -> Violation {
+    Violation {
+        kind,
+        step: step.to_owned(),
+        detail: detail.into(),
+    }
+}
+
+/// Whether a database error is a lock conflict (deadlock, lock timeout, statement timeout).
+fn is_lock_conflict(text: &str) -> bool {
+    [
+        "40P01",
+        "55P03",
+        "57014",
+        "deadlock",
+        "lock timeout",
+        "canceling statement",
+    ]
+    .iter()
+    .any(|s| text.contains(s))
+}
+
+struct Producer {
+    client: Client,
+    pid: i32,
+    /// Aggregates this producer's open transaction appended to (None: no transaction open).
+    open: Option<HashMap<String, i64>>,
+}
+
+struct Harness {
+    db: TestDb,
+    monitor: Client,
+    operator: Client,
+    producers: Vec<Producer>,
+    stores: Vec<PgOutboxStore>,
+    /// Seen rows by (aggregate, version): the last status seen, to tell deleted rows.
+    seen: HashMap<(String, i64), Row>,
+    /// Versions retention deleted, per aggregate.
+    deleted: HashMap<String, HashSet<i64>>,
+    /// Rows a concurrent step recorded published (retention may delete them in the same step).
+    published_in_step: HashSet<i64>,
+    batches: Vec<Batch>,
+    published_order: HashMap<String, Vec<i64>>,
+    keys: Vec<String>,
+    next_key: u64,
+    explicit_refused: u64,
+    explicit_accepted: u64,
+    steps_run: u64,
+}
+
+impl Harness {
+    async fn new() -> Self {
+        let db = TestDb::create().await;
+        let monitor = db.client().await;
+        let operator = db.client().await;
+        let mut producers = Vec::new();
+        for _ in 0..PRODUCERS {
+            let client = db.client().await;
+            let pid: i32 = client
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .expect("pid")
+                .get(0);
+            producers.push(Producer {
+                client,
+                pid,
+                open: None,
+            });
+        }
+        let stores = (0..DISPATCHERS)
+            .map(|_| PgOutboxStore::new(Db::new(db.settings.clone())))
+            .collect();
+        Self {
+            db,
+            monitor,
+            operator,
+            producers,
+            stores,
+            seen: HashMap::new(),
+            deleted: HashMap::new(),
+            published_in_step: HashSet::new(),
+            batches: Vec::new(),
+            published_order: HashMap::new(),
+            keys: Vec::new(),
+            next_key: 0,
+            explicit_refused: 0,
+            explicit_accepted: 0,
+            steps_run: 0,
+        }
+    }
+
+    /// Back to an empty outbox for the next schedule.
+    async fn reset(&mut self) {
+        for p in &mut self.producers {
+            let _ = p.client.batch_execute("ROLLBACK").await;
+            p.open = None;
+        }
+        // As a replica session: the outbox's triggers (which refuse deleting events not
+        // published) do not fire for the test's own reset.
+        self.monitor
+            .batch_execute(
+                "SET session_replication_role = replica;
+                 DELETE FROM outbox_feed_acks; DELETE FROM outbox; DELETE FROM outbox_aggregates;
+                 DELETE FROM outbox_feed_tenants;
+                 SET session_replication_role = origin",
+            )
+            .await
+            .expect("truncate the outbox between schedules");
+        self.seen.clear();
+        self.deleted.clear();
+        self.batches.clear();
+        self.published_order.clear();
+        self.keys.clear();
+    }
+
+    fn producer_pids(&self) -> Vec<i32> {
+        self.producers.iter().map(|p| p.pid).collect()
+    }
+
+    /// Runs a dispatcher's or the operator's operation, failing when it waits on a producer's
+    /// lock (it would wait until the producer ends, which the schedule may never do).
+    async fn guarded<T>(
+        &self,
+        step: &str,
+        operation: impl Future<Output = T>,
+    ) -> Result<T, Violation> {
+        let pids = self.producer_pids();
+        tokio::pin!(operation);
+        let started = Instant::now();
+        let mut waits_on_producer = false;
+        loop {
+            match tokio::time::timeout(Duration::from_millis(150), &mut operation).await {
+                Ok(value) if waits_on_producer => {
+                    drop(value);
+                    return Err(violation(
+                        Kind::WaitsOnProducer,
+                        step,
+                        "a dispatcher or operator statement waited on a producer's lock",
+                    ));
+                }
+                Ok(value) => return Ok(value),
+                Err(_) if waits_on_producer => continue,
+                Err(_) => {
+                    let blocked: bool = self
+                        .monitor
+                        .query_one(
+                            "SELECT EXISTS (
+                                 SELECT 1 FROM pg_stat_activity a
+                                 WHERE a.datname = current_database()
+                                   AND NOT (a.pid = ANY ($1))
+                                   AND pg_blocking_pids(a.pid) && $1)",
+                            &[&pids],
+                        )
+                        .await
+                        .expect("read pg_stat_activity")
+                        .get(0);
+                    if blocked {
+                        // End the producers' transactions so the operation can finish.
+                        waits_on_producer = true;
+                        for p in &self.producers {
+                            p.client.batch_execute("ROLLBACK").await.expect("rollback");
+                        }
+                    } else if started.elapsed() > Duration::from_secs(30) {
+                        panic!("{step}: no answer in 30 s and not waiting on a producer");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn rows(&self) -> Vec<Row> {
+        self.monitor
+            .query(
+                "SELECT to_jsonb(o) FROM outbox o WHERE tenant_id = $1
+                 ORDER BY aggregate_id, aggregate_version",
+                &[&TENANT],
+            )
+            .await
+            .expect("read the outbox")
+            .iter()
+            .map(|r| {
+                let v: Value = r.get(0);
+                Row {
+                    id: v["id"].as_i64().unwrap_or_default(),
+                    event_id: v["event_id"]
+                        .as_str()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or_default(),
+                    aggregate: v["aggregate_id"].as_str().unwrap_or_default().to_owned(),
+                    version: v["aggregate_version"].as_i64().unwrap_or_default(),
+                    event_type: v["event_type"].as_str().unwrap_or_default().to_owned(),
+                    status: v["status"].as_str().unwrap_or_default().to_owned(),
+                    is_head: v["is_head"].as_bool().unwrap_or_default(),
+                    locked_by: v["locked_by"].as_str().map(str::to_owned),
+                    replay: v["replay"].as_bool().unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+
+    /// The model's checks of the outbox after a step.
+    async fn check(&mut self, step: &str) -> Result<Vec<Row>, Violation> {
+        let rows = self.rows().await;
+        let mut by_aggregate: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
+        for row in &rows {
+            by_aggregate.entry(&row.aggregate).or_default().push(row);
+        }
+        // Deleted rows: seen before, gone now. Retention deletes published rows only.
+        let present: HashSet<(String, i64)> = rows
+            .iter()
+            .map(|r| (r.aggregate.clone(), r.version))
+            .collect();
+        let gone: Vec<Row> = self
+            .seen
+            .iter()
+            .filter(|(k, _)| !present.contains(*k))
+            .map(|(_, r)| r.clone())
+            .collect();
+        for row in gone {
+            self.seen.remove(&(row.aggregate.clone(), row.version));
+            let published_now = self.published_in_step.contains(&row.id);
+            if (row.status != "published" || row.replay) && !published_now {
+                return Err(violation(
+                    Kind::DeletedUnpublished,
+                    step,
+                    format!("{row:?} was deleted"),
+                ));
+            }
+            self.deleted
+                .entry(row.aggregate.clone())
+                .or_default()
+                .insert(row.version);
+        }
+        self.published_in_step.clear();
+        for (aggregate, list) in &by_aggregate {
+            // Gap-free: the versions present and those retention deleted are 1..n.
+            let deleted = self.deleted.get(*aggregate).cloned().unwrap_or_default();
+            let mut versions: Vec<i64> = list.iter().map(|r| r.version).collect();
+            versions.extend(deleted.iter().copied());
+            versions.sort_unstable();
+            if versions.iter().zip(1..).any(|(&v, want)| v != want) {
+                return Err(violation(
+                    Kind::VersionGap,
+                    step,
+                    format!("{aggregate}: versions {versions:?} (deleted {deleted:?})"),
+                ));
+            }
+            let mut all_done_before = true;
+            let mut first_open_seen = false;
+            for row in list {
+                let claimable = row.status == "pending" && row.is_head;
+                if claimable && !all_done_before {
+                    return Err(violation(
+                        Kind::TwoHeadsOrUnsoundHead,
+                        step,
+                        format!(
+                            "{aggregate} v{} is claimable behind an event not published: {list:?}",
+                            row.version
+                        ),
+                    ));
+                }
+                if !row.done() && !first_open_seen {
+                    first_open_seen = true;
+                    if row.status == "pending" && !row.is_head {
+                        return Err(violation(
+                            Kind::Stranded,
+                            step,
+                            format!(
+                                "{aggregate} v{} can never be claimed: {list:?}",
+                                row.version
+                            ),
+                        ));
+                    }
+                }
+                all_done_before &= row.done();
+            }
+        }
+        for row in &rows {
+            self.seen
+                .insert((row.aggregate.clone(), row.version), row.clone());
+        }
+        Ok(rows)
+    }
+
+    fn latest_version(&self, rows: &[Row], aggregate: &str) -> i64 {
+        rows.iter()
+            .filter(|r| r.aggregate == aggregate)
+            .map(|r| r.version)
+            .max()
+            .unwrap_or(0)
+            .max(
+                self.deleted
+                    .get(aggregate)
+                    .and_then(|d| d.iter().max().copied())
+                    .unwrap_or(0),
+            )
+    }
+}
+
+/// An append statement of a SQL producer.
+fn insert_sql(columns: &str, values: &str, tail: &str) -> String {
+    format!(
+        "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
+                             schema_version, payload, metadata{columns})
+         VALUES (gen_random_uuid(), '{TENANT}', 'model', $1, $2, 1, '{{}}', '{METADATA}'{values}) {tail}"
+    )
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Append {
+    Auto,
+    Explicit { off_by: i64 },
+    OnConflict { existing: bool },
+    MultiRow,
+}
+
+struct Schedule<'a> {
+    h: &'a mut Harness,
+    rng: fastrand::Rng,
+    survey: bool,
+}
+
+impl Schedule<'_> {
+    async fn run(&mut self) -> Result<(), Violation> {
+        let mut rows = self.h.check("start").await?;
+        for n in 0..STEPS {
+            let step = self.step(n, &rows).await?;
+            if std::env::var("ORDER_MODEL_TRACE").is_ok() {
+                eprintln!("{step}");
+            }
+            self.h.steps_run += 1;
+            rows = self.h.check(&step).await?;
+        }
+        self.settle().await
+    }
+
+    fn aggregate(&mut self) -> String {
+        format!("a{}", self.rng.usize(0..AGGREGATES))
+    }
+
+    /// Whether another producer's open transaction holds this aggregate (an append would wait
+    /// for it: producers of one aggregate take turns, which is not what the model checks).
+    fn held_by_other(&self, producer: usize, aggregate: &str) -> bool {
+        self.h.producers.iter().enumerate().any(|(i, p)| {
+            i != producer && p.open.as_ref().is_some_and(|o| o.contains_key(aggregate))
+        })
+    }
+
+    async fn step(&mut self, n: usize, rows: &[Row]) -> Result<String, Violation> {
+        loop {
+            let pick = self.rng.u32(0..100);
+            if !self.allowed(pick) {
+                continue;
+            }
+            let step = match pick {
+                0..=29 => self.producer_step(rows).await?,
+                30..=47 => {
+                    let d = self.rng.usize(0..DISPATCHERS);
+                    self.claim(d, rows, true).await?
+                }
+                48..=65 => match self.record(rows).await? {
+                    Some(s) => s,
+                    None => continue,
+                },
+                66..=70 => match self.expire_lease().await {
+                    Some(s) => s,
+                    None => continue,
+                },
+                71..=76 => self.replay(rows).await?,
+                77..=81 => self.redrive(rows).await?,
+                82..=85 => self.discard(rows).await?,
+                86..=88 => self.retention().await?,
+                _ => self.concurrent(rows).await?,
+            };
+            return Ok(format!("step {n}: {step}"));
+        }
+    }
+
+    /// `ORDER_MODEL_OPS` (comma-separated: produce, claim, record, expire, replay, redrive,
+    /// discard, retention, concurrent) narrows the operations a schedule draws from.
+    fn allowed(&self, pick: u32) -> bool {
+        let Ok(ops) = std::env::var("ORDER_MODEL_OPS") else {
+            return true;
+        };
+        let name = match pick {
+            0..=29 => "produce",
+            30..=47 => "claim",
+            48..=65 => "record",
+            66..=70 => "expire",
+            71..=76 => "replay",
+            77..=81 => "redrive",
+            82..=85 => "discard",
+            86..=88 => "retention",
+            _ => "concurrent",
+        };
+        ops.split(',').any(|o| o == name)
+    }
+
+    async fn producer_step(&mut self, rows: &[Row]) -> Result<String, Violation> {
+        let p = self.rng.usize(0..PRODUCERS);
+        let open = self.h.producers[p].open.is_some();
+        let roll = self.rng.u32(0..100);
+        if !open && roll < 25 {
+            self.h.producers[p]
+                .client
+                .batch_execute("BEGIN")
+                .await
+                .expect("begin");
+            self.h.producers[p].open = Some(HashMap::new());
+            return Ok(format!("producer {p} BEGIN"));
+        }
+        if open && roll < 20 {
+            let commit = self.rng.u32(0..100) < 75;
+            let sql = if commit { "COMMIT" } else { "ROLLBACK" };
+            self.h.producers[p]
+                .client
+                .batch_execute(sql)
+                .await
+                .unwrap_or_else(|e| panic!("producer {p} {sql}: {e:?}"));
+            self.h.producers[p].open = None;
+            return Ok(format!("producer {p} {sql}"));
+        }
+        let aggregate = self.aggregate();
+        if self.held_by_other(p, &aggregate) {
+            return Ok(format!(
+                "producer {p} skips {aggregate} (another producer holds it)"
+            ));
+        }
+        let kinds = std::env::var("ORDER_MODEL_APPENDS").unwrap_or_default();
+        let kind = loop {
+            let kind = match self.rng.u32(0..100) {
+                0..=39 => Append::Auto,
+                40..=59 => Append::Explicit {
+                    off_by: if self.rng.u32(0..100) < 70 {
+                        0
+                    } else {
+                        self.rng.i64(1..=2)
+                    },
+                },
+                60..=84 => Append::OnConflict {
+                    existing: !self.h.keys.is_empty() && self.rng.bool(),
+                },
+                _ => Append::MultiRow,
+            };
+            let name = match kind {
+                Append::Auto => "auto",
+                Append::Explicit { .. } => "explicit",
+                Append::OnConflict { .. } => "on-conflict",
+                Append::MultiRow => "multirow",
+            };
+            if kinds.is_empty() || kinds.split(',').any(|k| k == name) {
+                break kind;
+            }
+        };
+        let event_type = if self.rng.bool() {
+            "model.changed"
+        } else {
+            "model.noted"
+        };
+        let client = &self.h.producers[p].client;
+        let own = self.h.producers[p]
+            .open
+            .as_ref()
+            .and_then(|o| o.get(&aggregate))
+            .copied()
+            .unwrap_or(0);
+        let next = self.h.latest_version(rows, &aggregate) + own + 1;
+        let (result, appended, expect_refusal) = match kind {
+            Append::Auto => (
+                client
+                    .execute(&insert_sql("", "", ""), &[&aggregate, &event_type])
+                    .await,
+                1,
+                false,
+            ),
+            Append::Explicit { off_by } => {
+                let version = next + off_by;
+                (
+                    client
+                        .execute(
+                            &insert_sql(", aggregate_version", ", $3", ""),
+                            &[&aggregate, &event_type, &version],
+                        )
+                        .await,
+                    1,
+                    off_by != 0,
+                )
+            }
+            Append::OnConflict { existing } => {
+                let key = if existing {
+                    self.h.keys[self.rng.usize(0..self.h.keys.len())].clone()
+                } else {
+                    self.h.next_key += 1;
+                    format!("{aggregate}-key-{}", self.h.next_key)
+                };
+                // Keys of one aggregate only, so a key never waits on another producer's
+                // uncommitted row of another aggregate.
+                let key = if key.starts_with(&format!("{aggregate}-")) {
+                    key
+                } else {
+                    self.h.next_key += 1;
+                    format!("{aggregate}-key-{}", self.h.next_key)
+                };
+                let result = client
+                    .execute(
+                        &insert_sql(
+                            ", idempotency_key",
+                            ", $3",
+                            "ON CONFLICT (tenant_id, idempotency_key) DO NOTHING",
+                        ),
+                        &[&aggregate, &event_type, &key],
+                    )
+                    .await;
+                if matches!(result, Ok(1)) && !self.h.keys.contains(&key) {
+                    self.h.keys.push(key);
+                }
+                let n = *result.as_ref().unwrap_or(&0) as i64;
+                (result, n, false)
+            }
+            Append::MultiRow => (
+                client
+                    .execute(
+                        &format!(
+                            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id,
+                                                 event_type, schema_version, payload, metadata)
+                             SELECT gen_random_uuid(), '{TENANT}', 'model', $1, $2, 1,
+                                    jsonb_build_object('n', n), '{METADATA}'
+                             FROM generate_series(1, 2) n"
+                        ),
+                        &[&aggregate, &event_type],
+                    )
+                    .await,
+                2,
+                false,
+            ),
+        };
+        let what = format!("producer {p} {kind:?} on {aggregate} (next v{next})");
+        match result {
+            Ok(_) => {
+                if let Append::Explicit { .. } = kind {
+                    self.h.explicit_accepted += 1;
+                }
+                if let Some(open) = self.h.producers[p].open.as_mut() {
+                    *open.entry(aggregate).or_default() += appended;
+                }
+            }
+            Err(e) if expect_refusal || e.code().is_some() => {
+                if expect_refusal {
+                    self.h.explicit_refused += 1;
+                }
+                // The statement failed: the producer's transaction, if any, is over.
+                if self.h.producers[p].open.take().is_some() {
+                    self.h.producers[p]
+                        .client
+                        .batch_execute("ROLLBACK")
+                        .await
+                        .expect("rollback");
+                }
+                if !expect_refusal && !matches!(kind, Append::Explicit { .. }) {
+                    return Err(violation(
+                        Kind::StatementFailed,
+                        &what,
+                        format!("a valid append failed: {e:?}"),
+                    ));
+                }
+                return Ok(format!(
+                    "{what}: refused ({})",
+                    e.as_db_error().map(|d| d.message()).unwrap_or("")
+                ));
+            }
+            Err(e) => panic!("{what}: {e:?}"),
+        }
+        Ok(what)
+    }
+
+    /// A claim on dispatcher `d`; `sequential` checks each live row against the state before.
+    async fn claim(
+        &mut self,
+        d: usize,
+        rows: &[Row],
+        sequential: bool,
+    ) -> Result<String, Violation> {
+        let owner = format!("d{d}/{}", Uuid::new_v4().simple());
+        let limit = self.rng.i64(1..=4);
+        let step = format!("dispatcher {d} claims {limit}");
+        let claimed = self
+            .h
+            .guarded(
+                &step,
+                self.h.stores[d].claim_batch(limit, Duration::from_secs(600), &owner),
+            )
+            .await?
+            .map_err(|e| store_violation(&step, &e))?;
+        self.note_claim(d, owner, &claimed, rows, sequential, &step)
+    }
+
+    fn note_claim(
+        &mut self,
+        d: usize,
+        owner: String,
+        claimed: &[ClaimedEvent],
+        rows: &[Row],
+        sequential: bool,
+        step: &str,
+    ) -> Result<String, Violation> {
+        let mut batch = Batch {
+            dispatcher: d,
+            owner,
+            rows: Vec::new(),
+        };
+        for event in claimed {
+            let before = rows.iter().find(|r| r.id == event.id);
+            let replay = before.is_some_and(|r| r.status == "published" || r.replay);
+            if sequential && !replay {
+                let behind: Vec<&Row> = rows
+                    .iter()
+                    .filter(|r| {
+                        r.aggregate == event.aggregate_id
+                            && r.version < event.aggregate_version
+                            && !r.done()
+                    })
+                    .collect();
+                if !behind.is_empty() {
+                    return Err(violation(
+                        Kind::TwoHeadsOrUnsoundHead,
+                        step,
+                        format!(
+                            "claimed v{} of {} before {behind:?}",
+                            event.aggregate_version, event.aggregate_id
+                        ),
+                    ));
+                }
+            }
+            batch.rows.push((event.id, replay));
+        }
+        let text = format!(
+            "{step}: {:?}",
+            claimed
+                .iter()
+                .map(|e| format!("{}v{}", e.aggregate_id, e.aggregate_version))
+                .collect::<Vec<_>>()
+        );
+        if !batch.rows.is_empty() {
+            self.h.batches.push(batch);
+        }
+        Ok(text)
+    }
+
+    fn pick_outcomes(&mut self, batch: &Batch) -> Outcomes {
+        let mut outcomes = Outcomes::default();
+        for &(id, _) in &batch.rows {
+            match self.rng.u32(0..100) {
+                0..=59 => outcomes.published.push(id),
+                60..=84 => {
+                    outcomes
+                        .retries
+                        .push((id, Duration::ZERO, "model: bus unavailable".into()))
+                }
+                _ => outcomes.dead.push((id, "model: rejected".into())),
+            }
+        }
+        outcomes
+    }
+
+    async fn record(&mut self, rows: &[Row]) -> Result<Option<String>, Violation> {
+        if self.h.batches.is_empty() {
+            return Ok(None);
+        }
+        let batch = self
+            .h
+            .batches
+            .remove(self.rng.usize(0..self.h.batches.len()));
+        let outcomes = self.pick_outcomes(&batch);
+        let step = format!("dispatcher {} records {outcomes:?}", batch.dispatcher);
+        let later = self
+            .h
+            .guarded(
+                &step,
+                self.h.stores[batch.dispatcher].record_outcomes(&batch.owner, &outcomes),
+            )
+            .await?
+            .map_err(|e| store_violation(&step, &e))?;
+        self.after_record(&batch, &outcomes, &later, rows, &step)
+            .await?;
+        Ok(Some(step))
+    }
+
+    /// Fencing and order, from the rows before and after one record.
+    async fn after_record(
+        &mut self,
+        batch: &Batch,
+        outcomes: &Outcomes,
+        later: &Outcomes,
+        before: &[Row],
+        step: &str,
+    ) -> Result<(), Violation> {
+        let later_ids: HashSet<i64> = later.ids().into_iter().collect();
+        if !later.is_empty() {
+            // Deferred (a producer held a row): recorded on a later step, as the drain does.
+            let rows = batch
+                .rows
+                .iter()
+                .copied()
+                .filter(|(id, _)| later_ids.contains(id))
+                .collect();
+            self.h.batches.push(Batch {
+                dispatcher: batch.dispatcher,
+                owner: batch.owner.clone(),
+                rows,
+            });
+        }
+        let after = self.h.rows().await;
+        for &(id, replay) in &batch.rows {
+            if later_ids.contains(&id) {
+                continue;
+            }
+            let (Some(old), Some(new)) = (
+                before.iter().find(|r| r.id == id),
+                after.iter().find(|r| r.id == id),
+            ) else {
+                continue;
+            };
+            let ours = old.locked_by.as_deref() == Some(batch.owner.as_str())
+                && (old.status == "pending" || old.replay);
+            if !ours && (old.status != new.status || old.locked_by != new.locked_by) {
+                return Err(violation(
+                    Kind::LateOutcomeApplied,
+                    step,
+                    format!("an outcome under a lease that was no longer the row's changed {old:?} into {new:?}"),
+                ));
+            }
+            if ours && !replay && outcomes.published.contains(&id) && new.status == "published" {
+                let order = self
+                    .h
+                    .published_order
+                    .entry(new.aggregate.clone())
+                    .or_default();
+                if order.last().is_some_and(|&last| last > new.version) {
+                    return Err(violation(
+                        Kind::OutOfOrder,
+                        step,
+                        format!(
+                            "{} published v{} after v{order:?}",
+                            new.aggregate, new.version
+                        ),
+                    ));
+                }
+                order.push(new.version);
+            }
+        }
+        Ok(())
+    }
+
+    /// The lease of an unrecorded claim runs out: its rows are claimable again, its outcome late.
+    async fn expire_lease(&mut self) -> Option<String> {
+        if self.h.batches.is_empty() {
+            return None;
+        }
+        let batch = &self.h.batches[self.rng.usize(0..self.h.batches.len())];
+        self.h
+            .monitor
+            .execute(
+                // Rows a producer locks right now keep their lease (the test's clock must not
+                // wait on a producer either).
+                "UPDATE outbox SET locked_until = now() - interval '1 second'
+                 WHERE id IN (SELECT id FROM outbox WHERE locked_by = $1 FOR UPDATE SKIP LOCKED)",
+                &[&batch.owner],
+            )
+            .await
+            .expect("expire a lease");
+        Some(format!("the lease of {} expires", batch.owner))
+    }
+
+    fn pick_selection(&mut self, rows: &[Row], status: &str) -> Selection {
+        let candidates: Vec<&Row> = rows.iter().filter(|r| r.status == status).collect();
+        let mut selection = Selection::default();
+        match self.rng.u32(0..3) {
+            0 if !candidates.is_empty() => {
+                let row = candidates[self.rng.usize(0..candidates.len())];
+                selection.event_ids = vec![row.event_id];
+            }
+            1 => {
+                selection.event_type = Some(
+                    if self.rng.bool() {
+                        "model.changed"
+                    } else {
+                        "model.noted"
+                    }
+                    .into(),
+                )
+            }
+            _ => selection.aggregate_id = Some(format!("a{}", self.rng.usize(0..AGGREGATES))),
+        }
+        selection.tenant_id = Some(TENANT.into());
+        selection
+    }
+
+    async fn replay(&mut self, rows: &[Row]) -> Result<String, Violation> {
+        let selection = self.pick_selection(rows, "published");
+        let step = format!("operator replays {selection:?}");
+        let n = self
+            .h
+            .guarded(
+                &step,
+                admin::requeue(&self.h.operator, Requeue::Published, &selection),
+            )
+            .await?
+            .map_err(|e| pg_violation(&step, &e))?;
+        Ok(format!("{step}: {n} rows"))
+    }
+
+    async fn redrive(&mut self, rows: &[Row]) -> Result<String, Violation> {
+        let selection = self.pick_selection(rows, "dead");
+        let step = format!("operator redrives {selection:?}");
+        let n = self
+            .h
+            .guarded(
+                &step,
+                admin::requeue(&self.h.operator, Requeue::Dead, &selection),
+            )
+            .await?
+            .map_err(|e| pg_violation(&step, &e))?;
+        Ok(format!("{step}: {n} rows"))
+    }
+
+    async fn discard(&mut self, rows: &[Row]) -> Result<String, Violation> {
+        let selection = self.pick_selection(rows, "dead");
+        let step = format!("operator discards {selection:?}");
+        let report = self
+            .h
+            .guarded(
+                &step,
+                admin::discard(&self.h.operator, &selection, "model: discarded"),
+            )
+            .await?
+            .map_err(|e| pg_violation(&step, &e))?;
+        Ok(format!("{step}: {report:?}"))
+    }
+
+    async fn retention(&mut self) -> Result<String, Violation> {
+        let step = "retention deletes published rows".to_owned();
+        let n = self
+            .h
+            .guarded(
+                &step,
+                admin::delete_published(&self.h.operator, Duration::ZERO, 3),
+            )
+            .await?
+            .map_err(|e| pg_violation(&step, &e))?;
+        Ok(format!("{step}: {n}"))
+    }
+
+    /// Two operations of dispatchers and the operator at the same time (real concurrency: the
+    /// interleaving of their statements is the server's).
+    async fn concurrent(&mut self, rows: &[Row]) -> Result<String, Violation> {
+        let which = self.rng.u32(0..4);
+        let selection = self.pick_selection(rows, if which == 1 { "dead" } else { "published" });
+        let claim_owner = format!("d1/{}", Uuid::new_v4().simple());
+        let record = if self.h.batches.is_empty() {
+            None
+        } else {
+            let batch = self
+                .h
+                .batches
+                .remove(self.rng.usize(0..self.h.batches.len()));
+            let outcomes = self.pick_outcomes(&batch);
+            Some((batch, outcomes))
+        };
+        let step = format!(
+            "concurrently: record {:?} and op {which} ({selection:?})",
+            record.as_ref().map(|r| &r.1)
+        );
+        if let Some((_, outcomes)) = &record {
+            self.h
+                .published_in_step
+                .extend(outcomes.published.iter().copied());
+        }
+        let h = &*self.h;
+        let record_fut = async {
+            match &record {
+                Some((batch, outcomes)) => Some(
+                    h.stores[batch.dispatcher]
+                        .record_outcomes(&batch.owner, outcomes)
+                        .await,
+                ),
+                None => None,
+            }
+        };
+        let other_fut = async {
+            match which {
+                0 => {
+                    Other::Count(admin::requeue(&h.operator, Requeue::Published, &selection).await)
+                }
+                1 => Other::Count(admin::requeue(&h.operator, Requeue::Dead, &selection).await),
+                2 => Other::Claim(
+                    h.stores[1]
+                        .claim_batch(3, Duration::from_secs(600), &claim_owner)
+                        .await,
+                ),
+                _ => Other::Count(admin::delete_published(&h.operator, Duration::ZERO, 3).await),
+            }
+        };
+        let (recorded, other) = self
+            .h
+            .guarded(&step, async { tokio::join!(record_fut, other_fut) })
+            .await?;
+        match other {
+            Other::Count(r) => {
+                r.map_err(|e| pg_violation(&step, &e))?;
+            }
+            Other::Claim(r) => {
+                let claimed = r.map_err(|e| store_violation(&step, &e))?;
+                self.note_claim(1, claim_owner, &claimed, rows, false, &step)?;
+            }
+        }
+        if let (Some((batch, outcomes)), Some(result)) = (record, recorded) {
+            let later = result.map_err(|e| store_violation(&step, &e))?;
+            if !later.is_empty() {
+                let ids: HashSet<i64> = later.ids().into_iter().collect();
+                self.h.batches.push(Batch {
+                    dispatcher: batch.dispatcher,
+                    owner: batch.owner.clone(),
+                    rows: batch
+                        .rows
+                        .iter()
+                        .copied()
+                        .filter(|(id, _)| ids.contains(id))
+                        .collect(),
+                });
+            }
+            let _ = outcomes;
+        }
+        Ok(step)
+    }
+
+    /// The end of a schedule: producers commit, leases run out, dispatchers drain with every
+    /// publish succeeding; then nothing may be left that could go.
+    async fn settle(&mut self) -> Result<(), Violation> {
+        for p in 0..PRODUCERS {
+            if self.h.producers[p].open.take().is_some() {
+                self.h.producers[p]
+                    .client
+                    .batch_execute("COMMIT")
+                    .await
+                    .expect("commit at the end");
+            }
+        }
+        let mut rows = self.h.check("producers committed").await?;
+        for round in 0..100 {
+            self.h
+                .monitor
+                .execute(
+                    "UPDATE outbox SET locked_until = now() - interval '1 second',
+                                       next_attempt_at = now() - interval '1 second'
+                     WHERE tenant_id = $1 AND locked_until IS NOT NULL OR next_attempt_at > now()",
+                    &[&TENANT],
+                )
+                .await
+                .expect("expire every lease");
+            self.h.batches.clear();
+            let step = format!("settle round {round}");
+            let owner = format!("settle/{}", Uuid::new_v4().simple());
+            let claimed = self
+                .h
+                .guarded(
+                    &step,
+                    self.h.stores[0].claim_batch(50, Duration::from_secs(600), &owner),
+                )
+                .await?
+                .map_err(|e| store_violation(&step, &e))?;
+            if claimed.is_empty() {
+                break;
+            }
+            self.note_claim(0, owner.clone(), &claimed, &rows, true, &step)?;
+            let leased = self.h.rows().await;
+            let batch = self.h.batches.pop().expect("the claim's batch");
+            let outcomes = Outcomes {
+                published: claimed.iter().map(|e| e.id).collect(),
+                ..Outcomes::default()
+            };
+            let later = self
+                .h
+                .guarded(&step, self.h.stores[0].record_outcomes(&owner, &outcomes))
+                .await?
+                .map_err(|e| store_violation(&step, &e))?;
+            self.after_record(&batch, &outcomes, &later, &leased, &step)
+                .await?;
+            rows = self.h.check(&step).await?;
+        }
+        let rows = self.h.check("settled").await?;
+        for row in &rows {
+            if row.replay || (row.status == "pending" && row.is_head) {
+                return Err(violation(
+                    Kind::Lost,
+                    "settled",
+                    format!("never published: {row:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+enum Other {
+    Count(Result<u64, tokio_postgres::Error>),
+    Claim(Result<Vec<ClaimedEvent>, outbox_shared::ports::StoreError>),
+}
+
+fn store_violation(step: &str, e: &outbox_shared::ports::StoreError) -> Violation {
+    let text = format!("{}", outbox_shared::telemetry::error_chain(e));
+    let kind = if is_lock_conflict(&text) {
+        Kind::LockConflictError
+    } else {
+        Kind::StatementFailed
+    };
+    violation(kind, step, text)
+}
+
+fn pg_violation(step: &str, e: &tokio_postgres::Error) -> Violation {
+    let text = format!("{e:?}");
+    let kind = if is_lock_conflict(&text) {
+        Kind::LockConflictError
+    } else {
+        Kind::StatementFailed
+    };
+    violation(kind, step, text)
+}
+
+/// Schedules run on this many databases at once (each its own sessions).
+const WORKERS: u64 = 4;
+
+/// Runs schedules `worker`, `worker + WORKERS`, ... below `schedules` on a harness of its own.
+async fn run_worker(worker: u64, schedules: u64, first_seed: u64, survey: bool) -> Survey {
+    let mut h = Harness::new().await;
+    let mut survey_found = Survey::default();
+    let mut n = worker;
+    while n < schedules {
+        let seed = first_seed + n;
+        h.reset().await;
+        let mut schedule = Schedule {
+            h: &mut h,
+            rng: fastrand::Rng::with_seed(seed),
+            survey,
+        };
+        if let Err(v) = schedule.run().await {
+            let op: String = v
+                .step
+                .split_once(": ")
+                .map_or(v.step.as_str(), |(_, rest)| rest)
+                .split(['{', '[', '(', ':'])
+                .next()
+                .unwrap_or("")
+                .chars()
+                .filter(|c| !c.is_ascii_digit())
+                .collect();
+            if !schedule.survey {
+                panic!(
+                    "schedule {n} (ORDER_MODEL_SEED={seed} ORDER_MODEL_SCHEDULES=1): {:?} at {}: {}",
+                    v.kind, v.step, v.detail
+                );
+            }
+            let entry = survey_found.found.entry((v.kind, op)).or_insert((
+                n + 1,
+                seed,
+                format!("{}: {}", v.step, v.detail),
+                0,
+            ));
+            if n + 1 < entry.0 {
+                *entry = (n + 1, seed, format!("{}: {}", v.step, v.detail), entry.3);
+            }
+            entry.3 += 1;
+        }
+        n += WORKERS;
+    }
+    survey_found.steps = h.steps_run;
+    survey_found.explicit = (h.explicit_accepted, h.explicit_refused);
+    h.db.drop_database().await;
+    survey_found
+}
+
+/// What the workers found: per kind of failure and operation, the first schedule (1-based),
+/// its seed, the failure, and how many schedules found it.
+#[derive(Default)]
+struct Survey {
+    found: BTreeMap<(Kind, String), (u64, u64, String, u64)>,
+    steps: u64,
+    explicit: (u64, u64),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
+    let schedules: u64 = std::env::var("ORDER_MODEL_SCHEDULES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1500);
+    let first_seed: u64 = std::env::var("ORDER_MODEL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_261_201);
+    let survey = std::env::var("ORDER_MODEL_SURVEY").is_ok_and(|s| s == "1");
+    let started = Instant::now();
+    let workers: Vec<_> = (0..WORKERS.min(schedules.max(1)))
+        .map(|w| tokio::spawn(run_worker(w, schedules, first_seed, survey)))
+        .collect();
+    let mut all = Survey::default();
+    for worker in workers {
+        let s = worker
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        all.steps += s.steps;
+        all.explicit.0 += s.explicit.0;
+        all.explicit.1 += s.explicit.1;
+        for (key, value) in s.found {
+            let entry = all
+                .found
+                .entry(key)
+                .or_insert((u64::MAX, 0, String::new(), 0));
+            let count = entry.3 + value.3;
+            if value.0 < entry.0 {
+                *entry = value;
+            }
+            entry.3 = count;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "order model: {schedules} schedules, {} steps in {elapsed:.1} s ({:.0} schedules/s); \
+         explicit versions accepted {}, refused {}",
+        all.steps,
+        schedules as f64 / elapsed,
+        all.explicit.0,
+        all.explicit.1
+    );
+    for ((kind, op), (first, seed, detail, count)) in &all.found {
+        println!(
+            "found {kind:?} after \"{op}\": first in schedule {first} (seed {seed}), in {count} schedules: {detail}"
+        );
+    }
+    assert!(
+        all.found.is_empty(),
+        "the model found {} kinds of failure",
+        all.found.len()
+    );
+    assert!(
+        all.explicit.0 > 0 && all.explicit.1 > 0,
+        "the generator tried accepted and refused explicit versions"
+    );
+}
