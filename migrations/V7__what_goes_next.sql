@@ -402,45 +402,50 @@ DECLARE
     v_old     jsonb;
     v_new     jsonb;
     v_source  text := 'capture:' || TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+    -- TG_ARGV: aggregate type, tenant column, key columns.
+    v_type    text := TG_ARGV[0];
+    v_tenant  text := TG_ARGV[1];
+    v_keys    text[] := TG_ARGV[2:];
 BEGIN
     IF TG_OP IN ('UPDATE', 'DELETE') THEN v_old := to_jsonb(OLD); END IF;
     IF TG_OP IN ('UPDATE', 'INSERT') THEN v_new := to_jsonb(NEW); END IF;
     IF TG_OP = 'UPDATE'
-       AND (outbox_capture_key(v_old, TG_ARGV[2:]) IS DISTINCT FROM outbox_capture_key(v_new, TG_ARGV[2:])
-            OR (v_old ->> TG_ARGV[1]) IS DISTINCT FROM (v_new ->> TG_ARGV[1])) THEN
-        PERFORM outbox_capture_append(v_old, TG_ARGV, 'deleted', v_old, NULL, v_source, TG_TABLE_NAME);
-        PERFORM outbox_capture_append(v_new, TG_ARGV, 'created', NULL, v_new, v_source, TG_TABLE_NAME);
+       AND (outbox_capture_key(v_old, v_keys) IS DISTINCT FROM outbox_capture_key(v_new, v_keys)
+            OR (v_old ->> v_tenant) IS DISTINCT FROM (v_new ->> v_tenant)) THEN
+        PERFORM outbox_capture_append(v_old, v_type, v_tenant, v_keys, 'deleted', v_old, NULL, v_source, TG_TABLE_NAME);
+        PERFORM outbox_capture_append(v_new, v_type, v_tenant, v_keys, 'created', NULL, v_new, v_source, TG_TABLE_NAME);
     ELSIF TG_OP = 'INSERT' THEN
-        PERFORM outbox_capture_append(v_new, TG_ARGV, 'created', NULL, v_new, v_source, TG_TABLE_NAME);
+        PERFORM outbox_capture_append(v_new, v_type, v_tenant, v_keys, 'created', NULL, v_new, v_source, TG_TABLE_NAME);
     ELSIF TG_OP = 'UPDATE' THEN
-        PERFORM outbox_capture_append(v_new, TG_ARGV, 'updated', v_old, v_new, v_source, TG_TABLE_NAME);
+        PERFORM outbox_capture_append(v_new, v_type, v_tenant, v_keys, 'updated', v_old, v_new, v_source, TG_TABLE_NAME);
     ELSE
-        PERFORM outbox_capture_append(v_old, TG_ARGV, 'deleted', v_old, NULL, v_source, TG_TABLE_NAME);
+        PERFORM outbox_capture_append(v_old, v_type, v_tenant, v_keys, 'deleted', v_old, NULL, v_source, TG_TABLE_NAME);
     END IF;
     RETURN NULL;
 END $$;
 
 CREATE FUNCTION outbox_capture_key(p_row jsonb, p_columns text[]) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE WHEN cardinality(p_columns) = 1 THEN p_row ->> p_columns[1]
+    SELECT CASE WHEN cardinality(p_columns) = 1 THEN min(p_row ->> k)
                 ELSE string_agg(replace(replace(p_row ->> k, '%', '%25'), '/', '%2F'), '/' ORDER BY n)
            END
     FROM unnest(p_columns) WITH ORDINALITY AS a(k, n)
 $$;
 
-CREATE FUNCTION outbox_capture_append(p_row jsonb, p_args text[], p_verb text, p_before jsonb,
+CREATE FUNCTION outbox_capture_append(p_row jsonb, p_type text, p_tenant_column text,
+                                      p_keys text[], p_verb text, p_before jsonb,
                                       p_after jsonb, p_source text, p_table text)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
-    v_tenant text := p_row ->> p_args[2];
+    v_tenant text := p_row ->> p_tenant_column;
 BEGIN
     IF v_tenant IS NULL OR v_tenant = '' THEN
-        RAISE EXCEPTION 'outbox capture of %: the row has no tenant in column %', p_source, p_args[2]
+        RAISE EXCEPTION 'outbox capture of %: the row has no tenant in column %', p_source, p_tenant_column
             USING ERRCODE = 'not_null_violation';
     END IF;
     INSERT INTO outbox (tenant_id, aggregate_type, aggregate_id, event_type, schema_version,
                         payload, metadata)
-    VALUES (v_tenant, p_args[1], outbox_capture_key(p_row, p_args[3:]), p_table || '.' || p_verb, 1,
+    VALUES (v_tenant, p_type, outbox_capture_key(p_row, p_keys), p_table || '.' || p_verb, 1,
             jsonb_build_object('before', p_before, 'after', p_after),
             jsonb_build_object('source', p_source));
 END $$;
@@ -469,9 +474,9 @@ BEGIN
     END IF;
     SELECT array_agg(a.attname::text ORDER BY k.n) INTO v_keys
     FROM pg_index i
-    CROSS JOIN LATERAL unnest((i.indkey::int2[])[0:i.indnkeyatts - 1]) WITH ORDINALITY AS k(attnum, n)
+    CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-    WHERE i.indrelid = p_table AND i.indisprimary;
+    WHERE i.indrelid = p_table AND i.indisprimary AND k.n <= i.indnkeyatts;
     IF v_keys IS NULL THEN
         RAISE EXCEPTION 'capture of %: the table has no primary key to name its rows by', p_table
             USING ERRCODE = 'invalid_table_definition';
@@ -499,7 +504,9 @@ BEGIN
                AND (p.proname LIKE 'outbox\_%' OR p.proname LIKE 'inbox\_%'
                     OR p.proname = 'project_payment_events')
     LOOP
-        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, %I', f, current_schema());
+        -- The toolkit's schema first: current_schema() inside is that schema (capture_enable
+        -- names its trigger function by it).
+        EXECUTE format('ALTER FUNCTION %s SET search_path = %I, pg_catalog', f, current_schema());
     END LOOP;
 END $$;
 

@@ -347,19 +347,17 @@ async fn replay_republishes_an_aggregate_or_a_time_range() {
         ],
     ));
     assert_eq!(out["changed"], 3);
+    // A replay re-delivers: the events stay published (done), each marked for delivery again.
     assert_eq!(
         status_of(&client, "pay_e").await,
-        ["pending", "pending", "pending"]
+        ["published", "published", "published"]
     );
     assert_eq!(
-        db.count(
-            &client,
-            "outbox WHERE aggregate_id = 'pay_e' AND published_at IS NOT NULL"
-        )
-        .await,
-        0
+        db.count(&client, "outbox WHERE aggregate_id = 'pay_e' AND replay")
+            .await,
+        3
     );
-    // Republished in version order: only v1 is claimable.
+    // Replays of one aggregate go in version order among themselves: only v1 is claimable.
     let store = PgOutboxStore::new(Db::new(db.settings.clone()));
     let claimed = store
         .claim_batch(100, Duration::from_secs(30), "test")
@@ -395,7 +393,14 @@ async fn replay_republishes_an_aggregate_or_a_time_range() {
         ],
     ));
     assert_eq!(out["changed"], 1);
-    assert_eq!(status_of(&client, "pay_x").await, ["pending", "published"]);
+    assert_eq!(
+        db.texts(
+            &client,
+            "SELECT aggregate_version::text FROM outbox WHERE aggregate_id = 'pay_x' AND replay"
+        )
+        .await,
+        ["1"]
+    );
 }
 
 #[tokio::test]

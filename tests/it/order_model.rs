@@ -1100,7 +1100,7 @@ enum Other {
 }
 
 fn store_violation(step: &str, e: &outbox_shared::ports::StoreError) -> Violation {
-    let text = format!("{}", outbox_shared::telemetry::error_chain(e));
+    let text = outbox_shared::telemetry::error_chain(e);
     let kind = if is_lock_conflict(&text) {
         Kind::LockConflictError
     } else {

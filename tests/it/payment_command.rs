@@ -178,7 +178,9 @@ async fn a_pending_payment_created_elsewhere_is_paid_at_its_next_version() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(version, 5);
+    // Outbox versions count the aggregate's events, gap-free (the payment's own row was at
+    // version 4 without any event: a v5 would leave consumers waiting for v1..v4).
+    assert_eq!(version, 1);
     // A pending payment with a preset amount only accepts that amount.
     let reply = invoke(
         &handler,

@@ -8,11 +8,13 @@ use tokio_postgres::Transaction;
 use crate::outbox::NewOutboxEvent;
 
 const APPEND: &str = "
-    INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
-                        event_type, schema_version, payload, metadata, idempotency_key)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+    INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
+                        schema_version, payload, metadata, idempotency_key)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
-/// Appends one event to the outbox in `tx`. It becomes visible to the dispatcher only when `tx`
+/// Appends one event to the outbox in `tx`. Its version is the aggregate's next one, assigned by
+/// the outbox (gap-free per aggregate, migration V7), not `event.aggregate_version`: a payment's
+/// own row version may move without an event (a pending payment created elsewhere). It becomes visible to the dispatcher only when `tx`
 /// commits, and disappears with it if `tx` rolls back.
 #[tracing::instrument(skip_all, fields(event_id = %event.event_id, event_type = event.event_type,
     tenant_id = %event.tenant_id, aggregate_id = %event.aggregate_id))]
@@ -28,7 +30,6 @@ pub async fn append(
             (&event.tenant_id, Type::TEXT),
             (&event.aggregate_type, Type::TEXT),
             (&event.aggregate_id, Type::TEXT),
-            (&event.aggregate_version, Type::INT8),
             (&event.event_type, Type::TEXT),
             (&event.schema_version, Type::INT4),
             (&event.payload, Type::JSONB),
@@ -87,13 +88,14 @@ const CLAIM: &str = "
          LIMIT $1
          FOR UPDATE OF o SKIP LOCKED
     ), candidates AS (
+        -- Live events first, then replays.
         SELECT * FROM live UNION ALL SELECT * FROM replays
     )
     UPDATE outbox o
     SET locked_until = now() + make_interval(secs => $2),
         locked_by = $3,
         attempts = o.attempts + 1
-    WHERE o.id = ANY (ARRAY(SELECT id FROM candidates ORDER BY next_attempt_at, id LIMIT $1))
+    WHERE o.id = ANY (ARRAY(SELECT id FROM candidates LIMIT $1))
     RETURNING o.id, o.event_id, o.tenant_id, o.aggregate_type, o.aggregate_id,
               o.aggregate_version, o.event_type, o.schema_version, o.payload, o.metadata,
               o.attempts, o.created_at, o.replay";
@@ -300,7 +302,8 @@ pub(crate) fn claimed_from_row(
         metadata,
         attempts: row.try_get("attempts")?,
         created_at: row.try_get("created_at")?,
-        replay: row.try_get("replay")?,
+        // The feed reads rows with this too, without the column: never a replay there.
+        replay: row.try_get("replay").unwrap_or(false),
     })
 }
 
