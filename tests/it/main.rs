@@ -12,6 +12,7 @@ mod nats;
 mod operations;
 mod order;
 mod order_model;
+mod order_operations;
 mod payment_command;
 mod resilience;
 mod sample_events;
