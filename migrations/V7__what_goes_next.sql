@@ -1,4 +1,6 @@
--- What may go next for an aggregate, in one place. Every path that creates, publishes, fails,
+-- What may go next for an aggregate, in one place. (Over 400 lines on purpose: the rule and every
+-- function that keeps it live in this one file, so none of them can drift from the others.)
+-- Every path that creates, publishes, fails,
 -- kills, requeues, replays, discards or deletes an outbox row keeps it right in its own
 -- transaction, and none of them waits on a producer.
 --
