@@ -622,10 +622,15 @@ async fn requeue(
         );
         return Ok(());
     }
-    println!(
-        "{changed} event{} back in line: the next dispatcher run publishes them, each aggregate in version order",
-        if changed == 1 { "" } else { "s" }
-    );
+    let plural = if changed == 1 { "" } else { "s" };
+    match which {
+        Requeue::Dead => println!(
+            "{changed} event{plural} back in line: the next dispatcher run publishes them, each aggregate in version order"
+        ),
+        Requeue::Published => println!(
+            "{changed} event{plural} to deliver again: the next dispatcher run re-publishes them (same event ids and versions), each aggregate's replays in version order"
+        ),
+    }
     if !blocking.is_empty() {
         println!(
             "\nStill held back by earlier dead events of the same aggregates (redrive these too):"
