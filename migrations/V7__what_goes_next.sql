@@ -214,23 +214,13 @@ CREATE FUNCTION outbox_mark_done(p_ids bigint[], p_status text, p_reason text,
                                  OUT done bigint[], OUT held bigint[], OUT promoted bigint[])
 LANGUAGE plpgsql AS $$
 DECLARE
+    candidates bigint[];
     successors bigint[];
     lockable bigint[];
 BEGIN
-    SELECT coalesce(array_agg(s.id), '{}') INTO successors
-    FROM outbox p
-    CROSS JOIN LATERAL (
-        SELECT n.id FROM outbox n
-        WHERE n.tenant_id = p.tenant_id AND n.aggregate_type = p.aggregate_type
-          AND n.aggregate_id = p.aggregate_id AND n.aggregate_version > p.aggregate_version
-        ORDER BY n.aggregate_version LIMIT 1) s
-    WHERE p.id = ANY (p_ids);
-    SELECT coalesce(array_agg(id), '{}') INTO lockable FROM (
-        SELECT id FROM outbox WHERE id = ANY (successors) ORDER BY id FOR UPDATE SKIP LOCKED) l;
-    SELECT coalesce(array_agg(p.id) FILTER (WHERE s.id IS NULL OR s.id = ANY (lockable)), '{}'),
-           coalesce(array_agg(p.id) FILTER (WHERE s.id IS NOT NULL AND NOT s.id = ANY (lockable)), '{}'),
-           coalesce(array_agg(s.id) FILTER (WHERE s.id = ANY (lockable)), '{}')
-    INTO done, held, promoted
+    -- Each row with its successor (NULL when it has none yet), as two arrays in one order.
+    SELECT coalesce(array_agg(p.id ORDER BY p.id), '{}'), coalesce(array_agg(s.id ORDER BY p.id), '{}')
+    INTO candidates, successors
     FROM outbox p
     LEFT JOIN LATERAL (
         SELECT n.id FROM outbox n
@@ -238,6 +228,13 @@ BEGIN
           AND n.aggregate_id = p.aggregate_id AND n.aggregate_version > p.aggregate_version
         ORDER BY n.aggregate_version LIMIT 1) s ON true
     WHERE p.id = ANY (p_ids);
+    SELECT coalesce(array_agg(id), '{}') INTO lockable FROM (
+        SELECT id FROM outbox WHERE id = ANY (successors) ORDER BY id FOR UPDATE SKIP LOCKED) l;
+    SELECT coalesce(array_agg(r) FILTER (WHERE s IS NULL OR s = ANY (lockable)), '{}'),
+           coalesce(array_agg(r) FILTER (WHERE s IS NOT NULL AND NOT s = ANY (lockable)), '{}'),
+           coalesce(array_agg(s) FILTER (WHERE s = ANY (lockable)), '{}')
+    INTO done, held, promoted
+    FROM unnest(candidates, successors) AS pair(r, s);
     IF cardinality(done) = 0 THEN
         RETURN;
     END IF;

@@ -35,10 +35,9 @@ pub struct NewOutboxEvent {
     pub tenant_id: String,
     /// Aggregate type, e.g. `payment`.
     pub aggregate_type: &'static str,
-    /// Aggregate id (the FIFO `MessageGroupId`).
+    /// Aggregate id (the FIFO `MessageGroupId`). Its version is the aggregate's next one,
+    /// assigned by the outbox (gap-free, migration V7).
     pub aggregate_id: String,
-    /// Aggregate version after this event: orders the aggregate's events.
-    pub aggregate_version: i64,
     /// Event type, e.g. `payment.paid`.
     pub event_type: &'static str,
     /// Schema version of `payload`.

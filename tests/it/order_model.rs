@@ -16,6 +16,9 @@
 //! - *nothing lost*: at the end, once producers committed and dispatchers drained, every event is
 //!   published, discarded, dead, or waiting behind a dead one.
 //!
+//! Producers append by plain SQL (with and without a version, `ON CONFLICT`, `INSERT ...
+//! SELECT`, `COPY`) and by writing a table captured by trigger, into the same aggregates.
+//!
 //! `ORDER_MODEL_SCHEDULES` (default 1500) sets how many schedules run, `ORDER_MODEL_SEED` the
 //! first seed (each schedule's seed is printed with any failure: rerun with that seed and
 //! `ORDER_MODEL_SCHEDULES=1` to reproduce it). `ORDER_MODEL_SURVEY=1` keeps going after a
@@ -160,6 +163,14 @@ impl Harness {
                 open: None,
             });
         }
+        // A table captured by trigger into the same aggregates the SQL producers append to.
+        monitor
+            .batch_execute(
+                "CREATE TABLE model_rows (tenant text NOT NULL, id text PRIMARY KEY, n int);
+                 SELECT outbox_capture_enable('model_rows', 'model', 'tenant');",
+            )
+            .await
+            .expect("capture a table");
         let stores = (0..DISPATCHERS)
             .map(|_| PgOutboxStore::new(Db::new(db.settings.clone())))
             .collect();
@@ -194,6 +205,7 @@ impl Harness {
             .batch_execute(
                 "SET session_replication_role = replica;
                  DELETE FROM outbox_feed_acks; DELETE FROM outbox; DELETE FROM outbox_aggregates;
+                 DELETE FROM model_rows;
                  DELETE FROM outbox_feed_tenants;
                  SET session_replication_role = origin",
             )
@@ -402,9 +414,20 @@ fn insert_sql(columns: &str, values: &str, tail: &str) -> String {
 #[derive(Debug, Clone, Copy)]
 enum Append {
     Auto,
-    Explicit { off_by: i64 },
-    OnConflict { existing: bool },
+    Explicit {
+        off_by: i64,
+    },
+    OnConflict {
+        existing: bool,
+    },
     MultiRow,
+    /// `COPY outbox ... FROM STDIN`, two rows.
+    Copy,
+    /// A write to a table captured by trigger (`model_rows`, keyed by the aggregate id): an upsert
+    /// (created or updated) or a delete.
+    Capture {
+        delete: bool,
+    },
 }
 
 struct Schedule<'a> {
@@ -533,13 +556,19 @@ impl Schedule<'_> {
                 60..=84 => Append::OnConflict {
                     existing: !self.h.keys.is_empty() && self.rng.bool(),
                 },
-                _ => Append::MultiRow,
+                85..=89 => Append::MultiRow,
+                90..=93 => Append::Copy,
+                _ => Append::Capture {
+                    delete: self.rng.u32(0..4) == 0,
+                },
             };
             let name = match kind {
                 Append::Auto => "auto",
                 Append::Explicit { .. } => "explicit",
                 Append::OnConflict { .. } => "on-conflict",
                 Append::MultiRow => "multirow",
+                Append::Copy => "copy",
+                Append::Capture { .. } => "capture",
             };
             if kinds.is_empty() || kinds.split(',').any(|k| k == name) {
                 break kind;
@@ -626,6 +655,49 @@ impl Schedule<'_> {
                 2,
                 false,
             ),
+            Append::Copy => {
+                let data: String = (0..2)
+                    .map(|_| {
+                        format!(
+                            "{}\t{TENANT}\tmodel\t{aggregate}\t{event_type}\t1\t{{}}\t{METADATA}\n",
+                            Uuid::new_v4()
+                        )
+                    })
+                    .collect();
+                let copied = async {
+                    let sink = client
+                        .copy_in(
+                            "COPY outbox (event_id, tenant_id, aggregate_type, aggregate_id,
+                                          event_type, schema_version, payload, metadata)
+                             FROM STDIN",
+                        )
+                        .await?;
+                    futures_util::pin_mut!(sink);
+                    futures_util::SinkExt::send(&mut sink, bytes::Bytes::from(data)).await?;
+                    sink.finish().await
+                }
+                .await;
+                (copied, 2, false)
+            }
+            Append::Capture { delete } => {
+                let result = if delete {
+                    client
+                        .execute("DELETE FROM model_rows WHERE id = $1", &[&aggregate])
+                        .await
+                } else {
+                    client
+                        .execute(
+                            &format!(
+                                "INSERT INTO model_rows (tenant, id, n) VALUES ('{TENANT}', $1, 1)
+                                 ON CONFLICT (id) DO UPDATE SET n = model_rows.n + 1"
+                            ),
+                            &[&aggregate],
+                        )
+                        .await
+                };
+                let n = *result.as_ref().unwrap_or(&0) as i64;
+                (result, n, false)
+            }
         };
         let what = format!("producer {p} {kind:?} on {aggregate} (next v{next})");
         match result {
@@ -649,7 +721,7 @@ impl Schedule<'_> {
                         .await
                         .expect("rollback");
                 }
-                if !expect_refusal && !matches!(kind, Append::Explicit { .. }) {
+                if !expect_refusal {
                     return Err(violation(
                         Kind::StatementFailed,
                         &what,
@@ -946,8 +1018,15 @@ impl Schedule<'_> {
     /// Two operations of dispatchers and the operator at the same time (real concurrency: the
     /// interleaving of their statements is the server's).
     async fn concurrent(&mut self, rows: &[Row]) -> Result<String, Violation> {
-        let which = self.rng.u32(0..4);
-        let selection = self.pick_selection(rows, if which == 1 { "dead" } else { "published" });
+        let which = self.rng.u32(0..5);
+        let selection = self.pick_selection(
+            rows,
+            if matches!(which, 1 | 4) {
+                "dead"
+            } else {
+                "published"
+            },
+        );
         let claim_owner = format!("d1/{}", Uuid::new_v4().simple());
         let record = if self.h.batches.is_empty() {
             None
@@ -963,10 +1042,24 @@ impl Schedule<'_> {
             "concurrently: record {:?} and op {which} ({selection:?})",
             record.as_ref().map(|r| &r.1)
         );
-        if let Some((_, outcomes)) = &record {
-            self.h
-                .published_in_step
-                .extend(outcomes.published.iter().copied());
+        if let Some((batch, outcomes)) = &record {
+            // What retention may delete within this step: rows recorded published, and replays
+            // recorded dead (a replay out of attempts ends; its event stays published).
+            let replays: HashSet<i64> = batch
+                .rows
+                .iter()
+                .filter(|(_, replay)| *replay)
+                .map(|(id, _)| *id)
+                .collect();
+            self.h.published_in_step.extend(
+                outcomes.published.iter().copied().chain(
+                    outcomes
+                        .dead
+                        .iter()
+                        .map(|d| d.0)
+                        .filter(|id| replays.contains(id)),
+                ),
+            );
         }
         let h = &*self.h;
         let record_fut = async {
@@ -990,7 +1083,12 @@ impl Schedule<'_> {
                         .claim_batch(3, Duration::from_secs(600), &claim_owner)
                         .await,
                 ),
-                _ => Other::Count(admin::delete_published(&h.operator, Duration::ZERO, 3).await),
+                3 => Other::Count(admin::delete_published(&h.operator, Duration::ZERO, 3).await),
+                _ => Other::Count(
+                    admin::discard(&h.operator, &selection, "model: discarded")
+                        .await
+                        .map(|r| r.discarded),
+                ),
             }
         };
         let (recorded, other) = self

@@ -556,21 +556,44 @@ pub async fn requeue(
     loop {
         let ids = select_batch(client, which, selection, after, CHANGE_BATCH).await?;
         let Some(&last) = ids.last() else { break };
-        let mut todo = ids;
-        for attempt in 0..20 {
+        let (done, _held, _) = until_not_held(ids, |todo| async move {
             let row = client.query_one(sql, &[&todo]).await?;
-            let done: Vec<i64> = row.try_get(0)?;
-            let held: Vec<i64> = row.try_get(1)?;
-            changed += done.len() as u64;
-            if held.is_empty() || attempt == 19 {
-                break;
-            }
-            todo = held;
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+            Ok((row.try_get::<_, Vec<i64>>(0)?, row.try_get(1)?, Vec::new()))
+        })
+        .await?;
+        changed += done.len() as u64;
         after = last;
     }
     Ok(changed)
+}
+
+/// Runs one operator statement on `ids` (it returns what it changed, what someone held right
+/// now, and what it unparked), then again on the held ones, every 50 ms for up to a second: the
+/// operator never waits on a lock, and a producer's commit holds a row for a moment only.
+/// Returns everything changed, what was still held at the end, and everything unparked.
+async fn until_not_held<F, Fut>(
+    ids: Vec<i64>,
+    statement: F,
+) -> Result<(Vec<i64>, Vec<i64>, Vec<i64>), tokio_postgres::Error>
+where
+    F: Fn(Vec<i64>) -> Fut,
+    Fut:
+        std::future::Future<Output = Result<(Vec<i64>, Vec<i64>, Vec<i64>), tokio_postgres::Error>>,
+{
+    let (mut changed, mut unparked) = (Vec::new(), Vec::new());
+    let mut todo = ids;
+    let mut attempts = 0;
+    loop {
+        let (done, held, promoted) = statement(todo).await?;
+        changed.extend(done);
+        unparked.extend(promoted);
+        attempts += 1;
+        if held.is_empty() || attempts == 20 {
+            return Ok((changed, held, unparked));
+        }
+        todo = held;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 /// What a discard did.
@@ -599,26 +622,19 @@ pub async fn discard(
     loop {
         let ids = select_batch(client, Requeue::Dead, selection, after, CHANGE_BATCH).await?;
         let Some(&last) = ids.last() else { break };
-        let mut todo = ids;
-        for attempt in 0..20 {
+        let (done, held, promoted) = until_not_held(ids, |todo| async move {
             let row = client
                 .query_one(
                     "SELECT discarded, held, unparked FROM outbox_discard($1, $2)",
                     &[&todo, &reason],
                 )
                 .await?;
-            let done: Vec<i64> = row.try_get(0)?;
-            let held: Vec<i64> = row.try_get(1)?;
-            let promoted: Vec<i64> = row.try_get(2)?;
-            report.discarded += done.len() as u64;
-            unparked.extend(promoted);
-            if held.is_empty() || attempt == 19 {
-                report.held += held.len() as u64;
-                break;
-            }
-            todo = held;
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+            Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
+        })
+        .await?;
+        report.discarded += done.len() as u64;
+        report.held += held.len() as u64;
+        unparked.extend(promoted);
         after = last;
     }
     unparked.truncate(100);

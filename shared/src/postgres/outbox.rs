@@ -13,8 +13,8 @@ const APPEND: &str = "
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
 /// Appends one event to the outbox in `tx`. Its version is the aggregate's next one, assigned by
-/// the outbox (gap-free per aggregate, migration V7), not `event.aggregate_version`: a payment's
-/// own row version may move without an event (a pending payment created elsewhere). It becomes visible to the dispatcher only when `tx`
+/// the outbox (gap-free per aggregate, migration V7): a payment's own row version may move
+/// without an event (a pending payment created elsewhere). It becomes visible to the dispatcher only when `tx`
 /// commits, and disappears with it if `tx` rolls back.
 #[tracing::instrument(skip_all, fields(event_id = %event.event_id, event_type = event.event_type,
     tenant_id = %event.tenant_id, aggregate_id = %event.aggregate_id))]
@@ -302,8 +302,7 @@ pub(crate) fn claimed_from_row(
         metadata,
         attempts: row.try_get("attempts")?,
         created_at: row.try_get("created_at")?,
-        // The feed reads rows with this too, without the column: never a replay there.
-        replay: row.try_get("replay").unwrap_or(false),
+        replay: row.try_get("replay")?,
     })
 }
 
@@ -322,8 +321,8 @@ pub async fn explain_claim(
     explain_rolled_back(client, &sql, analyze).await
 }
 
-/// The plan of marking the first `limit` due heads published (`EXPLAIN (ANALYZE, BUFFERS)` in a
-/// transaction that is rolled back): how many index pages a mark touches.
+/// Marking the first `limit` due heads published (`EXPLAIN (ANALYZE, BUFFERS)` of
+/// `outbox_mark_done` in a transaction that is rolled back): how many pages a mark touches.
 pub async fn explain_mark(
     client: &tokio_postgres::Client,
     limit: i64,
@@ -339,16 +338,9 @@ pub async fn explain_mark(
         .map(|r| r.get(0))
         .collect();
     let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
-    // The mark as `outbox_mark_done` runs it (migration V7).
-    let sql = format!(
-        "UPDATE outbox o
-         SET status = 'published', published_at = now(), is_head = false, locked_until = NULL,
-             locked_by = NULL, last_error = NULL,
-             feed_position = coalesce(o.feed_position, f.position)
-         FROM (SELECT id, nextval('outbox_feed_position_seq') AS position
-               FROM (SELECT unnest(ARRAY[{list}]::bigint[]) AS id ORDER BY 1) ids) f
-         WHERE o.id = f.id"
-    );
+    // The mark as the record runs it (migration V7): the buffers of the function's statements
+    // are counted to its node.
+    let sql = format!("SELECT * FROM outbox_mark_done(ARRAY[{list}]::bigint[], 'published', NULL)");
     explain_rolled_back(client, &sql, true).await
 }
 

@@ -571,6 +571,42 @@ fn confirmed(question: &str, confirm: &Confirm) -> Result<bool, Box<dyn std::err
     Ok(matches!(answer.trim(), "yes" | "y"))
 }
 
+/// Shows what `which` selects (a sample, and the count) and asks before changing it (`--yes`
+/// skips the question, `--json` prints only the result). `None`: nothing to do, or declined.
+async fn preview_and_confirm(
+    client: &Client,
+    which: Requeue,
+    selection: &Selection,
+    confirm: &Confirm,
+    (verb, noun, with_error): (&str, &str, bool),
+    note: &str,
+) -> Result<Option<(u64, Vec<admin::SelectedEvent>)>, Box<dyn std::error::Error>> {
+    let (count, sample) = admin::preview(client, which, selection, 20).await?;
+    if count == 0 {
+        if confirm.json {
+            println!("{}", json!({"selected": 0, "changed": 0}));
+        } else {
+            println!("no {noun} events match");
+        }
+        return Ok(None);
+    }
+    if !confirm.json {
+        print!("{}", render::events(&sample, with_error));
+        if count > sample.len() as u64 {
+            println!("… and {} more", count - sample.len() as u64);
+        }
+    }
+    let question = format!(
+        "{verb} {count} {noun} event{}{note}",
+        if count == 1 { "" } else { "s" }
+    );
+    if !confirmed(&question, confirm)? {
+        println!("nothing changed");
+        return Ok(None);
+    }
+    Ok(Some((count, sample)))
+}
+
 async fn requeue(
     client: &Client,
     which: Requeue,
@@ -582,29 +618,18 @@ async fn requeue(
         Requeue::Dead => ("redrive", "dead", true),
         Requeue::Published => ("replay", "published", false),
     };
-    let (count, sample) = admin::preview(client, which, selection, 20).await?;
-    if count == 0 {
-        if confirm.json {
-            println!("{}", json!({"selected": 0, "changed": 0}));
-        } else {
-            println!("no {noun} events match");
-        }
+    let Some((count, sample)) = preview_and_confirm(
+        client,
+        which,
+        selection,
+        confirm,
+        (verb, noun, with_error),
+        "",
+    )
+    .await?
+    else {
         return Ok(());
-    }
-    if !confirm.json {
-        print!("{}", render::events(&sample, with_error));
-        if count > sample.len() as u64 {
-            println!("… and {} more", count - sample.len() as u64);
-        }
-    }
-    let question = format!(
-        "{verb} {count} {noun} event{}",
-        if count == 1 { "" } else { "s" }
-    );
-    if !confirmed(&question, confirm)? {
-        println!("nothing changed");
-        return Ok(());
-    }
+    };
     let changed = admin::requeue(client, which, selection).await?;
     let blocking = match which {
         Requeue::Dead => admin::blocking_dead(client, selection).await?,
@@ -650,29 +675,18 @@ async fn discard(
     if reason.trim().is_empty() {
         return Err("--reason must say why the events are given up".into());
     }
-    let (count, sample) = admin::preview(client, Requeue::Dead, selection, 20).await?;
-    if count == 0 {
-        if confirm.json {
-            println!("{}", json!({"selected": 0, "discarded": 0}));
-        } else {
-            println!("no dead events match");
-        }
+    let Some((count, _)) = preview_and_confirm(
+        client,
+        Requeue::Dead,
+        selection,
+        confirm,
+        ("discard", "dead", true),
+        " (never published)",
+    )
+    .await?
+    else {
         return Ok(());
-    }
-    if !confirm.json {
-        print!("{}", render::events(&sample, true));
-        if count > sample.len() as u64 {
-            println!("… and {} more", count - sample.len() as u64);
-        }
-    }
-    let question = format!(
-        "discard {count} dead event{} (never published)",
-        if count == 1 { "" } else { "s" }
-    );
-    if !confirmed(&question, confirm)? {
-        println!("nothing changed");
-        return Ok(());
-    }
+    };
     let report = admin::discard(client, selection, reason).await?;
     if confirm.json {
         println!(
