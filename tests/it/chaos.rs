@@ -5,13 +5,18 @@
 //! reading it as on AWS) while the producers run, and a sink fed every published message with
 //! extra duplicates in random order. At the end: nothing lost, nothing applied twice, projections
 //! equal to the payments table, per-aggregate order kept on the wire, and the dead rows exactly the
-//! poisoned events. One summary line; `CHAOS_COMMANDS` scales it (default 5000).
+//! poisoned events. Beside them, an operator replays published events, redrives dead ones and
+//! discards dead notes (an SQL producer's events of its own aggregate type, a few poisoned), while
+//! that producer holds each of its transactions open for a second or two across several
+//! aggregates: replays change nothing applied, redriven poison dies again, and a discarded note
+//! lets its aggregate's next notes go. One summary line; `CHAOS_COMMANDS` scales it (default 5000).
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
+use outbox_shared::postgres::admin::{self, Requeue, Selection};
 use outbox_shared::postgres::payments::PgPaymentStore;
 use outbox_tests::aws::{self, moto_endpoint};
 use outbox_tests::cluster::PrivateCluster;
@@ -24,6 +29,8 @@ use outbox_tests::{
 use payment_command::{HandlerConfig, PaymentCommandHandler};
 
 const POISON: &str = "chaos-poison";
+/// In a note's payload: the bus refuses it, the operator discards it.
+const POISON_NOTE: &str = "chaos-discard";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_run_loses_nothing_and_applies_everything_once() {
@@ -44,11 +51,13 @@ async fn chaos_run_loses_nothing_and_applies_everything_once() {
         .keep_bodies
         .store(true, std::sync::atomic::Ordering::Relaxed);
     proxy.set_random_fault_rate(0.15);
-    proxy.add_poison(PoisonRule {
-        needle: POISON.into(),
-        code: "InvalidParameter".into(),
-        sender_fault: true,
-    });
+    for needle in [POISON, POISON_NOTE] {
+        proxy.add_poison(PoisonRule {
+            needle: needle.into(),
+            code: "InvalidParameter".into(),
+            sender_fault: true,
+        });
+    }
 
     // Dispatcher processes, killed at random while the producers run and after.
     let spawn = |i: usize| {
@@ -120,6 +129,15 @@ async fn chaos_run_loses_nothing_and_applies_everything_once() {
         }));
     }
 
+    // An SQL producer of notes (its own aggregate type, unknown to the sink): each transaction
+    // appends to two or three aggregates in key order and stays open 1-2 s; 1 note in 15 is
+    // poisoned. And an operator replaying, redriving and discarding while everything runs.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut side_tasks = Some((
+        tokio::spawn(note_producer(db.settings.clone(), stop.clone())),
+        tokio::spawn(operator(db.settings.clone(), stop.clone())),
+    ));
+
     // While the producers run: three restarts and one rotation, each once the outbox holds this
     // share of the expected events (roughly 1.3 per command).
     let mut faults = vec![
@@ -137,6 +155,8 @@ async fn chaos_run_loses_nothing_and_applies_everything_once() {
     let producers = futures_util::future::join_all(producers);
     tokio::pin!(producers);
     let mut produced = None;
+    let mut notes_held = 0;
+    let mut actions = Actions::default();
     loop {
         tokio::select! {
             done = &mut producers, if produced.is_none() => produced = Some(done),
@@ -178,11 +198,25 @@ async fn chaos_run_loses_nothing_and_applies_everything_once() {
             }
         }
         if produced.is_some() && kills >= 20 {
+            if let Some((notes, operator)) = side_tasks.take() {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                notes_held = notes.await.expect("note producer");
+                actions = operator.await.expect("operator");
+            }
+            // Dead notes are given up, as an operator would, so their aggregates' notes go.
             let client = db.client().await;
+            let note = Selection {
+                aggregate_type: Some("note".into()),
+                ..Selection::default()
+            };
+            actions.discarded += admin::discard(&client, &note, "chaos: poisoned note")
+                .await
+                .expect("discard dead notes")
+                .discarded;
             let due = db
-                .count(&client, "outbox o WHERE status = 'pending' AND NOT EXISTS (
+                .count(&client, "outbox o WHERE (status = 'pending' AND NOT EXISTS (
                     SELECT 1 FROM outbox e WHERE e.tenant_id = o.tenant_id AND e.aggregate_id = o.aggregate_id
-                    AND e.aggregate_version < o.aggregate_version AND e.status = 'dead')")
+                    AND e.aggregate_version < o.aggregate_version AND e.status = 'dead')) OR replay")
                 .await;
             if due == 0 {
                 break;
@@ -210,7 +244,9 @@ async fn chaos_run_loses_nothing_and_applies_everything_once() {
     // 0 lost: every event that is not dead or parked behind a dead one reached the bus.
     let outbox: Vec<(String, String, String, i64, String)> = client
         .query(
-            "SELECT event_id::text, tenant_id, aggregate_id, aggregate_version, status FROM outbox",
+            "SELECT event_id::text, tenant_id, aggregate_type || '/' || aggregate_id,
+                    aggregate_version, status
+             FROM outbox",
             &[],
         )
         .await
@@ -224,6 +260,11 @@ async fn chaos_run_loses_nothing_and_applies_everything_once() {
         .iter()
         .filter(|e| e.4 == "dead")
         .map(|e| format!("{}/{}", e.1, e.2))
+        .collect();
+    // The payments' dead events (named tenant/payment, as the producers name the poisoned ones).
+    let dead_payments: HashSet<String> = dead
+        .iter()
+        .filter_map(|d| d.split_once("/payment/").map(|(t, p)| format!("{t}/{p}")))
         .collect();
     let lost = outbox
         .iter()
@@ -294,8 +335,48 @@ async fn chaos_run_loses_nothing_and_applies_everything_once() {
                     OR p.refunded_minor <> v.refunded_minor OR p.status <> v.status OR p.version <> v.last_version)",
         )
         .await;
-    let applied = db.count(&client, "processed_events").await as usize;
-    let published_events = outbox.iter().filter(|e| e.4 == "published").count();
+    let applied = db
+        .count(
+            &client,
+            "processed_events WHERE event_type LIKE 'payment.%'",
+        )
+        .await as usize;
+    // Notes: every one published or discarded, none dead or waiting.
+    let notes_published = db
+        .count(
+            &client,
+            "outbox WHERE aggregate_type = 'note' AND status = 'published'",
+        )
+        .await;
+    let notes_discarded = db
+        .count(
+            &client,
+            "outbox WHERE aggregate_type = 'note' AND status = 'discarded'",
+        )
+        .await;
+    let notes_left = db
+        .count(
+            &client,
+            "outbox WHERE aggregate_type = 'note' AND status NOT IN ('published', 'discarded')",
+        )
+        .await;
+    let notes_arrived = {
+        let ids: Vec<String> = client
+            .query(
+                "SELECT event_id::text FROM outbox WHERE aggregate_type = 'note' AND status = 'published'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        ids.iter().filter(|id| arrived_set.contains(id)).count() as i64
+    };
+    let published_events = outbox
+        .iter()
+        .filter(|e| e.4 == "published" && e.2.starts_with("payment/"))
+        .count();
     let duplicates_applied = applied.saturating_sub(published_events);
     let calls = proxy
         .stats
@@ -311,12 +392,16 @@ async fn chaos_run_loses_nothing_and_applies_everything_once() {
         "chaos: commands={sent} events={} published={published_events} lost={lost} unpublished={unpublished} \
          duplicates_applied={duplicates_applied} projection_mismatches={mismatches} order_violations={order_violations} \
          dead={} poisoned={} kills={kills} pg_restarts={restarts} rotations={rotations} retried_503={unavailable} publish_calls={calls} faulted={faulted} ({:.1}%) bus_deliveries={} \
-         sink_deliveries={deliveries} seconds={:.0}",
+         sink_deliveries={deliveries} replays={} redrives={} discards={} notes_published={notes_published} \
+         notes_discarded={notes_discarded} notes_left={notes_left} held_open_transactions={notes_held} seconds={:.0}",
         outbox.len(),
-        dead.len(),
+        dead_payments.len(),
         poisoned.len(),
         fault_rate * 100.0,
         arrived.len(),
+        actions.replayed,
+        actions.redriven,
+        actions.discarded,
         started.elapsed().as_secs_f64()
     );
     assert!(sent >= commands);
@@ -329,7 +414,11 @@ async fn chaos_run_loses_nothing_and_applies_everything_once() {
     );
     assert_eq!(mismatches, 0);
     assert_eq!(order_violations, 0);
-    assert_eq!(dead, poisoned, "dead rows are exactly the poisoned events");
+    assert_eq!(
+        dead_payments, poisoned,
+        "dead rows are exactly the poisoned events"
+    );
+    assert_eq!(dead.len(), dead_payments.len(), "no dead note is left");
     assert!(kills >= 20);
     assert_eq!(
         (restarts, rotations),
@@ -337,6 +426,141 @@ async fn chaos_run_loses_nothing_and_applies_everything_once() {
         "every planned database fault happened"
     );
     assert!(fault_rate >= 0.10, "fault rate {fault_rate}");
+    assert_eq!(notes_left, 0, "every note published or discarded");
+    assert_eq!(
+        notes_arrived, notes_published,
+        "every published note reached the bus"
+    );
+    assert!(
+        notes_discarded > 0 && notes_held > 0,
+        "notes were discarded and held open"
+    );
+    assert!(
+        actions.replayed > 0 && actions.redriven > 0,
+        "the operator replayed and redrove: {actions:?}"
+    );
+}
+
+/// What the operator did (rows changed).
+#[derive(Debug, Default)]
+struct Actions {
+    replayed: u64,
+    redriven: u64,
+    discarded: u64,
+}
+
+/// Appends notes by plain SQL until `stop`: each transaction takes 2-3 aggregates in key order
+/// (producers of several aggregates must, or they deadlock each other), appends one note to each
+/// and stays open 1-2 s. Returns how many transactions committed. A restart ends a transaction:
+/// it is simply tried again on a new connection.
+async fn note_producer(
+    settings: outbox_shared::postgres::DatabaseSettings,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> u64 {
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut committed = 0;
+    let mut n = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let Ok(mut client) = settings.connect().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let mut aggregates: Vec<String> = (0..rng.usize(2..=3))
+            .map(|_| format!("note-{}", rng.u32(0..40)))
+            .collect();
+        aggregates.sort();
+        aggregates.dedup();
+        let result = async {
+            let tx = client.transaction().await?;
+            for aggregate in &aggregates {
+                n += 1;
+                let payload = if n % 15 == 0 {
+                    serde_json::json!({"text": POISON_NOTE})
+                } else {
+                    serde_json::json!({"text": format!("note {n}")})
+                };
+                tx.execute(
+                    "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id,
+                                         event_type, schema_version, payload)
+                     VALUES (gen_random_uuid(), 'acme', 'note', $1, 'chaos.note', 1, $2)",
+                    &[aggregate, &payload],
+                )
+                .await?;
+            }
+            tokio::time::sleep(Duration::from_millis(rng.u64(1_000..2_000))).await;
+            tx.commit().await
+        }
+        .await;
+        if result.is_ok() {
+            committed += 1;
+        }
+    }
+    committed
+}
+
+/// Every 0.3-1 s until `stop`: replays five published payment events, redrives a tenant's dead
+/// events, or discards dead notes, each on a fresh connection (a restart ends sessions; a failed
+/// action is tried at the next tick).
+async fn operator(
+    settings: outbox_shared::postgres::DatabaseSettings,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Actions {
+    let mut rng = fastrand::Rng::with_seed(11);
+    let mut actions = Actions::default();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(rng.u64(300..1_000))).await;
+        let Ok(client) = settings.connect().await else {
+            continue;
+        };
+        let tenant = ["acme", "globex", "initech", "umbrella"][rng.usize(0..4)];
+        match rng.u32(0..3) {
+            0 => {
+                let Ok(rows) = client
+                    .query(
+                        "SELECT event_id FROM outbox
+                         WHERE tenant_id = $1 AND aggregate_type = 'payment' AND status = 'published'
+                         ORDER BY random() LIMIT 5",
+                        &[&tenant],
+                    )
+                    .await
+                else {
+                    continue;
+                };
+                let selection = Selection {
+                    event_ids: rows.iter().map(|r| r.get(0)).collect(),
+                    tenant_id: Some(tenant.into()),
+                    ..Selection::default()
+                };
+                if !selection.event_ids.is_empty() {
+                    if let Ok(n) = admin::requeue(&client, Requeue::Published, &selection).await {
+                        actions.replayed += n;
+                    }
+                }
+            }
+            1 => {
+                let selection = Selection {
+                    tenant_id: Some(tenant.into()),
+                    aggregate_type: Some("payment".into()),
+                    ..Selection::default()
+                };
+                if let Ok(n) = admin::requeue(&client, Requeue::Dead, &selection).await {
+                    actions.redriven += n;
+                }
+            }
+            _ => {
+                let selection = Selection {
+                    aggregate_type: Some("note".into()),
+                    ..Selection::default()
+                };
+                if let Ok(report) =
+                    admin::discard(&client, &selection, "chaos: poisoned note").await
+                {
+                    actions.discarded += report.discarded;
+                }
+            }
+        }
+    }
+    actions
 }
 
 #[derive(Debug, Clone, Copy)]
