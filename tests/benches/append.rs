@@ -1,0 +1,128 @@
+//! The append's cost to the database: PostgreSQL CPU per event of a bulk `INSERT ... SELECT` and
+//! of single-row autocommitted inserts, into this project's outbox (versions and heads by its
+//! triggers) and into a minimal outbox (9 columns, primary key and one partial index) measured in
+//! the same run. `BENCH_APPEND_ROWS` (default 100000, over 5000 aggregates) and
+//! `BENCH_APPEND_SINGLE` (default 5000) size it.
+
+use outbox_tests::bench::{env_usize, Stopwatch};
+use outbox_tests::TestDb;
+
+const MINIMAL: &str = "
+    CREATE TABLE minimal_outbox (
+        id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        event_id          uuid        NOT NULL,
+        aggregate_type    text        NOT NULL,
+        aggregate_id      text        NOT NULL,
+        aggregate_version bigint      NOT NULL,
+        event_type        text        NOT NULL,
+        payload           jsonb       NOT NULL,
+        status            text        NOT NULL DEFAULT 'pending',
+        created_at        timestamptz NOT NULL DEFAULT now());
+    CREATE INDEX minimal_outbox_pending ON minimal_outbox (id) WHERE status = 'pending'";
+
+/// ~300-byte payloads, 5000 aggregates, each aggregate's events in order.
+fn bulk_sql(table: &str, rows: usize) -> String {
+    let aggregates = 5_000.min(rows.max(1));
+    match table {
+        "minimal_outbox" => format!(
+            "INSERT INTO minimal_outbox (event_id, aggregate_type, aggregate_id, aggregate_version,
+                                         event_type, payload)
+             SELECT gen_random_uuid(), 'order', 'o-' || (n % {aggregates}), n / {aggregates} + 1,
+                    'order.changed', jsonb_build_object('note', repeat('x', 250), 'n', n)
+             FROM generate_series(0, {rows} - 1) n"
+        ),
+        _ => format!(
+            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
+                                 schema_version, payload, metadata)
+             SELECT gen_random_uuid(), 'acme', 'order', 'o-' || (n % {aggregates}), 'order.changed',
+                    1, jsonb_build_object('note', repeat('x', 250), 'n', n),
+                    '{{\"correlation_id\":\"bench\",\"source\":\"bench\"}}'
+             FROM generate_series(0, {rows} - 1) n"
+        ),
+    }
+}
+
+fn single_sql(table: &str) -> &'static str {
+    match table {
+        "minimal_outbox" => {
+            "INSERT INTO minimal_outbox (event_id, aggregate_type, aggregate_id, aggregate_version,
+                                         event_type, payload)
+             VALUES (gen_random_uuid(), 'order', $1, $2, 'order.changed',
+                     jsonb_build_object('note', repeat('x', 250), 'n', $2))"
+        }
+        _ => {
+            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
+                                 schema_version, payload, metadata)
+             VALUES (gen_random_uuid(), 'acme', 'order', $1, 'order.changed', 1,
+                     jsonb_build_object('note', repeat('x', 250), 'n', $2),
+                     '{\"correlation_id\":\"bench\",\"source\":\"bench\"}')"
+        }
+    }
+}
+
+/// (bulk µs/event, bulk seconds, single µs/event, single events/s) of PostgreSQL for `table`.
+async fn measure(table: &str, rows: usize, single: usize) -> (f64, f64, f64, f64) {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    if table == "minimal_outbox" {
+        client.batch_execute(MINIMAL).await.expect("minimal outbox");
+    }
+    client
+        .batch_execute("CHECKPOINT")
+        .await
+        .expect("checkpoint");
+    let bulk = Stopwatch::start();
+    client
+        .batch_execute(&bulk_sql(table, rows))
+        .await
+        .expect("bulk append");
+    let bulk = bulk.stop(rows);
+    let statement = client
+        .prepare(single_sql(table))
+        .await
+        .expect("prepare the append");
+    let one = Stopwatch::start();
+    for n in 0..single as i64 {
+        // 500 aggregates, each appended to in turn (versions after the bulk's).
+        let aggregate = format!("s-{}", n % 500);
+        let version = n / 500 + 1;
+        client
+            .execute(&statement, &[&aggregate, &version])
+            .await
+            .expect("single append");
+    }
+    let one = one.stop(single);
+    drop(client);
+    db.drop_database().await;
+    (
+        bulk.cpu.postgres_us,
+        rows as f64 / bulk.rate,
+        one.cpu.postgres_us,
+        one.rate,
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    let rows = env_usize("BENCH_APPEND_ROWS", 100_000);
+    let single = env_usize("BENCH_APPEND_SINGLE", 5_000);
+    let minimal = measure("minimal_outbox", rows, single).await;
+    let project = measure("outbox", rows, single).await;
+    println!("## Append: PostgreSQL CPU per event ({rows} events over 5000 aggregates in one INSERT ... SELECT; {single} single-row autocommitted inserts)\n");
+    println!("| outbox | bulk µs/event | bulk s | single-row µs/event | single-row events/s |");
+    println!("|---|---|---|---|---|");
+    for (name, m) in [
+        ("minimal (9 columns, PK + 1 partial index)", minimal),
+        ("this project", project),
+    ] {
+        println!(
+            "| {name} | {:.1} | {:.2} | {:.1} | {:.0} |",
+            m.0, m.1, m.2, m.3
+        );
+    }
+    println!(
+        "\nratio this project / minimal: bulk {:.2}x, single-row {:.2}x",
+        project.0 / minimal.0,
+        project.2 / minimal.2
+    );
+}
