@@ -71,10 +71,10 @@ DROP FUNCTION outbox_reset_heads(bigint[]);
 -- 2. Appending ---------------------------------------------------------------------------------
 -- Every append (Rust, plain SQL with or without a version, ON CONFLICT, INSERT ... SELECT, COPY,
 -- capture triggers): lock the aggregate, take the next version, decide the head.
---   * The version is one past the highest the aggregate ever had: outbox_aggregates.last_version
---     (advanced after each statement, so it survives retention) or a row of the outbox (rows
---     earlier in the same statement are visible here). An append skipped by ON CONFLICT never
---     advances it, so no version is lost.
+--   * The version is one past the highest the aggregate ever had: the highest row of the outbox
+--     (rows earlier in the same statement are visible here), or outbox_aggregates.last_version,
+--     which retention sets before it deletes an aggregate's latest row. Nothing is taken before
+--     the row is really inserted, so an append skipped by ON CONFLICT takes no version.
 --   * An explicit aggregate_version must be exactly the next one: at or below the last is a
 --     duplicate (unique violation), above it would leave a gap consumers wait on forever.
 CREATE OR REPLACE FUNCTION outbox_append_order() RETURNS trigger
@@ -93,13 +93,11 @@ BEGIN
             'source', coalesce(nullif(current_setting('outbox.source', true), ''), 'database'))
             || NEW.metadata;
     END IF;
-    INSERT INTO outbox_aggregates (tenant_id, aggregate_type, aggregate_id, last_version)
+    -- Locks the aggregate until this transaction ends (the no-op update takes the row lock).
+    INSERT INTO outbox_aggregates AS a (tenant_id, aggregate_type, aggregate_id, last_version)
     VALUES (NEW.tenant_id, NEW.aggregate_type, NEW.aggregate_id, 0)
-    ON CONFLICT DO NOTHING;
-    SELECT a.last_version INTO last FROM outbox_aggregates a
-    WHERE a.tenant_id = NEW.tenant_id AND a.aggregate_type = NEW.aggregate_type
-      AND a.aggregate_id = NEW.aggregate_id
-    FOR UPDATE;
+    ON CONFLICT (tenant_id, aggregate_type, aggregate_id) DO UPDATE SET last_version = a.last_version
+    RETURNING a.last_version INTO last;
     SELECT greatest(last, coalesce(max(o.aggregate_version), 0)) INTO last FROM outbox o
     WHERE o.tenant_id = NEW.tenant_id AND o.aggregate_type = NEW.aggregate_type
       AND o.aggregate_id = NEW.aggregate_id;
@@ -129,22 +127,6 @@ BEGIN
     END IF;
     RETURN NEW;
 END $$;
-
--- After each statement: the aggregates' last versions, from the rows it really inserted.
-CREATE FUNCTION outbox_advance_versions() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    UPDATE outbox_aggregates a SET last_version = n.v
-    FROM (SELECT tenant_id, aggregate_type, aggregate_id, max(aggregate_version) AS v
-          FROM appended GROUP BY 1, 2, 3 ORDER BY 1, 2, 3) n
-    WHERE a.tenant_id = n.tenant_id AND a.aggregate_type = n.aggregate_type
-      AND a.aggregate_id = n.aggregate_id AND a.last_version < n.v;
-    RETURN NULL;
-END $$;
-
-CREATE TRIGGER outbox_advance_versions AFTER INSERT ON outbox
-    REFERENCING NEW TABLE AS appended
-    FOR EACH STATEMENT EXECUTE FUNCTION outbox_advance_versions();
 
 -- At the producer's COMMIT, for a row that was not head when appended: its predecessor may have
 -- been published (or discarded) since. The predecessor is read FOR SHARE, so a dispatcher
@@ -371,21 +353,52 @@ BEGIN
 END $$;
 
 -- Retention: published rows whose replay is delivered; never pending, dead or discarded ones.
+-- Before an aggregate's latest row goes, its version is kept in outbox_aggregates.last_version
+-- (the next append continues from it), under the aggregate's lock taken SKIP LOCKED: the latest
+-- row of an aggregate a producer is appending to right now stays for the next run.
 CREATE OR REPLACE FUNCTION outbox_delete_published(retention interval, max_rows integer)
 RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
-    cutoff  timestamptz := now() - retention;
-    bound   bigint := outbox_first_id_at(cutoff);
-    deleted integer;
+    cutoff     timestamptz := now() - retention;
+    bound      bigint := outbox_first_id_at(cutoff);
+    candidates bigint[];
+    kept_back  bigint[];
+    deleted    integer;
 BEGIN
-    DELETE FROM outbox
-    WHERE id = ANY (ARRAY(
+    candidates := ARRAY(
         SELECT id FROM outbox
         WHERE id < bound
           AND status = 'published' AND NOT replay AND published_at < cutoff
         ORDER BY id
         LIMIT max_rows
-        FOR UPDATE SKIP LOCKED));
+        FOR UPDATE SKIP LOCKED);
+    WITH latest AS (
+        SELECT c.id, c.tenant_id, c.aggregate_type, c.aggregate_id, c.aggregate_version
+        FROM outbox c
+        WHERE c.id = ANY (candidates)
+          AND NOT EXISTS (SELECT 1 FROM outbox n
+                          WHERE n.tenant_id = c.tenant_id AND n.aggregate_type = c.aggregate_type
+                            AND n.aggregate_id = c.aggregate_id
+                            AND n.aggregate_version > c.aggregate_version)
+    ), locked AS (
+        SELECT a.tenant_id, a.aggregate_type, a.aggregate_id, l.aggregate_version
+        FROM outbox_aggregates a
+        JOIN latest l ON l.tenant_id = a.tenant_id AND l.aggregate_type = a.aggregate_type
+                     AND l.aggregate_id = a.aggregate_id
+        ORDER BY 1, 2, 3
+        FOR UPDATE OF a SKIP LOCKED
+    ), kept AS (
+        UPDATE outbox_aggregates a SET last_version = k.aggregate_version
+        FROM locked k
+        WHERE a.tenant_id = k.tenant_id AND a.aggregate_type = k.aggregate_type
+          AND a.aggregate_id = k.aggregate_id AND a.last_version < k.aggregate_version
+    )
+    SELECT coalesce(array_agg(l.id), '{}') INTO kept_back
+    FROM latest l
+    WHERE NOT EXISTS (SELECT 1 FROM locked k
+                      WHERE k.tenant_id = l.tenant_id AND k.aggregate_type = l.aggregate_type
+                        AND k.aggregate_id = l.aggregate_id);
+    DELETE FROM outbox WHERE id = ANY (candidates) AND NOT id = ANY (kept_back);
     GET DIAGNOSTICS deleted = ROW_COUNT;
     RETURN deleted;
 END $$;

@@ -48,13 +48,13 @@ fn single_sql(table: &str) -> &'static str {
             "INSERT INTO minimal_outbox (event_id, aggregate_type, aggregate_id, aggregate_version,
                                          event_type, payload)
              VALUES (gen_random_uuid(), 'order', $1, $2, 'order.changed',
-                     jsonb_build_object('note', repeat('x', 250), 'n', $2))"
+                     jsonb_build_object('note', repeat('x', 250), 'n', $2::bigint))"
         }
         _ => {
             "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
                                  schema_version, payload, metadata)
              VALUES (gen_random_uuid(), 'acme', 'order', $1, 'order.changed', 1,
-                     jsonb_build_object('note', repeat('x', 250), 'n', $2),
+                     jsonb_build_object('note', repeat('x', 250), 'n', $2::bigint),
                      '{\"correlation_id\":\"bench\",\"source\":\"bench\"}')"
         }
     }

@@ -859,21 +859,7 @@ impl Schedule<'_> {
         before: &[Row],
         step: &str,
     ) -> Result<(), Violation> {
-        let later_ids: HashSet<i64> = later.ids().into_iter().collect();
-        if !later.is_empty() {
-            // Deferred (a producer held a row): recorded on a later step, as the drain does.
-            let rows = batch
-                .rows
-                .iter()
-                .copied()
-                .filter(|(id, _)| later_ids.contains(id))
-                .collect();
-            self.h.batches.push(Batch {
-                dispatcher: batch.dispatcher,
-                owner: batch.owner.clone(),
-                rows,
-            });
-        }
+        let later_ids = self.keep_deferred(batch, later);
         let after = self.h.rows().await;
         for &(id, replay) in &batch.rows {
             if later_ids.contains(&id) {
@@ -1104,24 +1090,30 @@ impl Schedule<'_> {
                 self.note_claim(1, claim_owner, &claimed, rows, false, &step)?;
             }
         }
-        if let (Some((batch, outcomes)), Some(result)) = (record, recorded) {
+        if let (Some((batch, _)), Some(result)) = (record, recorded) {
             let later = result.map_err(|e| store_violation(&step, &e))?;
-            if !later.is_empty() {
-                let ids: HashSet<i64> = later.ids().into_iter().collect();
-                self.h.batches.push(Batch {
-                    dispatcher: batch.dispatcher,
-                    owner: batch.owner.clone(),
-                    rows: batch
-                        .rows
-                        .iter()
-                        .copied()
-                        .filter(|(id, _)| ids.contains(id))
-                        .collect(),
-                });
-            }
-            let _ = outcomes;
+            self.keep_deferred(&batch, &later);
         }
         Ok(step)
+    }
+
+    /// Outcomes the record deferred (someone held the row) stay a batch of their own, recorded on
+    /// a later step, as the drain does. Returns their ids.
+    fn keep_deferred(&mut self, batch: &Batch, later: &Outcomes) -> HashSet<i64> {
+        let ids: HashSet<i64> = later.ids().into_iter().collect();
+        if !ids.is_empty() {
+            self.h.batches.push(Batch {
+                dispatcher: batch.dispatcher,
+                owner: batch.owner.clone(),
+                rows: batch
+                    .rows
+                    .iter()
+                    .copied()
+                    .filter(|(id, _)| ids.contains(id))
+                    .collect(),
+            });
+        }
+        ids
     }
 
     /// The end of a schedule: producers commit, leases run out, dispatchers drain with every
