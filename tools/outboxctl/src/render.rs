@@ -86,6 +86,7 @@ pub fn status(report: &StatusReport) -> String {
                 t.pending.to_string(),
                 t.published.to_string(),
                 t.dead.to_string(),
+                t.discarded.to_string(),
             ]
         })
         .collect();
@@ -97,8 +98,12 @@ pub fn status(report: &StatusReport) -> String {
         sum(|t| t.pending),
         sum(|t| t.published),
         sum(|t| t.dead),
+        sum(|t| t.discarded),
     ]);
-    out.push_str(&table(&["TENANT", "PENDING", "PUBLISHED", "DEAD"], &rows));
+    out.push_str(&table(
+        &["TENANT", "PENDING", "PUBLISHED", "DEAD", "DISCARDED"],
+        &rows,
+    ));
     out.push('\n');
     match &report.oldest_pending {
         Some(o) => {
