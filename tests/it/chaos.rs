@@ -130,8 +130,9 @@ async fn chaos_run_loses_nothing_and_applies_everything_once() {
     }
 
     // An SQL producer of notes (its own aggregate type, unknown to the sink): each transaction
-    // appends to two or three aggregates in key order and stays open 1-2 s; 1 note in 15 is
-    // poisoned. And an operator replaying, redriving and discarding while everything runs.
+    // appends to two or three aggregates in key order and stays open 1-2 s; every fifth
+    // transaction carries a poisoned note. And an operator replaying, redriving and discarding
+    // while everything runs.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut side_tasks = Some((
         tokio::spawn(note_producer(db.settings.clone(), stop.clone())),
@@ -451,8 +452,10 @@ struct Actions {
 
 /// Appends notes by plain SQL until `stop`: each transaction takes 2-3 aggregates in key order
 /// (producers of several aggregates must, or they deadlock each other), appends one note to each
-/// and stays open 1-2 s. Returns how many transactions committed. A restart ends a transaction:
-/// it is simply tried again on a new connection.
+/// and stays open 1-2 s. Every fifth transaction carries a poisoned note. A restart ends a
+/// transaction: the same notes are tried again on a new connection, so what a transaction holds
+/// does not depend on when the faults fall, and the producer does not stop before a poisoned note
+/// has committed. Returns how many transactions committed.
 async fn note_producer(
     settings: outbox_shared::postgres::DatabaseSettings,
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -460,39 +463,53 @@ async fn note_producer(
     let mut rng = fastrand::Rng::with_seed(7);
     let mut committed = 0;
     let mut n = 0u64;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let Ok(mut client) = settings.connect().await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
+    let mut poison_committed = false;
+    while !(poison_committed && stop.load(std::sync::atomic::Ordering::Relaxed)) {
         let mut aggregates: Vec<String> = (0..rng.usize(2..=3))
             .map(|_| format!("note-{}", rng.u32(0..40)))
             .collect();
         aggregates.sort();
         aggregates.dedup();
-        let result = async {
-            let tx = client.transaction().await?;
-            for aggregate in &aggregates {
+        let poisoned = committed % 5 == 0;
+        let notes: Vec<(String, serde_json::Value)> = aggregates
+            .into_iter()
+            .enumerate()
+            .map(|(i, aggregate)| {
                 n += 1;
-                let payload = if n % 15 == 0 {
-                    serde_json::json!({"text": POISON_NOTE})
+                let text = if poisoned && i == 0 {
+                    POISON_NOTE.to_string()
                 } else {
-                    serde_json::json!({"text": format!("note {n}")})
+                    format!("note {n}")
                 };
-                tx.execute(
-                    "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id,
-                                         event_type, schema_version, payload)
-                     VALUES (gen_random_uuid(), 'acme', 'note', $1, 'chaos.note', 1, $2)",
-                    &[aggregate, &payload],
-                )
-                .await?;
+                (aggregate, serde_json::json!({ "text": text }))
+            })
+            .collect();
+        let hold = Duration::from_millis(rng.u64(1_000..2_000));
+        loop {
+            let Ok(mut client) = settings.connect().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let result = async {
+                let tx = client.transaction().await?;
+                for (aggregate, payload) in &notes {
+                    tx.execute(
+                        "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id,
+                                             event_type, schema_version, payload)
+                         VALUES (gen_random_uuid(), 'acme', 'note', $1, 'chaos.note', 1, $2)",
+                        &[aggregate, payload],
+                    )
+                    .await?;
+                }
+                tokio::time::sleep(hold).await;
+                tx.commit().await
             }
-            tokio::time::sleep(Duration::from_millis(rng.u64(1_000..2_000))).await;
-            tx.commit().await
-        }
-        .await;
-        if result.is_ok() {
-            committed += 1;
+            .await;
+            if result.is_ok() {
+                committed += 1;
+                poison_committed |= poisoned;
+                break;
+            }
         }
     }
     committed
@@ -500,14 +517,18 @@ async fn note_producer(
 
 /// Every 0.3-1 s until `stop`: replays five published payment events, redrives a tenant's dead
 /// events, or discards dead notes, each on a fresh connection (a restart ends sessions; a failed
-/// action is tried at the next tick).
+/// action is tried at the next tick). It goes on after `stop` until it has replayed and redriven
+/// at least once, so a slow run still interleaves both with the dispatchers.
 async fn operator(
     settings: outbox_shared::postgres::DatabaseSettings,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Actions {
     let mut rng = fastrand::Rng::with_seed(11);
     let mut actions = Actions::default();
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+    while !(stop.load(std::sync::atomic::Ordering::Relaxed)
+        && actions.replayed > 0
+        && actions.redriven > 0)
+    {
         tokio::time::sleep(Duration::from_millis(rng.u64(300..1_000))).await;
         let Ok(client) = settings.connect().await else {
             continue;
