@@ -104,18 +104,39 @@ const CLAIM: &str = "
 /// deferred (returned), successors promoted.
 const RECORD: &str = "SELECT outbox_record($1, $2, $3, $4, $5, $6, $7)";
 
-/// Served by the two partial indexes (pending, dead): the cost follows the backlog, not the
-/// rows retained. With the cluster's oldest transaction holding an xid.
+/// The backlog of one tenant ($1), or of all when $1 is NULL: what the dispatcher reports after
+/// each drain and `outboxctl status` shows. Served by the two partial indexes (pending, dead):
+/// the cost follows the backlog, not the rows retained. With the cluster's oldest transaction
+/// holding an xid.
 fn backlog_sql() -> String {
     format!(
         "SELECT p.pending,
                 coalesce(extract(epoch FROM now() - p.oldest), 0)::float8 AS oldest_age,
-                (SELECT count(*) FROM outbox WHERE status = 'dead') AS dead,
+                (SELECT count(*) FROM outbox
+                 WHERE status = 'dead' AND ($1::text IS NULL OR tenant_id = $1)) AS dead,
                 {} AS oldest_xact_age
          FROM (SELECT count(*) AS pending, min(created_at) AS oldest
-               FROM outbox WHERE status = 'pending') p",
+               FROM outbox
+               WHERE status = 'pending' AND ($1::text IS NULL OR tenant_id = $1)) p",
         crate::outbox::OLDEST_TRANSACTION_AGE_SQL
     )
+}
+
+/// Reads the backlog of `tenant`, or of every tenant, on `client`.
+pub(crate) async fn backlog_in(
+    client: &tokio_postgres::Client,
+    tenant: Option<&str>,
+) -> Result<crate::outbox::Backlog, tokio_postgres::Error> {
+    let rows = client
+        .query_typed(&backlog_sql(), &[(&tenant, Type::TEXT)])
+        .await?;
+    let row = &rows[0];
+    Ok(crate::outbox::Backlog {
+        pending: row.try_get("pending")?,
+        oldest_pending_age_seconds: row.try_get("oldest_age")?,
+        dead: row.try_get("dead")?,
+        oldest_transaction_age_seconds: row.try_get("oldest_xact_age")?,
+    })
 }
 
 /// Renews the owner's heartbeat, and forgets those of dispatchers that died a while ago.
@@ -194,16 +215,9 @@ impl crate::ports::OutboxStore for PgOutboxStore {
     }
 
     async fn backlog(&self) -> Result<crate::outbox::Backlog, crate::ports::StoreError> {
-        let row = self
-            .db
-            .run(|client| async move { Ok(client.query_one(&backlog_sql(), &[]).await?) })
-            .await?;
-        Ok(crate::outbox::Backlog {
-            pending: row.try_get("pending")?,
-            oldest_pending_age_seconds: row.try_get("oldest_age")?,
-            dead: row.try_get("dead")?,
-            oldest_transaction_age_seconds: row.try_get("oldest_xact_age")?,
-        })
+        self.db
+            .run(|client| async move { Ok(backlog_in(&client, None).await?) })
+            .await
     }
 
     async fn heartbeat(
