@@ -8,7 +8,8 @@
 //! - [`postgres`]: connection handling, migrations and the SQL behind the ports.
 //! - [`aws`]: SDK configuration and the SNS / EventBridge publishers.
 //! - [`nats`]: the NATS JetStream publisher, and a JetStream consumer for the inbox.
-//! - [`dispatcher`]: the claim → publish → record loop.
+//! - [`dispatcher`]: the claim → publish → record loop, in named parts.
+//! - [`memory`]: the outbox store and the bus in memory, for the dispatcher's unit tests.
 //! - [`envelope`]: the message format every bus carries.
 //! - [`feed`]: the events feed clients pull, with per-consumer acknowledgments.
 //! - [`producer`]: appending a service's own typed events in its own transaction.
@@ -26,6 +27,7 @@ pub mod domain;
 pub mod envelope;
 pub mod failure;
 pub mod feed;
+pub mod memory;
 pub mod metrics;
 pub mod nats;
 pub mod outbox;

@@ -1,0 +1,142 @@
+//! Claim: a batch's two trips to the store. It is leased under a fresh owner, and once published
+//! its outcomes are recorded, fenced by that owner. Outcomes the store could not record yet
+//! (an appender holds the aggregate's next row) are kept to record again.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use super::summary::DispatchSummary;
+use crate::outbox::{ClaimedEvent, Outcomes};
+use crate::ports::{OutboxStore, StoreError};
+
+/// A leased batch, not published yet.
+pub(super) struct Claim {
+    pub(super) lease_owner: String,
+    pub(super) events: Vec<ClaimedEvent>,
+    pub(super) latency: Duration,
+}
+
+/// A claim that was published but whose outcomes are not recorded yet.
+pub(super) struct ClaimedBatch {
+    pub(super) lease_owner: String,
+    pub(super) claimed: usize,
+    pub(super) outcomes: Outcomes,
+    pub(super) publish_calls: usize,
+    pub(super) failed_publish_calls: usize,
+    /// How long its claim took; `None` for outcomes left over from an earlier record, whose
+    /// claim is counted already.
+    pub(super) claim_latency: Option<Duration>,
+    pub(super) publish_latencies: Vec<Duration>,
+}
+
+impl ClaimedBatch {
+    /// A claim that found nothing: only its latency is left to count.
+    pub(super) fn empty(claim: &Claim) -> Self {
+        Self {
+            lease_owner: claim.lease_owner.clone(),
+            claimed: 0,
+            outcomes: Outcomes::default(),
+            publish_calls: 0,
+            failed_publish_calls: 0,
+            claim_latency: Some(claim.latency),
+            publish_latencies: Vec::new(),
+        }
+    }
+
+    /// Outcomes still to record.
+    pub(super) fn rows(&self) -> usize {
+        self.outcomes.ids().len()
+    }
+}
+
+/// Leases up to `limit` due events under a fresh lease owner named after `worker_id`.
+#[tracing::instrument(skip_all, fields(lease_owner))]
+pub(super) async fn lease<S: OutboxStore>(
+    store: &S,
+    worker_id: &str,
+    limit: i64,
+    lease: Duration,
+) -> Result<Claim, StoreError> {
+    let lease_owner = format!("{worker_id}/{}", uuid::Uuid::new_v4().simple());
+    tracing::Span::current().record("lease_owner", lease_owner.as_str());
+    let started = Instant::now();
+    let events = store.claim_batch(limit, lease, &lease_owner).await?;
+    Ok(Claim {
+        lease_owner,
+        events,
+        latency: started.elapsed(),
+    })
+}
+
+/// Records every batch's outcomes, adding what was recorded to `summary`; keeps in `batches`
+/// only what could not be recorded yet. Stops at the first failure (the rest keep their turn).
+pub(super) async fn record_all<S: OutboxStore>(
+    store: &S,
+    batches: &mut Vec<ClaimedBatch>,
+    summary: &mut DispatchSummary,
+) -> Result<(), StoreError> {
+    let mut left = Vec::new();
+    let mut failure = None;
+    for batch in batches.drain(..) {
+        if failure.is_some() {
+            left.push(batch);
+            continue;
+        }
+        match record(store, batch).await {
+            Ok((done, rest)) => {
+                summary.add(done);
+                left.extend(rest);
+            }
+            Err((batch, e)) => {
+                left.push(batch);
+                failure = Some(e);
+            }
+        }
+    }
+    *batches = left;
+    failure.map_or(Ok(()), Err)
+}
+
+/// Records a published batch's outcomes: what was recorded as a summary, and the batch with the
+/// outcomes still to record (rows an appender holds), if any. On failure hands the batch back.
+async fn record<S: OutboxStore>(
+    store: &S,
+    mut batch: ClaimedBatch,
+) -> Result<(DispatchSummary, Option<ClaimedBatch>), (ClaimedBatch, StoreError)> {
+    let mut later = Outcomes::default();
+    if !batch.outcomes.is_empty() {
+        match store
+            .record_outcomes(&batch.lease_owner, &batch.outcomes)
+            .await
+        {
+            Ok(left) => later = left,
+            Err(e) => return Err((batch, e)),
+        }
+    }
+    let later_ids: HashSet<i64> = later.ids().into_iter().collect();
+    let (recorded, _) = std::mem::take(&mut batch.outcomes).split(|id| !later_ids.contains(&id));
+    let rest = (!later.is_empty()).then(|| ClaimedBatch {
+        lease_owner: batch.lease_owner.clone(),
+        claimed: 0,
+        outcomes: later,
+        publish_calls: 0,
+        failed_publish_calls: 0,
+        // Its claim is counted with the batch it was left over from.
+        claim_latency: None,
+        publish_latencies: Vec::new(),
+    });
+    Ok((
+        DispatchSummary {
+            claimed: batch.claimed,
+            published: recorded.published.len(),
+            retried: recorded.retries.len(),
+            dead: recorded.dead.len(),
+            publish_calls: batch.publish_calls,
+            failed_publish_calls: batch.failed_publish_calls,
+            claim_latencies: batch.claim_latency.into_iter().collect(),
+            publish_latencies: batch.publish_latencies,
+            ..DispatchSummary::default()
+        },
+        rest,
+    ))
+}

@@ -1,0 +1,162 @@
+//! Publish: a leased batch goes to the bus as envelopes in bus-sized calls, at most
+//! `max_in_flight` at once, each call a task of its own; every event's outcome is noted (recorded
+//! later, by the drain). No database work happens here.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{self, StreamExt};
+
+use super::claim::{Claim, ClaimedBatch};
+use super::outcome::{self, RetryPolicy};
+use crate::envelope::EventEnvelope;
+use crate::outbox::{ClaimedEvent, Outcomes};
+use crate::ports::{OutgoingMessage, PublishOutcome, Publisher};
+
+/// The publisher and what publishing needs of the settings, shared with the tasks that publish.
+pub(super) struct Bus<P> {
+    pub(super) publisher: P,
+    pub(super) max_in_flight: usize,
+    pub(super) retry: RetryPolicy,
+}
+
+impl<P: Publisher + 'static> Bus<P> {
+    /// Publishes a leased batch in bus-sized calls, at most `max_in_flight` at once, and notes
+    /// each row's outcome (not recorded yet).
+    #[tracing::instrument(skip_all, fields(lease_owner = %claim.lease_owner, rows = claim.events.len()))]
+    pub(super) async fn publish(self: Arc<Self>, claim: Claim) -> ClaimedBatch {
+        let mut batch = ClaimedBatch {
+            lease_owner: claim.lease_owner,
+            claimed: claim.events.len(),
+            outcomes: Outcomes::default(),
+            publish_calls: 0,
+            failed_publish_calls: 0,
+            claim_latency: Some(claim.latency),
+            publish_latencies: Vec::new(),
+        };
+        let (messages, rejected) = self.prepare(claim.events);
+        for (event, reason) in rejected {
+            self.note(&mut batch.outcomes, &event, PublishOutcome::Reject(reason));
+        }
+        let calls = plan_calls(&self.publisher, messages);
+        batch.publish_calls = calls.len();
+        let results: Vec<(Vec<OutgoingMessage>, Vec<PublishOutcome>, Duration)> =
+            stream::iter(calls)
+                .map(|call| {
+                    // Each call is a task of its own, so the SDK's serializing, signing and
+                    // parsing spread over the runtime's threads.
+                    let bus = Arc::clone(&self);
+                    let task = AbortOnDrop::spawn(async move {
+                        let started = Instant::now();
+                        let results = bus.publisher.publish(&call).await;
+                        (call, results, started.elapsed())
+                    });
+                    task.join()
+                })
+                .buffer_unordered(self.max_in_flight)
+                .collect()
+                .await;
+        batch.publish_latencies = results.iter().map(|r| r.2).collect();
+        for (call, results, _) in results {
+            if results
+                .iter()
+                .all(|r| matches!(r, PublishOutcome::Retry(_)))
+            {
+                batch.failed_publish_calls += 1;
+            }
+            for (message, outcome) in call.iter().zip(results) {
+                self.note(&mut batch.outcomes, &message.event, outcome);
+            }
+        }
+        batch
+    }
+
+    /// Serializes each row's envelope; rows that cannot be published at all (unreadable metadata,
+    /// larger than the bus takes) come back as rejected with the reason.
+    fn prepare(
+        &self,
+        claimed: Vec<ClaimedEvent>,
+    ) -> (Vec<OutgoingMessage>, Vec<(ClaimedEvent, String)>) {
+        let limit = self.publisher.limits().max_entry_bytes;
+        let mut ready = Vec::with_capacity(claimed.len());
+        let mut rejected = Vec::new();
+        for event in claimed {
+            let body = match EventEnvelope::body_of(&event) {
+                Ok(body) => body,
+                Err(e) => {
+                    rejected.push((
+                        event,
+                        format!("malformed event, cannot build its envelope: {e}"),
+                    ));
+                    continue;
+                }
+            };
+            let message = OutgoingMessage { event, body };
+            let size = self.publisher.entry_size(&message);
+            if size > limit {
+                rejected.push((
+                    message.event,
+                    format!("message too large: {size} bytes, the bus takes at most {limit}"),
+                ));
+            } else {
+                ready.push(message);
+            }
+        }
+        (ready, rejected)
+    }
+
+    fn note(&self, outcomes: &mut Outcomes, event: &ClaimedEvent, answer: PublishOutcome) {
+        outcome::note(outcomes, event, outcome::decide(event, answer, &self.retry));
+    }
+}
+
+/// Groups messages into publish calls within the bus's entry count and byte limits, in order.
+pub(super) fn plan_calls<P: Publisher>(
+    publisher: &P,
+    messages: Vec<OutgoingMessage>,
+) -> Vec<Vec<OutgoingMessage>> {
+    let limits = publisher.limits();
+    let mut calls = Vec::new();
+    let mut current: Vec<OutgoingMessage> = Vec::with_capacity(limits.max_entries);
+    let mut bytes = 0;
+    for message in messages {
+        let size = publisher.entry_size(&message);
+        if !current.is_empty()
+            && (current.len() == limits.max_entries || bytes + size > limits.max_batch_bytes)
+        {
+            calls.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += size;
+        current.push(message);
+    }
+    if !current.is_empty() {
+        calls.push(current);
+    }
+    calls
+}
+
+/// A spawned part of a drain that ends with it: a drain dropped mid-publish (the invocation
+/// timed out) leaves no publish running behind it.
+pub(super) struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T: Send + 'static> AbortOnDrop<T> {
+    /// Spawns `future` in the current span.
+    pub(super) fn spawn(future: impl std::future::Future<Output = T> + Send + 'static) -> Self {
+        Self(tokio::spawn(tracing::Instrument::in_current_span(future)))
+    }
+
+    /// Its output; a panic in it goes on in the caller.
+    pub(super) async fn join(mut self) -> T {
+        match (&mut self.0).await {
+            Ok(output) => output,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
