@@ -65,10 +65,14 @@ impl MetricsDocument {
         }
     }
 
-    /// A document in the namespace named by `METRICS_NAMESPACE` (default `Outbox`).
+    /// A document in the namespace named by `METRICS_NAMESPACE` (default `Outbox`), whose
+    /// `Service` dimension is `METRICS_SERVICE` when set (a team running its own sink or
+    /// dispatcher names it), else `service`.
     pub fn from_env(service: impl Into<String>) -> Self {
         let namespace = crate::config::optional_env("METRICS_NAMESPACE")
             .unwrap_or_else(|| DEFAULT_NAMESPACE.into());
+        let service =
+            crate::config::optional_env("METRICS_SERVICE").unwrap_or_else(|| service.into());
         Self::new(namespace, service)
     }
 

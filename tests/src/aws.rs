@@ -122,7 +122,8 @@ pub async fn topic_with_queue(config: &SdkConfig, fifo: bool, raw: bool) -> (Str
     (topic, queue)
 }
 
-/// An event bus with a rule sending every `payments` event to a queue.
+/// An event bus with a rule sending every outbox envelope to a queue, whatever service it came
+/// from: the pattern of `template.yaml`'s `SinkRule` with its default `SinkEventSourcePrefix`.
 pub async fn bus_with_queue(config: &SdkConfig) -> (String, Queue) {
     let events = aws_sdk_eventbridge::Client::new(config);
     let bus = unique("bus");
@@ -138,7 +139,7 @@ pub async fn bus_with_queue(config: &SdkConfig) -> (String, Queue) {
         .put_rule()
         .name(&rule)
         .event_bus_name(&bus)
-        .event_pattern(r#"{"source":["payments"]}"#)
+        .event_pattern(r#"{"source":[{"prefix":""}],"detail":{"specversion":[{"exists":true}]}}"#)
         .send()
         .await
         .expect("put rule");
