@@ -2,8 +2,8 @@
 //! transaction, next to the state change they describe.
 //!
 //! ```no_run
-//! use outbox_shared::outbox::EventMetadata;
-//! use outbox_shared::producer::{append, OutboxEvent};
+//! use pg_outbox::outbox::EventMetadata;
+//! use pg_outbox::producer::{append, OutboxEvent};
 //!
 //! #[derive(serde::Serialize)]
 //! #[serde(rename_all = "camelCase")]
@@ -96,6 +96,15 @@ impl AppendError {
     }
 }
 
+impl From<AppendError> for crate::ports::StoreError {
+    fn from(e: AppendError) -> Self {
+        match e {
+            AppendError::Database { source, .. } => source.into(),
+            other => Self::Corrupt(other.to_string()),
+        }
+    }
+}
+
 /// What the outbox assigned to an appended event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
@@ -126,10 +135,22 @@ const APPEND: &str = "
 /// The outbox assigns the aggregate version. Empty metadata fields get the outbox's defaults (a
 /// correlation id equal to the event id, `source` = the session's `outbox.source` setting, else
 /// `database`).
-#[tracing::instrument(skip_all, fields(event_type = E::EVENT_TYPE, tenant_id = event.tenant_id(),
-    aggregate_id = event.aggregate_id()))]
 pub async fn append<E: OutboxEvent>(
     tx: &Transaction<'_>,
+    event: &E,
+    metadata: &EventMetadata,
+) -> Result<Appended, AppendError> {
+    append_with_id(tx, Uuid::now_v7(), event, metadata).await
+}
+
+/// [`append`] under an event id the caller chose, for a service that writes the id beside its
+/// own state in the same transaction (the payment service keeps a payment's `paid_event_id`, so a
+/// replayed command answers with the same event). Use a time-ordered UUID v7 (`Uuid::now_v7()`).
+#[tracing::instrument(skip_all, fields(event_type = E::EVENT_TYPE, tenant_id = event.tenant_id(),
+    aggregate_id = event.aggregate_id()))]
+pub async fn append_with_id<E: OutboxEvent>(
+    tx: &Transaction<'_>,
+    event_id: Uuid,
     event: &E,
     metadata: &EventMetadata,
 ) -> Result<Appended, AppendError> {
@@ -152,7 +173,6 @@ pub async fn append<E: OutboxEvent>(
         // Empty strings are "not given": the outbox's defaults apply.
         fields.retain(|_, v| v.as_str() != Some(""));
     }
-    let event_id = Uuid::now_v7();
     let row = tx
         .query_typed_one(
             APPEND,

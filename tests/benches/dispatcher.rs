@@ -11,15 +11,15 @@
 
 use std::time::{Duration, Instant};
 
-use outbox_shared::dispatcher::{DispatcherConfig, Target};
-use outbox_shared::ports::OutboxStore;
-use outbox_shared::postgres::outbox::PgOutboxStore;
-use outbox_shared::postgres::Db;
 use outbox_tests::bench::{
     self, arrival_latencies, env_usize, mark_published, pct, seed, Stopwatch, Throughput,
 };
 use outbox_tests::fault_proxy::FaultProxy;
 use outbox_tests::{dispatcher, TestDb};
+use pg_outbox::dispatcher::{DispatcherConfig, Target};
+use pg_outbox::ports::OutboxStore;
+use pg_outbox::postgres::outbox::PgOutboxStore;
+use pg_outbox::postgres::Db;
 
 const DISPATCHERS: usize = 2;
 const BATCH: i64 = 500;
@@ -277,7 +277,7 @@ async fn retained_claim_latency(retained: usize, claims: usize) -> (f64, f64) {
     seed(&db, claims * 100, "pending", Duration::ZERO).await;
     if retained >= 1_000_000 {
         let client = db.client().await;
-        let plan = outbox_shared::postgres::outbox::explain_claim(&client, 100, true)
+        let plan = pg_outbox::postgres::outbox::explain_claim(&client, 100, true)
             .await
             .expect("explain");
         println!("\nEXPLAIN ANALYZE of the claim, {retained} published rows retained, {} pending:\n\n```\n{plan}\n```\n", claims * 100);
@@ -458,10 +458,10 @@ async fn retention_plans() {
         let (upd0, hot0) = hot_counts(&client).await;
         let (p50, p99) = bench::claim_latency(&db, 200).await;
         let (upd1, hot1) = hot_counts(&client).await;
-        let claim = outbox_shared::postgres::outbox::explain_claim(&client, 100, true)
+        let claim = pg_outbox::postgres::outbox::explain_claim(&client, 100, true)
             .await
             .expect("explain claim");
-        let mark = outbox_shared::postgres::outbox::explain_mark(&client, 100)
+        let mark = pg_outbox::postgres::outbox::explain_mark(&client, 100)
             .await
             .expect("explain mark");
         let size: String = client
@@ -487,9 +487,9 @@ async fn retention_plans() {
 /// Pages of the events feed with `retained` published events of the tenant: `pages` reads of 100
 /// events after a random cursor, then `pages` polls at the end of the feed (an empty page).
 async fn feed_pages(retained: usize, pages: usize) -> ((f64, f64), (f64, f64)) {
-    use outbox_shared::domain::TenantId;
-    use outbox_shared::feed::{FeedCursor, FeedQuery};
-    use outbox_shared::ports::EventFeedStore;
+    use payments::domain::TenantId;
+    use pg_outbox::feed::{FeedCursor, FeedQuery};
+    use pg_outbox::ports::EventFeedStore;
     let db = TestDb::create().await;
     seed(&db, retained, "published", Duration::ZERO).await;
     let client = db.client().await;
@@ -503,8 +503,7 @@ async fn feed_pages(retained: usize, pages: usize) -> ((f64, f64), (f64, f64)) {
             .expect("positions");
         (row.get(0), row.get(1))
     };
-    let store =
-        outbox_shared::postgres::payments::PgPaymentStore::new(Db::new(db.settings.clone()));
+    let store = payments::store::PgPaymentStore::new(Db::new(db.settings.clone()));
     let tenant = TenantId::parse("bench").expect("tenant");
     let measure = |positions: Vec<i64>| {
         let store = &store;

@@ -16,20 +16,20 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use outbox_shared::aws::wake::LambdaWake;
-use outbox_shared::aws::BusPublisher;
-use outbox_shared::dispatcher::{DispatcherConfig, OutboxDispatcher, Target};
-use outbox_shared::ports::WakeDispatcher;
-use outbox_shared::postgres::admin;
-use outbox_shared::postgres::outbox::PgOutboxStore;
-use outbox_shared::postgres::payments::PgPaymentStore;
-use outbox_shared::postgres::Db;
 use outbox_tests::aws::sdk_config_for;
 use outbox_tests::bench::{arrival_latencies, claim_latency, env_usize, pct, seed};
 use outbox_tests::fake_lambda::{FakeLambda, Invocation};
 use outbox_tests::fault_proxy::FaultProxy;
 use outbox_tests::{dispatcher, invoke, paid_body, paid_request, TestDb};
 use payment_command::{HandlerConfig, PaymentCommandHandler};
+use payments::store::PgPaymentStore;
+use pg_outbox::aws::wake::LambdaWake;
+use pg_outbox::aws::BusPublisher;
+use pg_outbox::dispatcher::{DispatcherConfig, OutboxDispatcher, Target};
+use pg_outbox::ports::WakeDispatcher;
+use pg_outbox::postgres::admin;
+use pg_outbox::postgres::outbox::PgOutboxStore;
+use pg_outbox::postgres::Db;
 
 const DISPATCHERS: usize = 2;
 const TOPIC: &str = "arn:aws:sns:us-east-1:123456789012:bench";

@@ -7,12 +7,12 @@
 
 use std::time::{Duration, Instant};
 
-use outbox_shared::ports::{OutboxStore, WakeDispatcher};
-use outbox_shared::postgres::outbox::PgOutboxStore;
-use outbox_shared::postgres::payments::PgPaymentStore;
-use outbox_shared::postgres::Db;
 use outbox_tests::{invoke, paid_body, paid_request, refund_request, TestDb};
 use payment_command::PaymentCommandHandler;
+use payments::store::PgPaymentStore;
+use pg_outbox::ports::{OutboxStore, WakeDispatcher};
+use pg_outbox::postgres::outbox::PgOutboxStore;
+use pg_outbox::postgres::Db;
 
 struct Run {
     label: String,

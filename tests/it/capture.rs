@@ -7,9 +7,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
-use outbox_shared::dispatcher::Target;
 use outbox_tests::aws::{create_topic, moto_endpoint, sdk_config_for};
 use outbox_tests::{dispatcher, outboxctl, stderr, stdout, test_dispatcher_config, TestDb};
+use pg_outbox::dispatcher::Target;
 
 const TABLE: &str = "
     CREATE SCHEMA crm;

@@ -16,8 +16,6 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use outbox_shared::postgres::admin::{self, Requeue, Selection};
-use outbox_shared::postgres::payments::PgPaymentStore;
 use outbox_tests::aws::{self, moto_endpoint};
 use outbox_tests::cluster::PrivateCluster;
 use outbox_tests::fault_proxy::{FaultProxy, PoisonRule};
@@ -27,6 +25,8 @@ use outbox_tests::{
     invoke, paid_body, paid_request, refund_request, workspace_binary, Reply, TestDb,
 };
 use payment_command::{HandlerConfig, PaymentCommandHandler};
+use payments::store::PgPaymentStore;
+use pg_outbox::postgres::admin::{self, Requeue, Selection};
 
 const POISON: &str = "chaos-poison";
 /// In a note's payload: the bus refuses it, the operator discards it.
@@ -457,7 +457,7 @@ struct Actions {
 /// does not depend on when the faults fall, and the producer does not stop before a poisoned note
 /// has committed. Returns how many transactions committed.
 async fn note_producer(
-    settings: outbox_shared::postgres::DatabaseSettings,
+    settings: pg_outbox::postgres::DatabaseSettings,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> u64 {
     let mut rng = fastrand::Rng::with_seed(7);
@@ -520,7 +520,7 @@ async fn note_producer(
 /// action is tried at the next tick). It goes on after `stop` until it has replayed and redriven
 /// at least once, so a slow run still interleaves both with the dispatchers.
 async fn operator(
-    settings: outbox_shared::postgres::DatabaseSettings,
+    settings: pg_outbox::postgres::DatabaseSettings,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Actions {
     let mut rng = fastrand::Rng::with_seed(11);

@@ -7,17 +7,17 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use outbox_shared::aws::BusPublisher;
-use outbox_shared::dispatcher::{DispatcherConfig, OutboxDispatcher, StopReason, Target};
-use outbox_shared::ports::OutboxStore;
-use outbox_shared::postgres::outbox::PgOutboxStore;
-use outbox_shared::postgres::Db;
 use outbox_tests::aws::{self, moto_endpoint, receive};
 use outbox_tests::fault_proxy::{Fault, FaultProxy, PoisonRule};
 use outbox_tests::{
     dispatcher, drain_until_settled, invoke, paid_body, paid_request, refund_request, seed_outbox,
     test_dispatcher_config, TestDb,
 };
+use pg_outbox::aws::BusPublisher;
+use pg_outbox::dispatcher::{DispatcherConfig, OutboxDispatcher, StopReason, Target};
+use pg_outbox::ports::OutboxStore;
+use pg_outbox::postgres::outbox::PgOutboxStore;
+use pg_outbox::postgres::Db;
 
 fn aggregates(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}{i}")).collect()
@@ -792,7 +792,7 @@ async fn a_lease_keeps_others_off_until_it_expires() {
         .iter()
         .all(|c| c.aggregate_version == 1 && c.attempts == 2));
     // The first holder lost its lease: its outcomes no longer apply to the rows.
-    let outcomes = outbox_shared::outbox::Outcomes {
+    let outcomes = pg_outbox::outbox::Outcomes {
         dead: first.iter().map(|c| (c.id, "late".to_owned())).collect(),
         ..Default::default()
     };
@@ -842,7 +842,7 @@ async fn the_claim_is_served_by_the_partial_index() {
         )
         .await
         .unwrap();
-    let plan = outbox_shared::postgres::outbox::explain_claim(&client, 100, false)
+    let plan = pg_outbox::postgres::outbox::explain_claim(&client, 100, false)
         .await
         .unwrap();
     assert!(plan.contains("outbox_head_claim_idx"), "{plan}");

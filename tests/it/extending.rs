@@ -10,18 +10,18 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use outbox_shared::consumer::{Projection, ProjectionError, Projections};
-use outbox_shared::dispatcher::Target;
-use outbox_shared::envelope::EventEnvelope;
-use outbox_shared::outbox::EventMetadata;
-use outbox_shared::postgres::payment_projection::PaymentProjections;
-use outbox_shared::postgres::projections::PgProjectionStore;
-use outbox_shared::postgres::Db;
-use outbox_shared::producer::{append, AppendError, OutboxEvent};
-use outbox_shared::sink::DeliveryError;
 use outbox_tests::aws::{self, moto_endpoint, receive};
 use outbox_tests::sink_fixtures::sqs_event;
 use outbox_tests::{dispatcher, test_dispatcher_config, TestDb};
+use payments::projection::PaymentProjections;
+use pg_outbox::consumer::{Projection, ProjectionError, Projections};
+use pg_outbox::dispatcher::Target;
+use pg_outbox::envelope::EventEnvelope;
+use pg_outbox::outbox::EventMetadata;
+use pg_outbox::postgres::projections::PgProjectionStore;
+use pg_outbox::postgres::Db;
+use pg_outbox::producer::{append, AppendError, OutboxEvent};
+use pg_outbox::sink::DeliveryError;
 use projection_sink::ProjectionSink;
 
 // ---- the service's own events (what a team writes) ----------------------------------------------

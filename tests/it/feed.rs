@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_lambda_events::apigw::ApiGatewayV2httpRequest;
-use outbox_shared::outbox::Outcomes;
-use outbox_shared::ports::OutboxStore;
-use outbox_shared::postgres::outbox::PgOutboxStore;
-use outbox_shared::postgres::Db;
 use outbox_tests::{invoke, sample_json, seed_outbox, typed, Reply, TestDb};
+use pg_outbox::outbox::Outcomes;
+use pg_outbox::ports::OutboxStore;
+use pg_outbox::postgres::outbox::PgOutboxStore;
+use pg_outbox::postgres::Db;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -552,9 +552,9 @@ async fn a_page_is_an_index_range_scan() {
         )
         .await
         .unwrap();
-    let tenant = outbox_shared::domain::TenantId::parse("acme").unwrap();
-    let query = outbox_shared::feed::FeedQuery::parse(tenant, [("limit", "50")]).unwrap();
-    let plan = outbox_shared::postgres::feed::explain_page(&client, &query)
+    let tenant = payments::domain::TenantId::parse("acme").unwrap();
+    let query = pg_outbox::feed::FeedQuery::parse(tenant, [("limit", "50")]).unwrap();
+    let plan = pg_outbox::postgres::feed::explain_page(&client, &query)
         .await
         .unwrap();
     assert!(plan.contains("outbox_feed_idx"), "{plan}");

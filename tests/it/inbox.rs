@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use outbox_shared::consumer::InboxRetention;
-use outbox_shared::postgres::projections::PgProjectionStore;
-use outbox_shared::postgres::Db;
 use outbox_tests::sink_fixtures::{payment_projections, payment_stream, snapshot, sqs_event};
 use outbox_tests::{outboxctl, stderr, stdout, TestDb};
+use pg_outbox::consumer::InboxRetention;
+use pg_outbox::postgres::projections::PgProjectionStore;
+use pg_outbox::postgres::Db;
 use projection_sink::ProjectionSink;
 
 fn retained_sink(db: &TestDb) -> ProjectionSink<PgProjectionStore> {

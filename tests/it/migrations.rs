@@ -1,7 +1,7 @@
 //! The migrations apply to an empty database and are a no-op the second time.
 
-use outbox_shared::postgres::migrate::run_migrations;
 use outbox_tests::TestDb;
+use pg_outbox::postgres::migrate::run_migrations;
 
 #[tokio::test]
 async fn migrations_are_idempotent_and_create_the_claim_index() {

@@ -5,17 +5,17 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use outbox_shared::consumer::Projections;
-use outbox_shared::dispatcher::{DispatcherConfig, Target};
-use outbox_shared::envelope::EventEnvelope;
-use outbox_shared::nats::{NatsPublisher, HEADER_EVENT_TYPE, HEADER_TENANT};
-use outbox_shared::ports::{OutboxStore, OutgoingMessage, PublishOutcome, Publisher};
-use outbox_shared::postgres::outbox::PgOutboxStore;
-use outbox_shared::postgres::payment_projection::PaymentProjections;
-use outbox_shared::postgres::projections::PgProjectionStore;
-use outbox_shared::postgres::Db;
 use outbox_tests::nats::PrivateNats;
 use outbox_tests::{dispatcher, drain_until_settled, seed_outbox, test_dispatcher_config, TestDb};
+use payments::projection::PaymentProjections;
+use pg_outbox::consumer::Projections;
+use pg_outbox::dispatcher::{DispatcherConfig, Target};
+use pg_outbox::envelope::EventEnvelope;
+use pg_outbox::nats::{NatsPublisher, HEADER_EVENT_TYPE, HEADER_TENANT};
+use pg_outbox::ports::{OutboxStore, OutgoingMessage, PublishOutcome, Publisher};
+use pg_outbox::postgres::outbox::PgOutboxStore;
+use pg_outbox::postgres::projections::PgProjectionStore;
+use pg_outbox::postgres::Db;
 
 const STREAM: &str = "OUTBOX";
 const PREFIX: &str = "outbox";
@@ -301,10 +301,10 @@ async fn the_sink_applies_a_stream_through_the_inbox_once_in_effect() {
         .unwrap();
     let mut reports = Vec::new();
     for durable in ["sink-a", "sink-b"] {
-        let consumer = outbox_shared::nats::sink_consumer(&js, STREAM, durable, None, 5)
+        let consumer = pg_outbox::nats::sink_consumer(&js, STREAM, durable, None, 5)
             .await
             .unwrap();
-        let report = outbox_shared::nats::consume(
+        let report = pg_outbox::nats::consume(
             &consumer,
             &store,
             "nats-sink",

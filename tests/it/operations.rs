@@ -11,12 +11,6 @@ use lambda_runtime::{Context, LambdaEvent};
 use serde_json::Value;
 use tokio_postgres::Client;
 
-use outbox_shared::aws::wake::LambdaWake;
-use outbox_shared::dispatcher::{DispatcherConfig, StopReason, Target};
-use outbox_shared::ports::{OutboxStore, PaymentCommandStore, WakeDispatcher};
-use outbox_shared::postgres::outbox::PgOutboxStore;
-use outbox_shared::postgres::payments::PgPaymentStore;
-use outbox_shared::postgres::Db;
 use outbox_tests::aws::{moto_endpoint, sdk_config_for};
 use outbox_tests::fake_lambda::FakeLambda;
 use outbox_tests::{
@@ -24,6 +18,13 @@ use outbox_tests::{
     test_dispatcher_config, TestDb,
 };
 use payment_command::{HandlerConfig, PaymentCommandHandler};
+use payments::ports::PaymentCommandStore;
+use payments::store::PgPaymentStore;
+use pg_outbox::aws::wake::LambdaWake;
+use pg_outbox::dispatcher::{DispatcherConfig, StopReason, Target};
+use pg_outbox::ports::{OutboxStore, WakeDispatcher};
+use pg_outbox::postgres::outbox::PgOutboxStore;
+use pg_outbox::postgres::Db;
 
 fn json_of(output: &Output) -> Value {
     assert!(

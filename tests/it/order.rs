@@ -6,16 +6,16 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use outbox_shared::aws::BusPublisher;
-use outbox_shared::dispatcher::OutboxDispatcher;
-use outbox_shared::outbox::Outcomes;
-use outbox_shared::ports::OutboxStore;
-use outbox_shared::postgres::admin::{self, Requeue, Selection};
-use outbox_shared::postgres::outbox::PgOutboxStore;
-use outbox_shared::postgres::Db;
 use outbox_tests::aws::sdk_config_for;
 use outbox_tests::fault_proxy::{FaultProxy, PoisonRule};
 use outbox_tests::{test_dispatcher_config, TestDb};
+use pg_outbox::aws::BusPublisher;
+use pg_outbox::dispatcher::OutboxDispatcher;
+use pg_outbox::outbox::Outcomes;
+use pg_outbox::ports::OutboxStore;
+use pg_outbox::postgres::admin::{self, Requeue, Selection};
+use pg_outbox::postgres::outbox::PgOutboxStore;
+use pg_outbox::postgres::Db;
 use tokio_postgres::GenericClient;
 
 /// Appends one event of `aggregate`, its version left to the outbox.
@@ -42,7 +42,7 @@ fn standalone_dispatcher(
     config.max_attempts = 2;
     OutboxDispatcher::new(
         PgOutboxStore::new(Db::new(db.settings.clone())),
-        BusPublisher::Sns(outbox_shared::aws::sns::SnsPublisher::new(
+        BusPublisher::Sns(pg_outbox::aws::sns::SnsPublisher::new(
             aws_sdk_sns::Client::new(sdk),
             "arn:aws:sns:us-east-1:123456789012:standalone".into(),
         )),
@@ -95,7 +95,7 @@ async fn an_open_write_transaction_in_another_database_holds_back_nothing() {
         backlog.oldest_transaction_age_seconds >= open_for - 0.05,
         "{backlog:?} while a transaction has been open {open_for} s"
     );
-    let summary = outbox_shared::dispatcher::DispatchSummary {
+    let summary = pg_outbox::dispatcher::DispatchSummary {
         backlog: Some(backlog),
         ..Default::default()
     };
@@ -236,7 +236,7 @@ async fn parked_and_backing_off_rows_are_not_read_by_the_claim() {
         20_000,
         "the parked rows are not heads"
     );
-    let plan = outbox_shared::postgres::outbox::explain_claim(&client, 500, true)
+    let plan = pg_outbox::postgres::outbox::explain_claim(&client, 500, true)
         .await
         .unwrap();
     // The scan of the claim's index, not the update of the rows it found.

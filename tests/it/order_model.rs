@@ -28,12 +28,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use outbox_shared::outbox::{ClaimedEvent, Outcomes};
-use outbox_shared::ports::OutboxStore;
-use outbox_shared::postgres::admin::{self, Requeue, Selection};
-use outbox_shared::postgres::outbox::PgOutboxStore;
-use outbox_shared::postgres::Db;
 use outbox_tests::TestDb;
+use pg_outbox::outbox::{ClaimedEvent, Outcomes};
+use pg_outbox::ports::OutboxStore;
+use pg_outbox::postgres::admin::{self, Requeue, Selection};
+use pg_outbox::postgres::outbox::PgOutboxStore;
+use pg_outbox::postgres::Db;
 use serde_json::Value;
 use tokio_postgres::Client;
 use uuid::Uuid;
@@ -1186,11 +1186,11 @@ impl Schedule<'_> {
 
 enum Other {
     Count(Result<u64, tokio_postgres::Error>),
-    Claim(Result<Vec<ClaimedEvent>, outbox_shared::ports::StoreError>),
+    Claim(Result<Vec<ClaimedEvent>, pg_outbox::ports::StoreError>),
 }
 
-fn store_violation(step: &str, e: &outbox_shared::ports::StoreError) -> Violation {
-    let text = outbox_shared::telemetry::error_chain(e);
+fn store_violation(step: &str, e: &pg_outbox::ports::StoreError) -> Violation {
+    let text = pg_outbox::telemetry::error_chain(e);
     let kind = if is_lock_conflict(&text) {
         Kind::LockConflictError
     } else {

@@ -3,8 +3,8 @@
 //! capture refusing the outbox's own tables. (Replay, redrive, ON CONFLICT, explicit versions,
 //! late outcomes and open producer transactions are covered by the order model.)
 
-use outbox_shared::postgres::admin::{self, Selection};
 use outbox_tests::TestDb;
+use pg_outbox::postgres::admin::{self, Selection};
 
 async fn captured(client: &tokio_postgres::Client) -> Vec<(String, String, i64)> {
     client

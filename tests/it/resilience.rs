@@ -8,14 +8,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outbox_shared::aws::BusPublisher;
-use outbox_shared::dispatcher::{OutboxDispatcher, Target};
-use outbox_shared::ports::{ProjectionStore, StoreError};
-use outbox_shared::postgres::outbox::PgOutboxStore;
-use outbox_shared::postgres::payments::PgPaymentStore;
-use outbox_shared::postgres::projections::PgProjectionStore;
-use outbox_shared::postgres::{ConnectionLimits, DatabaseSettings, Db, TlsMode};
-use outbox_shared::sink::{parse_delivery, ApplyOutcome};
 use outbox_tests::aws::{create_topic, moto_endpoint, sdk_config_for};
 use outbox_tests::cluster::PrivateCluster;
 use outbox_tests::fault_proxy::FaultProxy;
@@ -26,6 +18,14 @@ use outbox_tests::{
     invoke, paid_body, paid_request, refund_request, seed_outbox, test_dispatcher_config, TestDb,
 };
 use payment_command::{HandlerConfig, PaymentCommandHandler};
+use payments::store::PgPaymentStore;
+use pg_outbox::aws::BusPublisher;
+use pg_outbox::dispatcher::{OutboxDispatcher, Target};
+use pg_outbox::ports::{ProjectionStore, StoreError};
+use pg_outbox::postgres::outbox::PgOutboxStore;
+use pg_outbox::postgres::projections::PgProjectionStore;
+use pg_outbox::postgres::{ConnectionLimits, DatabaseSettings, Db, TlsMode};
+use pg_outbox::sink::{parse_delivery, ApplyOutcome};
 use projection_sink::ProjectionSink;
 
 #[tokio::test]
@@ -143,7 +143,7 @@ async fn a_wrong_secret_is_reread_at_most_once_per_interval_and_fails_clearly() 
     cluster.set_password(ROLE, "pw-nobody-knows").await;
     cluster.terminate_sessions(ROLE).await;
     let failure = |result: Result<Vec<ApplyOutcome>, StoreError>| match result {
-        Err(e) => outbox_shared::telemetry::error_chain(&e),
+        Err(e) => pg_outbox::telemetry::error_chain(&e),
         Ok(outcomes) => panic!("expected the batch to fail, got {outcomes:?}"),
     };
     let body = payment_stream(3, 1).remove(0).body;
@@ -445,7 +445,7 @@ async fn a_connection_that_stops_answering_is_given_up_within_the_bound() {
 }
 
 /// A paid command of 100 EUR for `payment` of tenant acme, through the handler.
-async fn pay<W: outbox_shared::ports::WakeDispatcher>(
+async fn pay<W: pg_outbox::ports::WakeDispatcher>(
     handler: &PaymentCommandHandler<PgPaymentStore, W>,
     payment: &str,
 ) -> outbox_tests::Reply {

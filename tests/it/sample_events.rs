@@ -61,7 +61,7 @@ async fn every_payment_command_sample_parses_and_gets_its_status() {
 async fn every_dispatcher_sample_parses_and_drains_the_outbox() {
     use lambda_runtime::{Context, LambdaEvent};
     use outbox_dispatcher::ScheduledEvent;
-    use outbox_shared::dispatcher::{StopReason, Target};
+    use pg_outbox::dispatcher::{StopReason, Target};
 
     let db = TestDb::create().await;
     let handler = db.payment_handler();

@@ -1,10 +1,10 @@
 //! Database credentials from Secrets Manager (moto over HTTP), read the way the functions read
 //! them at cold start.
 
-use outbox_shared::aws::secrets::{fetch_secret, settings_from_secret};
-use outbox_shared::postgres::TlsMode;
 use outbox_tests::aws::{moto_endpoint, sdk_config_for};
 use outbox_tests::{workspace_binary, TestDb};
+use pg_outbox::aws::secrets::{fetch_secret, settings_from_secret};
+use pg_outbox::postgres::TlsMode;
 
 const PASSWORD: &str = "pw-never-logged-4711";
 

@@ -5,13 +5,13 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use aws_lambda_events::sqs::SqsEvent;
-use outbox_shared::dispatcher::Target;
 use outbox_tests::aws::{self, moto_endpoint, receive};
 use outbox_tests::sink_fixtures::{payment_stream, sink, snapshot, sqs_event, StreamEvent};
 use outbox_tests::{
     dispatcher, invoke, paid_body, paid_request, refund_request, sample_files, sample_json,
     test_dispatcher_config, typed, TestDb,
 };
+use pg_outbox::dispatcher::Target;
 
 fn failures(response: &aws_lambda_events::sqs::SqsBatchResponse) -> Vec<String> {
     response

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use outbox_shared::config::Secret;
-use outbox_shared::postgres::{DatabaseSettings, TlsMode};
+use pg_outbox::config::Secret;
+use pg_outbox::postgres::{DatabaseSettings, TlsMode};
 
 fn run(command: &mut Command) {
     let output = command

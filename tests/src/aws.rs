@@ -22,7 +22,7 @@ pub fn moto_endpoint() -> String {
 /// The SDK configuration the functions use, pointed at `endpoint`, with the SDK's own retries off
 /// (so every injected fault reaches the dispatcher) and a bounded attempt timeout.
 pub async fn sdk_config_for(endpoint: &str) -> SdkConfig {
-    outbox_shared::aws::sdk_config_loader()
+    pg_outbox::aws::sdk_config_loader()
         .endpoint_url(endpoint)
         .retry_config(RetryConfig::disabled())
         .timeout_config(

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use outbox_shared::outbox::{ClaimedEvent, Outcomes};
-use outbox_shared::ports::OutboxStore;
-use outbox_shared::postgres::outbox::PgOutboxStore;
+use pg_outbox::outbox::{ClaimedEvent, Outcomes};
+use pg_outbox::ports::OutboxStore;
+use pg_outbox::postgres::outbox::PgOutboxStore;
 
 use crate::TestDb;
 
@@ -166,7 +166,7 @@ pub async fn claim_latency(db: &TestDb, claims: usize) -> (f64, f64) {
 
 /// Claim latency with claims of `batch` rows (see [`claim_latency`]).
 pub async fn claim_latency_of(db: &TestDb, claims: usize, batch: usize) -> (f64, f64) {
-    let store = PgOutboxStore::new(outbox_shared::postgres::Db::new(db.settings.clone()));
+    let store = PgOutboxStore::new(pg_outbox::postgres::Db::new(db.settings.clone()));
     let mut latencies = Vec::with_capacity(claims);
     for i in 0..claims {
         let owner = format!("lat-{i}");

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio_postgres::{Client, NoTls};
 
-use outbox_shared::postgres::{DatabaseSettings, TlsMode};
+use pg_outbox::postgres::{DatabaseSettings, TlsMode};
 
 /// A running private cluster; stopped and deleted when dropped.
 pub struct PrivateCluster {

@@ -15,10 +15,10 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio_postgres::Client;
 
-use outbox_shared::postgres::migrate::run_migrations;
-use outbox_shared::postgres::payments::PgPaymentStore;
-use outbox_shared::postgres::{DatabaseSettings, Db, TlsMode};
 use payment_command::{HandlerConfig, PaymentCommandHandler};
+use payments::store::PgPaymentStore;
+use pg_outbox::postgres::migrate::run_migrations;
+use pg_outbox::postgres::{DatabaseSettings, Db, TlsMode};
 
 fn test_url() -> String {
     std::env::var("OUTBOX_TEST_DATABASE_URL").unwrap_or_else(|_| {
@@ -289,7 +289,7 @@ pub struct Reply {
 }
 
 /// Invokes a handler the way the Lambda runtime does and unpacks the response.
-pub async fn invoke<W: outbox_shared::ports::WakeDispatcher>(
+pub async fn invoke<W: pg_outbox::ports::WakeDispatcher>(
     handler: &PaymentCommandHandler<PgPaymentStore, W>,
     request: ApiGatewayV2httpRequest,
 ) -> Reply {
@@ -332,9 +332,9 @@ pub mod tcp_proxy;
 
 use std::time::Duration;
 
-use outbox_shared::aws::BusPublisher;
-use outbox_shared::dispatcher::{DispatcherConfig, OutboxDispatcher, Target};
-use outbox_shared::postgres::outbox::PgOutboxStore;
+use pg_outbox::aws::BusPublisher;
+use pg_outbox::dispatcher::{DispatcherConfig, OutboxDispatcher, Target};
+use pg_outbox::postgres::outbox::PgOutboxStore;
 
 /// Dispatcher settings for tests: small batches, a short lease and fast backoff.
 pub fn test_dispatcher_config() -> DispatcherConfig {
@@ -466,13 +466,13 @@ pub mod sink_fixtures {
 
     use aws_lambda_events::sqs::SqsEvent;
     use chrono::{DateTime, TimeZone, Utc};
-    use outbox_shared::consumer::Projections;
-    use outbox_shared::domain::events::{PaymentPaidV1, PaymentRefundedV1};
-    use outbox_shared::domain::Currency;
-    use outbox_shared::envelope::EventEnvelope;
-    use outbox_shared::postgres::payment_projection::PaymentProjections;
-    use outbox_shared::postgres::projections::PgProjectionStore;
-    use outbox_shared::postgres::Db;
+    use payments::domain::events::{PaymentPaidV1, PaymentRefundedV1};
+    use payments::domain::Currency;
+    use payments::projection::PaymentProjections;
+    use pg_outbox::consumer::Projections;
+    use pg_outbox::envelope::EventEnvelope;
+    use pg_outbox::postgres::projections::PgProjectionStore;
+    use pg_outbox::postgres::Db;
     use projection_sink::ProjectionSink;
     use serde_json::Value;
 

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use outbox_shared::nats::{NatsSettings, StreamSpec};
+use pg_outbox::nats::{NatsSettings, StreamSpec};
 
 /// A running `nats-server -js`, killed when dropped.
 pub struct PrivateNats {
@@ -111,7 +111,7 @@ impl PrivateNats {
 
     /// Creates the stream `name` on `<prefix>.>`.
     pub async fn stream(&self, name: &str, prefix: &str, max_messages: Option<i64>) {
-        outbox_shared::nats::ensure_stream(
+        pg_outbox::nats::ensure_stream(
             &self.jetstream().await,
             &StreamSpec {
                 name: name.to_owned(),

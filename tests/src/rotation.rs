@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use outbox_shared::aws::secrets::SecretCredentials;
-use outbox_shared::config::ConfigError;
-use outbox_shared::postgres::{ConnectionLimits, CredentialSource, DatabaseSettings, Db, TlsMode};
+use pg_outbox::aws::secrets::SecretCredentials;
+use pg_outbox::config::ConfigError;
+use pg_outbox::postgres::{ConnectionLimits, CredentialSource, DatabaseSettings, Db, TlsMode};
 
 use crate::aws::{moto_endpoint, sdk_config_for};
 use crate::cluster::PrivateCluster;

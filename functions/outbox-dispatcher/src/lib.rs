@@ -5,9 +5,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use aws_lambda_events::eventbridge::EventBridgeEvent;
 use lambda_runtime::{Context, LambdaEvent};
-use outbox_shared::dispatcher::{DispatchSummary, OutboxDispatcher};
-use outbox_shared::failure::{FailureClass, FunctionError};
-use outbox_shared::ports::{OutboxStore, Publisher};
+use pg_outbox::dispatcher::{DispatchSummary, OutboxDispatcher};
+use pg_outbox::failure::{FailureClass, FunctionError};
+use pg_outbox::ports::{OutboxStore, Publisher};
 
 /// The schedule rule's event. Its content does not matter: every invocation drains.
 pub type ScheduledEvent = EventBridgeEvent<serde_json::Value>;
@@ -64,7 +64,7 @@ pub async fn handle<S: OutboxStore, P: Publisher + 'static>(
     match tokio::time::timeout(left, dispatcher.store().backlog()).await {
         Ok(Ok(backlog)) => summary.backlog = Some(backlog),
         Ok(Err(e)) => {
-            tracing::warn!(error = %outbox_shared::telemetry::error_chain(&e), "backlog not measured")
+            tracing::warn!(error = %pg_outbox::telemetry::error_chain(&e), "backlog not measured")
         }
         Err(_) => tracing::warn!("backlog not measured: no time left before the deadline"),
     }

@@ -3,15 +3,15 @@
 
 use lambda_runtime::{run, service_fn, Error};
 use outbox_dispatcher::SERVICE;
-use outbox_shared::aws::secrets::database_from_env;
-use outbox_shared::aws::{sdk_config, BusPublisher};
-use outbox_shared::dispatcher::{DispatcherConfig, OutboxDispatcher, Target};
-use outbox_shared::failure::or_init_failed;
-use outbox_shared::postgres::outbox::PgOutboxStore;
+use pg_outbox::aws::secrets::database_from_env;
+use pg_outbox::aws::{sdk_config, BusPublisher};
+use pg_outbox::dispatcher::{DispatcherConfig, OutboxDispatcher, Target};
+use pg_outbox::failure::or_init_failed;
+use pg_outbox::postgres::outbox::PgOutboxStore;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    outbox_shared::telemetry::init_tracing();
+    pg_outbox::telemetry::init_tracing();
     let db = or_init_failed(SERVICE, database_from_env().await).await?;
     let target = or_init_failed(SERVICE, Target::from_env()).await?;
     let config = or_init_failed(SERVICE, DispatcherConfig::from_env()).await?;

@@ -11,14 +11,14 @@ use serde_json::json;
 
 use std::time::{Duration, Instant};
 
-use outbox_shared::config::{optional_env, parsed_env, ranged_env, ConfigError};
-use outbox_shared::domain::{IdempotencyKey, PaymentId, TenantId};
-use outbox_shared::feed::{AckOutcome, ConsumerName, FeedQuery, ParameterError};
-use outbox_shared::outbox::EventMetadata;
-use outbox_shared::ports::{
-    EventFeedStore, MarkPaidCommand, MarkPaidOutcome, PaymentCommandStore, RefundCommand,
-    RefundOutcome, WakeDispatcher,
+use payments::domain::{IdempotencyKey, PaymentId, TenantId};
+use payments::ports::{
+    MarkPaidCommand, MarkPaidOutcome, PaymentCommandStore, RefundCommand, RefundOutcome,
 };
+use pg_outbox::config::{optional_env, parsed_env, ranged_env, ConfigError};
+use pg_outbox::feed::{AckOutcome, ConsumerName, FeedQuery, ParameterError};
+use pg_outbox::outbox::EventMetadata;
+use pg_outbox::ports::{EventFeedStore, WakeDispatcher};
 
 use crate::request::{
     body_bytes, parse_ack, parse_mark_paid, parse_refund, FieldError, DEFAULT_MAX_BODY_BYTES,
@@ -358,7 +358,7 @@ impl<S: PaymentCommandStore, W: WakeDispatcher> PaymentCommandHandler<S, W> {
         let decision = match self.store.request_wake(self.config.wake_debounce).await {
             Ok(decision) => decision,
             Err(e) => {
-                tracing::warn!(error = %outbox_shared::telemetry::error_chain(&e), "could not check whether to wake the dispatcher");
+                tracing::warn!(error = %pg_outbox::telemetry::error_chain(&e), "could not check whether to wake the dispatcher");
                 return;
             }
         };
@@ -535,8 +535,8 @@ fn error(status: u16, code: &str, message: &str, field: Option<&str>) -> ApiGate
 /// (every command is idempotent, so a retry is safe).
 /// Its class goes to the log (`error_type`) and to the class's metric, as a function error's
 /// would: the HTTP answer stays a 503, which API clients know to retry.
-fn unavailable(e: &outbox_shared::ports::StoreError) -> ApiGatewayV2httpResponse {
-    outbox_shared::failure::FunctionError::from_store(e).record(crate::SERVICE);
+fn unavailable(e: &pg_outbox::ports::StoreError) -> ApiGatewayV2httpResponse {
+    pg_outbox::failure::FunctionError::from_store(e).record(crate::SERVICE);
     let mut response = error(
         503,
         "service_unavailable",

@@ -3,17 +3,17 @@
 //! dispatcher right after its commit.
 
 use lambda_runtime::{run, service_fn, Error};
-use outbox_shared::aws::sdk_config;
-use outbox_shared::aws::secrets::database_from_env;
-use outbox_shared::aws::wake::LambdaWake;
-use outbox_shared::config::optional_env;
-use outbox_shared::failure::or_init_failed;
-use outbox_shared::postgres::payments::PgPaymentStore;
 use payment_command::{HandlerConfig, PaymentCommandHandler, SERVICE};
+use payments::store::PgPaymentStore;
+use pg_outbox::aws::sdk_config;
+use pg_outbox::aws::secrets::database_from_env;
+use pg_outbox::aws::wake::LambdaWake;
+use pg_outbox::config::optional_env;
+use pg_outbox::failure::or_init_failed;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    outbox_shared::telemetry::init_tracing();
+    pg_outbox::telemetry::init_tracing();
     let db = or_init_failed(SERVICE, database_from_env().await).await?;
     let config = or_init_failed(SERVICE, HandlerConfig::from_env()).await?;
     let store = PgPaymentStore::new(db);

@@ -9,10 +9,8 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
 
-use outbox_shared::domain::payment::{
-    MarkPaid, RecordRefund, VerificationMethod, MAX_AMOUNT_MINOR,
-};
-use outbox_shared::domain::Currency;
+use payments::domain::payment::{MarkPaid, RecordRefund, VerificationMethod, MAX_AMOUNT_MINOR};
+use payments::domain::Currency;
 
 /// Default cap on the request body, in bytes: a paid or refund command is well under 1 KiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024;
@@ -188,7 +186,7 @@ pub const MARK_PAID_FIELDS: &[&str] = &[
 ];
 
 /// The body of an acknowledgment: `{"consumer": "<name>"}`. The name's rules are checked by
-/// [`outbox_shared::feed::ConsumerName`].
+/// [`pg_outbox::feed::ConsumerName`].
 pub fn parse_ack(bytes: &[u8]) -> Result<String, FieldError> {
     let obj = Object::parse(bytes, &["consumer"])?;
     Ok(string(&obj, "consumer")?.to_owned())

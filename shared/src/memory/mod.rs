@@ -6,8 +6,8 @@
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! use std::time::{Duration, Instant};
-//! use outbox_shared::dispatcher::{DispatcherConfig, OutboxDispatcher};
-//! use outbox_shared::memory::{MemoryPublisher, MemoryStore};
+//! use pg_outbox::dispatcher::{DispatcherConfig, OutboxDispatcher};
+//! use pg_outbox::memory::{MemoryPublisher, MemoryStore};
 //!
 //! let store = MemoryStore::new();
 //! store.append("acme", "order", "o-1", "order.placed", serde_json::json!({}));

@@ -4,11 +4,11 @@
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 
-use crate::domain::TenantId;
 use crate::envelope::EventEnvelope;
 use crate::feed::{
     AckOutcome, Acknowledgment, ConsumerName, FeedCursor, FeedPage, FeedQuery, TypeFilter,
 };
+use crate::ids::TenantId;
 use crate::ports::StoreError;
 
 /// One page: a range scan of `outbox_feed_idx` from the cursor, filters applied to the rows it
@@ -161,10 +161,11 @@ pub async fn acknowledge(
     )))
 }
 
-impl crate::ports::EventFeedStore for super::payments::PgPaymentStore {
+/// The feed on the instance's connection: a service's API serves it from the [`super::Db`] its
+/// commands use.
+impl crate::ports::EventFeedStore for super::Db {
     async fn feed_page(&self, query: &FeedQuery) -> Result<FeedPage, StoreError> {
-        self.db()
-            .run(|client| async move { page(&client, query).await })
+        self.run(|client| async move { page(&client, query).await })
             .await
     }
 
@@ -174,8 +175,7 @@ impl crate::ports::EventFeedStore for super::payments::PgPaymentStore {
         event_id: Uuid,
         consumer: &ConsumerName,
     ) -> Result<AckOutcome, StoreError> {
-        self.db()
-            .run(|client| async move { acknowledge(&client, tenant, event_id, consumer).await })
+        self.run(|client| async move { acknowledge(&client, tenant, event_id, consumer).await })
             .await
     }
 }

@@ -6,9 +6,8 @@ mod connection;
 pub mod feed;
 pub mod migrate;
 pub mod outbox;
-pub mod payment_projection;
-pub mod payments;
 pub mod projections;
+pub mod wake;
 
 pub use connection::{
     Connection, ConnectionLimits, CredentialSource, DatabaseSettings, Db, DbError, TlsMode,

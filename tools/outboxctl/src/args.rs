@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Args;
 use uuid::Uuid;
 
-use outbox_shared::postgres::admin::Selection;
+use pg_outbox::postgres::admin::Selection;
 
 /// Which events a redrive, discard or replay takes.
 #[derive(Args)]

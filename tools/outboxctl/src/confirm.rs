@@ -6,7 +6,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use serde_json::json;
 use tokio_postgres::Client;
 
-use outbox_shared::postgres::admin::{self, Requeue, SelectedEvent, Selection};
+use pg_outbox::postgres::admin::{self, Requeue, SelectedEvent, Selection};
 
 use crate::args::Confirm;
 use crate::render;

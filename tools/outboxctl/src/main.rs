@@ -73,7 +73,7 @@ async fn main() -> ExitCode {
         Err(e) => {
             eprintln!(
                 "outboxctl: {}",
-                outbox_shared::telemetry::error_chain(e.as_ref())
+                pg_outbox::telemetry::error_chain(e.as_ref())
             );
             ExitCode::FAILURE
         }

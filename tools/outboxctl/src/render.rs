@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use outbox_shared::postgres::admin::{SelectedEvent, StatusReport};
+use pg_outbox::postgres::admin::{SelectedEvent, StatusReport};
 
 /// Columns padded to their widest cell; numbers right-aligned.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -90,7 +90,7 @@ pub fn status(report: &StatusReport) -> String {
             ]
         })
         .collect();
-    let sum = |f: fn(&outbox_shared::postgres::admin::TenantCounts) -> i64| {
+    let sum = |f: fn(&pg_outbox::postgres::admin::TenantCounts) -> i64| {
         report.tenants.iter().map(f).sum::<i64>().to_string()
     };
     rows.push(vec![

@@ -5,9 +5,9 @@ use std::time::Duration;
 use clap::Args;
 use serde_json::json;
 
-use outbox_shared::consumer::InboxRetention;
-use outbox_shared::dispatcher::DispatcherConfig;
-use outbox_shared::postgres::admin::{self, Batches, Expiring, Pace};
+use pg_outbox::consumer::InboxRetention;
+use pg_outbox::dispatcher::DispatcherConfig;
+use pg_outbox::postgres::admin::{self, Batches, Expiring, Pace};
 
 use crate::args::{parse_duration, parse_share, Confirm};
 use crate::confirm::confirmed;

@@ -3,7 +3,7 @@
 use clap::Args;
 use serde_json::json;
 
-use outbox_shared::postgres::admin::{self, Requeue};
+use pg_outbox::postgres::admin::{self, Requeue};
 
 use crate::args::{Confirm, SelectDead};
 use crate::confirm::preview_and_confirm;

@@ -4,9 +4,9 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use outbox_shared::aws::{sdk_config, BusPublisher};
-use outbox_shared::dispatcher::{DispatcherConfig, OutboxDispatcher, Target};
-use outbox_shared::postgres::outbox::PgOutboxStore;
+use pg_outbox::aws::{sdk_config, BusPublisher};
+use pg_outbox::dispatcher::{DispatcherConfig, OutboxDispatcher, Target};
+use pg_outbox::postgres::outbox::PgOutboxStore;
 
 /// Drain the outbox now, as the dispatcher function does, with the same settings
 /// (`OUTBOX_TARGET`, `SNS_TOPIC_ARN` / `EVENT_BUS_NAME` / `NATS_*`, `DISPATCH_*`). With

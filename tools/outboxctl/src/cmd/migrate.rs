@@ -2,7 +2,7 @@
 
 use clap::Args;
 
-use outbox_shared::postgres::migrate::run_migrations;
+use pg_outbox::postgres::migrate::run_migrations;
 
 /// Apply the schema migrations that have not been applied yet (safe to run again).
 #[derive(Args)]

@@ -12,8 +12,8 @@ pub mod replay;
 mod requeue;
 pub mod status;
 
-use outbox_shared::aws::secrets::database_from_env;
-use outbox_shared::postgres::{Connection, ConnectionLimits, Db};
+use pg_outbox::aws::secrets::database_from_env;
+use pg_outbox::postgres::{Connection, ConnectionLimits, Db};
 
 /// What a subcommand's `run` returns: its error is printed, and the exit code is 1.
 pub type CliResult = Result<(), Box<dyn std::error::Error>>;

@@ -2,7 +2,7 @@
 
 use clap::Args;
 
-use outbox_shared::postgres::admin::Requeue;
+use pg_outbox::postgres::admin::Requeue;
 
 use crate::args::{parse_time, Confirm, Select};
 

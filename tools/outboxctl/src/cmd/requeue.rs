@@ -3,7 +3,7 @@
 use serde_json::json;
 use tokio_postgres::Client;
 
-use outbox_shared::postgres::admin::{self, Requeue, Selection};
+use pg_outbox::postgres::admin::{self, Requeue, Selection};
 
 use crate::args::Confirm;
 use crate::confirm::preview_and_confirm;

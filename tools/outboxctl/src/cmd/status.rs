@@ -2,7 +2,7 @@
 
 use clap::Args;
 
-use outbox_shared::postgres::admin;
+use pg_outbox::postgres::admin;
 
 use crate::render;
 

@@ -4,10 +4,8 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use outbox_shared::consumer::Projections;
-use outbox_shared::nats::{ConsumeReport, NatsSettings};
-use outbox_shared::postgres::payment_projection::PaymentProjections;
-use outbox_shared::postgres::projections::PgProjectionStore;
+use pg_outbox::nats::{ConsumeReport, NatsSettings};
+use pg_outbox::postgres::projections::PgProjectionStore;
 
 use crate::cmd::CliResult;
 
@@ -24,7 +22,7 @@ pub struct Consume {
     /// The inbox consumer the events are applied as. Keep the SQS sink's name
     /// (`SINK_CONSUMER`, default `payment-projections`) when both feed the same projection
     /// tables: the inbox then applies each event once whichever path brings it.
-    #[arg(long, default_value = "payment-projections")]
+    #[arg(long, default_value = payments::projection::CONSUMER)]
     inbox_consumer: String,
     /// Only these subjects (e.g. `outbox.payment.>`).
     #[arg(long)]
@@ -50,7 +48,7 @@ impl Consume {
         let db = crate::cmd::database().await?;
         let settings = NatsSettings::from_env()?;
         let jetstream = async_nats::jetstream::new(settings.connect("outboxctl").await?);
-        let consumer = outbox_shared::nats::sink_consumer(
+        let consumer = pg_outbox::nats::sink_consumer(
             &jetstream,
             &self.stream,
             &self.durable,
@@ -59,7 +57,8 @@ impl Consume {
         )
         .await
         .map_err(|e| format!("the durable consumer could not be set up: {e}"))?;
-        let store = PgProjectionStore::new(db, Projections::new().with(PaymentProjections));
+        // The same registry the SQS sink applies (one list of the service's read models).
+        let store = PgProjectionStore::new(db, payments::projection::projections());
         let deadline = self
             .for_seconds
             .map(|s| Instant::now() + Duration::from_secs(s));
@@ -68,7 +67,7 @@ impl Consume {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 break;
             }
-            let report = match outbox_shared::nats::consume(
+            let report = match pg_outbox::nats::consume(
                 &consumer,
                 &store,
                 &self.inbox_consumer,

@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::Args;
 use serde_json::json;
 
-use outbox_shared::nats::{ensure_stream, NatsSettings, StreamSpec};
+use pg_outbox::nats::{ensure_stream, NatsSettings, StreamSpec};
 
 use crate::args::parse_duration;
 use crate::cmd::CliResult;

@@ -146,10 +146,18 @@ pub enum MarkPaidDecision {
     Conflict,
 }
 
+/// The version of a payment created by the paid command (a payment that did not exist is always
+/// paid).
+pub const fn first_version() -> i64 {
+    1
+}
+
 /// Decides the paid command. `None` is a payment that does not exist yet.
 pub fn decide_mark_paid(state: Option<&PaymentState>, cmd: &MarkPaid) -> MarkPaidDecision {
     let Some(state) = state else {
-        return MarkPaidDecision::Pay { new_version: 1 };
+        return MarkPaidDecision::Pay {
+            new_version: first_version(),
+        };
     };
     let same_amount = state.amount_minor.is_none_or(|a| a == cmd.amount_minor)
         && state.currency.is_none_or(|c| c == cmd.currency);

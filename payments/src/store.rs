@@ -3,22 +3,22 @@
 //! writes the new state together with its outbox event.
 
 use chrono::{DateTime, Utc};
-use tokio_postgres::types::Type;
-use tokio_postgres::{Client, Row, Transaction};
+use pg_outbox::ports::{StoreError, WakeDecision};
+use pg_outbox::postgres::Db;
+use pg_outbox::producer::append_with_id;
+use pg_outbox::tokio_postgres::types::Type;
+use pg_outbox::tokio_postgres::{self, Client, Row, Transaction};
 use uuid::Uuid;
 
-use super::{outbox, Db};
-use crate::domain::events::{
-    PaymentPaidV1, PaymentRefundedV1, PAYMENT_AGGREGATE, PAYMENT_PAID, PAYMENT_REFUNDED,
-};
+use crate::domain::events::{PaymentPaidV1, PaymentRefundedV1};
 use crate::domain::payment::{
-    decide_mark_paid, decide_refund, MarkPaidDecision, PaymentState, PaymentStatus, RefundDecision,
+    decide_mark_paid, decide_refund, first_version, MarkPaidDecision, PaymentState, PaymentStatus,
+    RefundDecision,
 };
 use crate::domain::Currency;
-use crate::outbox::NewOutboxEvent;
 use crate::ports::{
     MarkPaidCommand, MarkPaidOutcome, PaidReceipt, PaymentCommandStore, RefundCommand,
-    RefundOutcome, RefundReceipt, StoreError,
+    RefundOutcome, RefundReceipt,
 };
 
 /// Creates the payment already paid, unless it exists. `ON CONFLICT DO NOTHING` waits for a
@@ -99,9 +99,11 @@ impl PaymentCommandStore for PgPaymentStore {
     async fn request_wake(
         &self,
         debounce: std::time::Duration,
-    ) -> Result<crate::ports::WakeDecision, StoreError> {
+    ) -> Result<WakeDecision, StoreError> {
         self.db
-            .run(|client| async move { request_wake_on(&client, debounce).await })
+            .run(|client| async move {
+                pg_outbox::postgres::wake::request_wake(&client, debounce).await
+            })
             .await
     }
 }
@@ -119,9 +121,7 @@ async fn mark_paid_in(
     let currency = pay.currency.as_str();
     let method = pay.verification_method.as_str();
 
-    let MarkPaidDecision::Pay { new_version } = decide_mark_paid(None, pay) else {
-        unreachable!("a payment that does not exist yet is always paid");
-    };
+    let new_version = first_version();
     let inserted = tx
         .query_typed_opt(
             INSERT_PAID_IF_ABSENT,
@@ -153,26 +153,8 @@ async fn mark_paid_in(
         paid_at,
         event_id,
     };
-    let payload = PaymentPaidV1 {
-        payment_id: payment.to_owned(),
-        amount_minor: pay.amount_minor,
-        currency: pay.currency,
-        verification_method: method.to_owned(),
-        verified_by: pay.verified_by.clone(),
-        paid_at,
-    };
-    let event = NewOutboxEvent {
-        event_id,
-        tenant_id: tenant.to_owned(),
-        aggregate_type: PAYMENT_AGGREGATE,
-        aggregate_id: payment.to_owned(),
-        event_type: PAYMENT_PAID,
-        schema_version: PaymentPaidV1::SCHEMA_VERSION,
-        payload: to_json(&payload)?,
-        metadata: cmd.metadata.clone(),
-        idempotency_key: Some(format!("payment-paid-{payment}")),
-    };
-    outbox::append(&tx, &event).await?;
+    let event = PaymentPaidV1::event(&cmd.tenant_id, &cmd.payment_id, pay, paid_at);
+    append_with_id(&tx, event_id, &event, &cmd.metadata).await?;
     tx.commit().await?;
     tracing::info!(%event_id, version, "payment marked paid");
     Ok(MarkPaidOutcome::Paid(receipt))
@@ -282,18 +264,8 @@ async fn record_refund_in(
         remaining_minor: remaining,
         refunded_at: created_at,
     };
-    let event = NewOutboxEvent {
-        event_id,
-        tenant_id: tenant.to_owned(),
-        aggregate_type: PAYMENT_AGGREGATE,
-        aggregate_id: payment.to_owned(),
-        event_type: PAYMENT_REFUNDED,
-        schema_version: PaymentRefundedV1::SCHEMA_VERSION,
-        payload: to_json(&payload)?,
-        metadata: cmd.metadata.clone(),
-        idempotency_key: Some(format!("payment-refunded-{key}")),
-    };
-    outbox::append(&tx, &event).await?;
+    let event = PaymentRefundedV1::event(&cmd.tenant_id, &cmd.idempotency_key, payload);
+    append_with_id(&tx, event_id, &event, &cmd.metadata).await?;
     tx.commit().await?;
     tracing::info!(%event_id, %refund_id, version = new_version, "refund recorded");
     Ok(RefundOutcome::Refunded(RefundReceipt {
@@ -307,27 +279,6 @@ async fn record_refund_in(
         event_id,
         created_at,
     }))
-}
-
-/// Asks `outbox_request_kick` whether this caller wakes the dispatcher.
-async fn request_wake_on(
-    client: &Client,
-    debounce: std::time::Duration,
-) -> Result<crate::ports::WakeDecision, StoreError> {
-    let row = client
-        .query_typed(
-            "SELECT kick, wait_ms FROM outbox_request_kick(make_interval(secs => $1))",
-            &[(&debounce.as_secs_f64(), tokio_postgres::types::Type::FLOAT8)],
-        )
-        .await?;
-    let row = row
-        .first()
-        .ok_or_else(|| StoreError::Corrupt("outbox_request_kick returned no row".into()))?;
-    let wait_ms: f64 = row.try_get("wait_ms")?;
-    Ok(crate::ports::WakeDecision {
-        wake: row.try_get("kick")?,
-        quiet_for: std::time::Duration::from_secs_f64(wait_ms.max(0.0) / 1000.0),
-    })
 }
 
 /// What the paid command found when the payment already existed.
@@ -453,14 +404,29 @@ fn state_from_row(row: &Row) -> Result<PaymentState, StoreError> {
     })
 }
 
-fn to_json<T: serde::Serialize>(payload: &T) -> Result<serde_json::Value, StoreError> {
-    serde_json::to_value(payload).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
 /// Whether `e` is a unique violation (SQLSTATE 23505) of the named constraint.
-pub(crate) fn is_violation_of(e: &tokio_postgres::Error, constraint: &str) -> bool {
+fn is_violation_of(e: &tokio_postgres::Error, constraint: &str) -> bool {
     e.as_db_error().is_some_and(|db| {
         *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
             && db.constraint() == Some(constraint)
     })
+}
+
+/// The events feed, served by the payment API from the commands' connection.
+impl pg_outbox::ports::EventFeedStore for PgPaymentStore {
+    async fn feed_page(
+        &self,
+        query: &pg_outbox::feed::FeedQuery,
+    ) -> Result<pg_outbox::feed::FeedPage, StoreError> {
+        self.db.feed_page(query).await
+    }
+
+    async fn acknowledge(
+        &self,
+        tenant: &pg_outbox::ids::TenantId,
+        event_id: Uuid,
+        consumer: &pg_outbox::feed::ConsumerName,
+    ) -> Result<pg_outbox::feed::AckOutcome, StoreError> {
+        self.db.acknowledge(tenant, event_id, consumer).await
+    }
 }

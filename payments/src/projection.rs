@@ -3,19 +3,30 @@
 //! `project_payment_events` (migration V5): one call per batch, the revenue added in key order;
 //! the inbox decided already what is applied.
 
-use futures_util::future::BoxFuture;
-use tokio_postgres::types::Type;
+use pg_outbox::consumer::{Projection, ProjectionError, Projections};
+use pg_outbox::envelope::EventEnvelope;
+use pg_outbox::sink::DeliveryError;
+use pg_outbox::tokio_postgres::types::Type;
+use pg_outbox::BoxFuture;
 
-use crate::consumer::{Projection, ProjectionError};
 use crate::domain::events::{PAYMENT_PAID, PAYMENT_REFUNDED};
-use crate::envelope::EventEnvelope;
-use crate::sink::{interpret, DeliveryError, Interpreted, PaymentChange};
+use crate::interpret::{interpret, Interpreted, PaymentChange};
 
 const PROJECT: &str = "SELECT project_payment_events($1, $2, $3, $4, $5, $6, $7)";
 
-/// The payment projections, registered in the projection sink's `main.rs`.
+/// The payment projections.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PaymentProjections;
+
+/// The inbox consumer the payment projections are applied as (the SQS sink's default
+/// `SINK_CONSUMER`, and `outboxctl nats consume --inbox-consumer`'s).
+pub const CONSUMER: &str = "payment-projections";
+
+/// Every read model of the payment service: the one registry the SQS sink and
+/// `outboxctl nats consume` both apply. A new projection of this service is added here.
+pub fn projections() -> Projections {
+    Projections::new().with(PaymentProjections)
+}
 
 fn change(event: &EventEnvelope) -> Result<PaymentChange, DeliveryError> {
     match interpret(event)? {
@@ -51,7 +62,7 @@ impl Projection for PaymentProjections {
 
     fn apply<'a>(
         &'a self,
-        tx: &'a tokio_postgres::Transaction<'_>,
+        tx: &'a pg_outbox::tokio_postgres::Transaction<'_>,
         events: &'a [&'a EventEnvelope],
     ) -> BoxFuture<'a, Result<(), ProjectionError>> {
         Box::pin(async move {

@@ -1,8 +1,6 @@
 //! Validated identifiers. Anything that reaches SQL or a message attribute went through one of
 //! these, so its length and alphabet are known.
 
-use std::fmt;
-
 /// Why an identifier was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
@@ -47,6 +45,15 @@ fn slug_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
 }
 
+/// Checks a slug: 1 to `max` ASCII letters, digits, `-`, `_` and `.` (what [`slug_id!`] types
+/// accept).
+pub fn check_slug(value: &str, max: usize) -> Result<(), IdError> {
+    check(value, max, SLUG, slug_char)
+}
+
+/// Declares an identifier type that accepts only slugs of at most `$max` characters (see
+/// [`check_slug`]): `pg_outbox::slug_id!(/** An order. */ OrderId, 64);`
+#[macro_export]
 macro_rules! slug_id {
     ($(#[$doc:meta])* $name:ident, $max:expr) => {
         $(#[$doc])*
@@ -58,8 +65,8 @@ macro_rules! slug_id {
             pub const MAX_LEN: usize = $max;
 
             /// Validates and wraps the identifier.
-            pub fn parse(value: &str) -> Result<Self, IdError> {
-                check(value, Self::MAX_LEN, SLUG, slug_char)?;
+            pub fn parse(value: &str) -> Result<Self, $crate::ids::IdError> {
+                $crate::ids::check_slug(value, Self::MAX_LEN)?;
                 Ok(Self(value.to_owned()))
             }
 
@@ -69,8 +76,8 @@ macro_rules! slug_id {
             }
         }
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 f.write_str(&self.0)
             }
         }
@@ -81,11 +88,6 @@ slug_id!(
     /// The tenant a request acts for. Comes only from the verified JWT claims, never from the
     /// request body or headers.
     TenantId,
-    64
-);
-slug_id!(
-    /// A payment's identifier, unique within its tenant.
-    PaymentId,
     64
 );
 
@@ -121,29 +123,29 @@ mod tests {
     #[test]
     fn accepts_plain_slugs() {
         assert_eq!(
-            PaymentId::parse("pay_01H-x.9").unwrap().as_str(),
-            "pay_01H-x.9"
+            TenantId::parse("acme_01H-x.9").unwrap().as_str(),
+            "acme_01H-x.9"
         );
         assert!(TenantId::parse(&"t".repeat(64)).is_ok());
     }
 
     #[test]
     fn refuses_empty_long_and_hostile_values() {
-        assert_eq!(PaymentId::parse(""), Err(IdError::Empty));
+        assert_eq!(TenantId::parse(""), Err(IdError::Empty));
         assert_eq!(
             TenantId::parse(&"t".repeat(65)),
             Err(IdError::TooLong { max: 64 })
         );
         for bad in [
             "a b",
-            "x'; DROP TABLE payments;--",
+            "x'; DROP TABLE tenants;--",
             "a/b",
             "é",
             "a\u{0}b",
             "a%20b",
             "💳",
         ] {
-            assert!(PaymentId::parse(bad).is_err(), "{bad:?} accepted");
+            assert!(TenantId::parse(bad).is_err(), "{bad:?} accepted");
         }
         assert!(IdempotencyKey::parse("key with space").is_err());
         assert!(IdempotencyKey::parse("r-1:ok/ß").is_err());
