@@ -1,7 +1,45 @@
-//! The migrations apply to an empty database and are a no-op the second time.
+//! The migrations: two sets (the toolkit's, then the payments example's), each in its own history
+//! table. They apply to an empty database and are a no-op the second time; together they give
+//! exactly the schema the single set before the split gave; a database migrated before the split
+//! is adopted without running anything; a service's own refinery migrations run beside them.
+//!
+//! The schema comparisons run `pg_dump` (on `PATH`: `. .local/env`), of the server's version or
+//! later.
 
-use outbox_tests::TestDb;
-use pg_outbox::postgres::migrate::run_migrations;
+use std::collections::BTreeMap;
+
+use tokio_postgres::Client;
+
+use pg_outbox::postgres::migrate::refinery::{Migration, Runner};
+use pg_outbox::postgres::migrate::{
+    run_migrations, run_outbox_migrations, run_payments_migrations, OUTBOX_HISTORY_TABLE,
+    PAYMENTS_HISTORY_TABLE,
+};
+use pg_outbox::postgres::DatabaseSettings;
+use outbox_tests::{admin_settings, TestDb};
+
+/// `pg_dump --schema-only` of a database migrated before the split (without its history).
+const SCHEMA_BEFORE_SPLIT: &str = include_str!("../fixtures/schema-before-split.sql");
+/// The rows that database held besides its history.
+const DATA_BEFORE_SPLIT: &str = include_str!("../fixtures/data-before-split.sql");
+/// Its `refinery_schema_history`, as the code before the split wrote it.
+const HISTORY_BEFORE_SPLIT: &str = include_str!("../fixtures/history-before-split.sql");
+
+const OUTBOX_NAMES: [&str; 7] = [
+    "outbox/V1__outbox",
+    "outbox/V2__inbox",
+    "outbox/V3__operations",
+    "outbox/V4__aggregate_order",
+    "outbox/V5__toolkit",
+    "outbox/V6__events_feed",
+    "outbox/V7__what_goes_next",
+];
+const PAYMENTS_NAMES: [&str; 4] = [
+    "payments/V1__payments",
+    "payments/V2__projections",
+    "payments/V3__inbox_projection",
+    "payments/V4__search_path",
+];
 
 #[tokio::test]
 async fn migrations_are_idempotent_and_create_the_claim_index() {
@@ -36,5 +74,422 @@ async fn migrations_are_idempotent_and_create_the_claim_index() {
             .iter()
             .any(|o| o == "autovacuum_vacuum_cost_delay=0"),
         "{options:?}"
+    );
+}
+
+#[tokio::test]
+async fn migrations_give_the_schema_the_migrations_before_the_split_gave() {
+    let db = TestDb::create().await;
+    assert_same_dump(
+        "schema",
+        &pg_dump(&db.url, &["--schema-only"]).await,
+        SCHEMA_BEFORE_SPLIT,
+    );
+    assert_same_dump(
+        "data",
+        &pg_dump(&db.url, &["--data-only", "--inserts"]).await,
+        DATA_BEFORE_SPLIT,
+    );
+    let client = db.client().await;
+    assert_eq!(
+        tables(&client, "%schema_history").await,
+        [OUTBOX_HISTORY_TABLE, PAYMENTS_HISTORY_TABLE],
+        "each set in its own history table, refinery's default left to the service"
+    );
+}
+
+#[tokio::test]
+async fn migrations_record_each_set_in_its_own_history_table() {
+    let db = EmptyDb::create().await;
+    let mut client = db.client().await;
+    assert_eq!(run_migrations(&mut client).await.unwrap(), all_names());
+    assert_eq!(
+        history(&client, OUTBOX_HISTORY_TABLE)
+            .await
+            .keys()
+            .map(|(v, n)| format!("outbox/V{v}__{n}"))
+            .collect::<Vec<_>>(),
+        OUTBOX_NAMES
+    );
+    assert_eq!(
+        history(&client, PAYMENTS_HISTORY_TABLE)
+            .await
+            .keys()
+            .map(|(v, n)| format!("payments/V{v}__{n}"))
+            .collect::<Vec<_>>(),
+        PAYMENTS_NAMES
+    );
+    assert!(run_migrations(&mut client).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_toolkit_alone_creates_no_table_or_function_of_the_payments_example() {
+    let db = EmptyDb::create().await;
+    let mut client = db.client().await;
+    assert_eq!(
+        run_outbox_migrations(&mut client).await.unwrap(),
+        OUTBOX_NAMES
+    );
+    assert!(run_outbox_migrations(&mut client).await.unwrap().is_empty());
+
+    assert_eq!(
+        tables(&client, "%").await,
+        [
+            "inbox_positions",
+            "outbox",
+            "outbox_aggregates",
+            "outbox_dispatch_state",
+            "outbox_dispatcher_heartbeats",
+            "outbox_feed_acks",
+            "outbox_feed_tenants",
+            "outbox_schema_history",
+            "processed_events",
+        ]
+    );
+    let functions = db
+        .texts(
+            &client,
+            "SELECT proname::text FROM pg_proc WHERE pronamespace = 'public'::regnamespace \
+             ORDER BY 1",
+        )
+        .await;
+    assert!(!functions.is_empty());
+    for function in &functions {
+        assert!(
+            function.starts_with("outbox_") || function.starts_with("inbox_"),
+            "{function} is not the toolkit's: {functions:?}"
+        );
+    }
+
+    // The payments example then goes on top, as run_migrations does it.
+    assert_eq!(
+        run_payments_migrations(&mut client).await.unwrap(),
+        PAYMENTS_NAMES
+    );
+    assert!(run_migrations(&mut client).await.unwrap().is_empty());
+    assert_same_dump(
+        "schema",
+        &pg_dump(&db.url, &["--schema-only"]).await,
+        SCHEMA_BEFORE_SPLIT,
+    );
+}
+
+#[tokio::test]
+async fn a_database_migrated_before_the_split_is_adopted_without_running_anything() {
+    let db = EmptyDb::before_split().await;
+    let mut client = db.client().await;
+    let before = history(&client, "refinery_schema_history").await;
+    assert_eq!(before.len(), 7);
+
+    assert!(run_migrations(&mut client).await.unwrap().is_empty());
+
+    // Each set's history is what refinery records on a database it migrates itself (so its next
+    // run finds nothing diverging), dated when the migration before the split ran.
+    let fresh = TestDb::create().await;
+    let fresh_client = fresh.client().await;
+    for (table, from) in [
+        (OUTBOX_HISTORY_TABLE, [1usize, 2, 3, 4, 5, 6, 7].as_slice()),
+        (PAYMENTS_HISTORY_TABLE, [1, 2, 5, 7].as_slice()),
+    ] {
+        let adopted = history(&client, table).await;
+        let migrated = history(&fresh_client, table).await;
+        assert_eq!(
+            adopted
+                .iter()
+                .map(|(k, (_, checksum))| (k.clone(), checksum.clone()))
+                .collect::<Vec<_>>(),
+            migrated
+                .iter()
+                .map(|(k, (_, checksum))| (k.clone(), checksum.clone()))
+                .collect::<Vec<_>>(),
+            "{table}"
+        );
+        let old_dates: Vec<&String> = before.values().map(|(on, _)| on).collect();
+        let dates: Vec<&String> = adopted.values().map(|(on, _)| on).collect();
+        let expected: Vec<&String> = from.iter().map(|v| old_dates[*v - 1]).collect();
+        assert_eq!(dates, expected, "{table}");
+    }
+    // The old history stays as it was; the schema is untouched.
+    assert_eq!(history(&client, "refinery_schema_history").await, before);
+    assert_same_dump(
+        "schema",
+        &pg_dump(&db.url, &["--schema-only"]).await,
+        SCHEMA_BEFORE_SPLIT,
+    );
+
+    assert!(run_migrations(&mut client).await.unwrap().is_empty());
+    // Once adopted, the old history is not read again: it may be dropped.
+    client
+        .batch_execute("DROP TABLE refinery_schema_history")
+        .await
+        .unwrap();
+    assert!(run_migrations(&mut client).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn each_set_alone_adopts_its_part_of_a_database_migrated_before_the_split() {
+    let db = EmptyDb::before_split().await;
+    let mut client = db.client().await;
+    assert!(run_payments_migrations(&mut client)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(history(&client, PAYMENTS_HISTORY_TABLE).await.len(), 4);
+    assert!(tables(&client, OUTBOX_HISTORY_TABLE).await.is_empty());
+    assert!(run_outbox_migrations(&mut client).await.unwrap().is_empty());
+    assert_eq!(history(&client, OUTBOX_HISTORY_TABLE).await.len(), 7);
+    assert!(run_migrations(&mut client).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn two_first_runs_at_once_adopt_a_database_once() {
+    let db = EmptyDb::before_split().await;
+    let (mut a, mut b) = (db.client().await, db.client().await);
+    let (ran_a, ran_b) = tokio::join!(run_migrations(&mut a), run_migrations(&mut b));
+    assert!(ran_a.unwrap().is_empty());
+    assert!(ran_b.unwrap().is_empty());
+    assert_eq!(history(&a, OUTBOX_HISTORY_TABLE).await.len(), 7);
+    assert_eq!(history(&a, PAYMENTS_HISTORY_TABLE).await.len(), 4);
+}
+
+#[tokio::test]
+async fn a_history_the_migrations_before_the_split_never_wrote_is_not_adopted() {
+    let db = EmptyDb::before_split().await;
+    let mut client = db.client().await;
+    client
+        .batch_execute("UPDATE refinery_schema_history SET checksum = '1' WHERE version = 7")
+        .await
+        .unwrap();
+    let error = run_migrations(&mut client).await.unwrap_err();
+    assert!(error.to_string().contains("V7__what_goes_next"), "{error}");
+    assert_eq!(
+        tables(&client, "%schema_history").await,
+        ["refinery_schema_history"]
+    );
+}
+
+#[tokio::test]
+async fn a_services_own_refinery_migrations_run_beside_the_toolkits_in_either_order() {
+    // The service's first.
+    let db = EmptyDb::create().await;
+    let mut client = db.client().await;
+    assert_eq!(service_migrations(&mut client).await, ["V1__orders"]);
+    assert_eq!(run_migrations(&mut client).await.unwrap(), all_names());
+    assert!(service_migrations(&mut client).await.is_empty());
+    assert!(run_migrations(&mut client).await.unwrap().is_empty());
+    assert_eq!(
+        history(&client, "refinery_schema_history")
+            .await
+            .keys()
+            .collect::<Vec<_>>(),
+        [&(1, "orders".to_string())]
+    );
+
+    // The toolkit's first.
+    let db = TestDb::create().await;
+    let mut client = db.client().await;
+    assert_eq!(service_migrations(&mut client).await, ["V1__orders"]);
+    assert!(run_migrations(&mut client).await.unwrap().is_empty());
+    assert!(service_migrations(&mut client).await.is_empty());
+    assert_eq!(db.count(&client, "orders").await, 0);
+}
+
+/// A service's own migrations, in refinery's default history table; the names it applied.
+async fn service_migrations(client: &mut Client) -> Vec<String> {
+    let orders = Migration::unapplied(
+        "V1__orders",
+        include_str!("../fixtures/service-migrations/V1__orders.sql"),
+    )
+    .unwrap();
+    Runner::new(&[orders])
+        .run_async(client)
+        .await
+        .unwrap()
+        .applied_migrations()
+        .iter()
+        .map(|m| m.to_string())
+        .collect()
+}
+
+fn all_names() -> Vec<&'static str> {
+    OUTBOX_NAMES
+        .iter()
+        .chain(&PAYMENTS_NAMES)
+        .copied()
+        .collect()
+}
+
+/// A database of its own, created empty (TestDb::create migrates it).
+struct EmptyDb {
+    settings: DatabaseSettings,
+    url: String,
+}
+
+impl EmptyDb {
+    async fn create() -> Self {
+        let admin = admin_settings();
+        // Named as TestDb names its databases, so `scripts/dev-env prune` drops it too.
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .connect()
+            .await
+            .expect("connect to the test PostgreSQL")
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        let admin_url = std::env::var("OUTBOX_TEST_DATABASE_URL").expect("test database URL");
+        let (server, _) = admin_url
+            .rsplit_once('/')
+            .expect("OUTBOX_TEST_DATABASE_URL ends in a database name");
+        Self {
+            settings: admin.with_dbname(&name),
+            url: format!("{server}/{name}"),
+        }
+    }
+
+    /// A database as the code before the split left it: its schema, rows and history.
+    async fn before_split() -> Self {
+        let db = Self::create().await;
+        // On a connection of its own: the dumps empty the session's search_path.
+        let client = db.client().await;
+        for sql in [SCHEMA_BEFORE_SPLIT, DATA_BEFORE_SPLIT, HISTORY_BEFORE_SPLIT] {
+            client
+                .batch_execute(&executable(sql))
+                .await
+                .expect("restore the database before the split");
+        }
+        db
+    }
+
+    async fn client(&self) -> Client {
+        self.settings
+            .connect()
+            .await
+            .expect("connect to the test database")
+    }
+
+    async fn texts(&self, client: &Client, sql: &str) -> Vec<String> {
+        client
+            .query(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+}
+
+/// A history table's rows: (version, name) -> (applied_on, checksum).
+async fn history(client: &Client, table: &str) -> BTreeMap<(i32, String), (String, String)> {
+    // The table names are the tests' own constants.
+    client
+        .query(
+            &format!("SELECT version, name, applied_on, checksum FROM {table}"),
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{table}: {e}"))
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
+        .collect()
+}
+
+/// The tables of the public schema whose name is LIKE `pattern`, sorted.
+async fn tables(client: &Client, pattern: &str) -> Vec<String> {
+    client
+        .query(
+            "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' \
+             AND tablename LIKE $1 ORDER BY 1",
+            &[&pattern],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// `pg_dump` of a database without owners, privileges and history tables.
+async fn pg_dump(url: &str, args: &[&str]) -> String {
+    let output = tokio::process::Command::new("pg_dump")
+        .args([
+            "--no-owner",
+            "--no-privileges",
+            "--exclude-table=*_schema_history",
+        ])
+        .args(args)
+        .arg(format!("--dbname={url}"))
+        .output()
+        .await
+        .unwrap_or_else(|e| {
+            panic!("pg_dump: cannot run it ({e}); is it on PATH? (`. .local/env`)")
+        });
+    assert!(
+        output.status.success(),
+        "pg_dump failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("pg_dump writes UTF-8")
+}
+
+/// A dump without what differs between two dumps of the same schema: pg_dump's comment lines (the
+/// fixtures' headers too), its per-dump `\restrict` key, blank lines and trailing spaces.
+fn normalized(dump: &str) -> Vec<&str> {
+    dump.lines()
+        .filter(|l| {
+            !l.starts_with("--")
+                && !l.starts_with("\\restrict ")
+                && !l.starts_with("\\unrestrict ")
+                && !l.trim().is_empty()
+        })
+        .map(str::trim_end)
+        .collect()
+}
+
+/// A dump as statements the server runs (`\restrict` is for psql only).
+fn executable(dump: &str) -> String {
+    dump.lines()
+        .filter(|l| !l.starts_with('\\'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Fails naming the lines one dump has and the other has not.
+fn assert_same_dump(what: &str, actual: &str, expected: &str) {
+    let (actual, expected) = (normalized(actual), normalized(expected));
+    if actual == expected {
+        return;
+    }
+    let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+    for line in &actual {
+        *counts.entry(line).or_default() += 1;
+    }
+    for line in &expected {
+        *counts.entry(line).or_default() -= 1;
+    }
+    let extra: Vec<&str> = counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(l, _)| *l)
+        .collect();
+    let missing: Vec<&str> = counts
+        .iter()
+        .filter(|(_, n)| **n < 0)
+        .map(|(l, _)| *l)
+        .collect();
+    let first = actual
+        .iter()
+        .zip(&expected)
+        .position(|(a, e)| a != e)
+        .unwrap_or(actual.len().min(expected.len()));
+    panic!(
+        "the {what} dump differs from the one before the split\n\
+         missing ({}):\n  {}\nextra ({}):\n  {}\nfirst difference at line {first}: {:?} (before the split: {:?})",
+        missing.len(),
+        missing.join("\n  "),
+        extra.len(),
+        extra.join("\n  "),
+        actual.get(first),
+        expected.get(first),
     );
 }

@@ -517,8 +517,7 @@ DECLARE
 BEGIN
     FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
              WHERE p.pronamespace = current_schema()::regnamespace
-               AND (p.proname LIKE 'outbox\_%' OR p.proname LIKE 'inbox\_%'
-                    OR p.proname = 'project_payment_events')
+               AND (p.proname LIKE 'outbox\_%' OR p.proname LIKE 'inbox\_%')
     LOOP
         -- The toolkit's schema first: current_schema() inside is that schema (capture_enable
         -- names its trigger function by it).

@@ -1,15 +1,5 @@
--- Read side: the inbox that makes the sink's effect exactly-once, and the projections it keeps.
-
--- One row per (consumer, event) applied: written in the same transaction as the projection
--- change, so a redelivered or replayed event finds its row and changes nothing.
-CREATE TABLE processed_events (
-    consumer      text        NOT NULL,
-    event_id      uuid        NOT NULL,
-    tenant_id     text        NOT NULL,
-    event_type    text        NOT NULL,
-    processed_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (consumer, event_id)
-);
+-- The payments example's read side: the projections its sink keeps, through the toolkit's inbox
+-- (processed_events, migrations/outbox V2).
 
 -- Per-payment status as the events tell it.
 CREATE TABLE payment_projection (
