@@ -8,12 +8,14 @@
 //! - [`ports`]: the commands as the store receives them, their receipts, the store's trait.
 //! - [`store`]: [`store::PgPaymentStore`], one transaction per command through
 //!   [`pg_outbox::producer::append_with_id`].
+//! - [`migrate`]: its migrations (`migrations/payments/`), after the toolkit's.
 //! - [`interpret`]: what a delivered payment event means to the projections.
 //! - [`projection`]: the read models and [`projection::projections`], the one registry the SQS
 //!   sink and `outboxctl nats consume` apply.
 
 pub mod domain;
 pub mod interpret;
+pub mod migrate;
 pub mod ports;
 pub mod projection;
 pub mod store;

@@ -10,13 +10,11 @@ use std::collections::BTreeMap;
 
 use tokio_postgres::Client;
 
-use pg_outbox::postgres::migrate::refinery::{Migration, Runner};
-use pg_outbox::postgres::migrate::{
-    run_migrations, run_outbox_migrations, run_payments_migrations, OUTBOX_HISTORY_TABLE,
-    PAYMENTS_HISTORY_TABLE,
-};
-use pg_outbox::postgres::DatabaseSettings;
 use outbox_tests::{admin_settings, TestDb};
+use payments::migrate::{run_migrations, run_payments_migrations, PAYMENTS_HISTORY_TABLE};
+use pg_outbox::postgres::migrate::refinery::{Migration, Runner};
+use pg_outbox::postgres::migrate::{run_outbox_migrations, OUTBOX_HISTORY_TABLE};
+use pg_outbox::postgres::DatabaseSettings;
 
 /// `pg_dump --schema-only` of a database migrated before the split (without its history).
 const SCHEMA_BEFORE_SPLIT: &str = include_str!("../fixtures/schema-before-split.sql");

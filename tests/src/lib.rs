@@ -16,8 +16,8 @@ use serde_json::Value;
 use tokio_postgres::Client;
 
 use payment_command::{HandlerConfig, PaymentCommandHandler};
+use payments::migrate::run_migrations;
 use payments::store::PgPaymentStore;
-use pg_outbox::postgres::migrate::run_migrations;
 use pg_outbox::postgres::{DatabaseSettings, Db, TlsMode};
 
 fn test_url() -> String {

@@ -1,16 +1,16 @@
-//! Schema migrations: two sets of SQL files, embedded at build time and applied in order by
+//! Schema migrations: sets of SQL files, embedded at build time and applied in order by
 //! refinery, each recorded in a history table of its own.
 //!
 //! * `migrations/outbox/`: the toolkit (outbox, inbox, dispatcher state, aggregates, feed,
-//!   capture and every `outbox_*` / `inbox_*` function), recorded in `outbox_schema_history`.
-//! * `migrations/payments/`: the payments example (payments, refunds, their projections and
-//!   functions), recorded in `payments_schema_history`. It uses the toolkit's tables, so it is
-//!   always applied after the toolkit's set.
+//!   capture and every `outbox_*` / `inbox_*` function), recorded in `outbox_schema_history`
+//!   ([`run_outbox_migrations`]).
+//! * a service's own set ([`MigrationSet`], [`run_set`]), after the toolkit's: the payment
+//!   service's is `migrations/payments/`, in `payments_schema_history` (its crate's `migrate`).
 //!
-//! Neither uses refinery's default `refinery_schema_history`, which is left to the service's own
-//! migrations. Before the split, one set (`migrations/V1__payments_and_outbox.sql` ...
-//! `V7__what_goes_next.sql`) was recorded there; on a database it migrated, the first run records
-//! the migrations of both sets whose statements it ran as applied, and runs none of them again.
+//! None uses refinery's default `refinery_schema_history`, which is left to a service's own
+//! runner if it has one. Before the split, one set (`migrations/V1__payments_and_outbox.sql` ...
+//! `V7__what_goes_next.sql`) was recorded there; on a database it migrated, the first run of each set
+//! records the migrations of the set whose statements it ran as applied, and runs none of them again.
 
 use std::collections::BTreeMap;
 
@@ -26,16 +26,19 @@ pub use refinery;
 /// The history table of the toolkit's migrations.
 pub const OUTBOX_HISTORY_TABLE: &str = "outbox_schema_history";
 
-/// A set of migrations, applied in version order and recorded in its own history table.
-struct MigrationSet {
+/// A set of migrations, applied in version order and recorded in its own history table: the
+/// toolkit's ([`run_outbox_migrations`]), or a service's own, run after it with [`run_set`].
+pub struct MigrationSet {
     /// Its folder under `migrations/`, which prefixes the names [`run_set`] returns.
-    folder: &'static str,
-    history_table: &'static str,
-    runner: fn() -> Runner,
+    pub folder: &'static str,
+    /// Where refinery records it.
+    pub history_table: &'static str,
+    /// The runner `refinery::embed_migrations!` generated for it.
+    pub runner: fn() -> Runner,
     /// For each migration of the set that existed before the split: the version of the migration
     /// before the split whose statements it holds. A database migrated before the split up to
-    /// that version has it applied already.
-    before_split: &'static [(SchemaVersion, SchemaVersion)],
+    /// that version has it applied already. Empty for a set that never was in the single set.
+    pub before_split: &'static [(SchemaVersion, SchemaVersion)],
 }
 
 mod outbox_set {
@@ -50,21 +53,18 @@ const OUTBOX: MigrationSet = MigrationSet {
     before_split: &[(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (7, 7)],
 };
 
-/// Applies every migration of the toolkit and then of the payments example not applied yet;
-/// returns the names of those it applied (`outbox/V1__outbox`, `payments/V1__payments`, ...).
-pub async fn run_migrations(client: &mut Client) -> Result<Vec<String>, refinery::Error> {
-    let mut applied = run_outbox_migrations(client).await?;
-    applied.extend(run_payments_migrations(client).await?);
-    Ok(applied)
-}
-
 /// Applies the toolkit's migrations not applied yet (`outbox_schema_history`); returns the names
 /// of those it applied. Creates no table of the payments example.
 pub async fn run_outbox_migrations(client: &mut Client) -> Result<Vec<String>, refinery::Error> {
     run_set(client, &OUTBOX).await
 }
 
-async fn run_set(client: &mut Client, set: &MigrationSet) -> Result<Vec<String>, refinery::Error> {
+/// Applies the migrations of `set` not applied yet; returns the names of those it applied
+/// (`<folder>/V1__name`, ...). A database migrated before the split is adopted first (below).
+pub async fn run_set(
+    client: &mut Client,
+    set: &MigrationSet,
+) -> Result<Vec<String>, refinery::Error> {
     adopt_single_set(client, set).await?;
     let mut runner = (set.runner)();
     runner.set_migration_table_name(set.history_table);
@@ -217,29 +217,4 @@ async fn adopt_single_set(client: &mut Client, set: &MigrationSet) -> Result<(),
         .migration_err(&what, None)?;
     }
     tx.commit().await.migration_err(&what, None)
-}
-
-// The payments example ------------------------------------------------------------------------
-// This part belongs to the payments example, not to the toolkit: its tables and functions are the
-// example's, and it moves to the payments crate with the rest of the payment code.
-
-/// The history table of the payments example's migrations.
-pub const PAYMENTS_HISTORY_TABLE: &str = "payments_schema_history";
-
-mod payments_set {
-    refinery::embed_migrations!("../migrations/payments");
-}
-
-const PAYMENTS: MigrationSet = MigrationSet {
-    folder: "payments",
-    history_table: PAYMENTS_HISTORY_TABLE,
-    runner: payments_set::migrations::runner,
-    // V1 holds the payments part of V1, V2 of V2, V3 of V5 and V4 of V7.
-    before_split: &[(1, 1), (2, 2), (3, 5), (4, 7)],
-};
-
-/// Applies the payments example's migrations not applied yet (`payments_schema_history`);
-/// returns the names of those it applied. The toolkit's migrations must be applied first.
-pub async fn run_payments_migrations(client: &mut Client) -> Result<Vec<String>, refinery::Error> {
-    run_set(client, &PAYMENTS).await
 }

@@ -2,7 +2,7 @@
 
 use clap::Args;
 
-use pg_outbox::postgres::migrate::run_migrations;
+use payments::migrate::run_migrations;
 
 /// Apply the schema migrations that have not been applied yet (safe to run again).
 #[derive(Args)]
