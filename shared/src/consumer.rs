@@ -35,9 +35,9 @@ pub type ProjectionError = Box<dyn std::error::Error + Send + Sync>;
 /// back. If it fails, the inbox rolls the batch back and applies its events one per transaction,
 /// so only the event that fails is redelivered.
 pub trait Projection: Send + Sync {
-    /// A name for logs and errors, e.g. `payment_projection`.
+    /// A name for logs and errors, e.g. `order_projection`.
     fn name(&self) -> &str;
-    /// The aggregate type it follows, e.g. `payment`.
+    /// The aggregate type it follows, e.g. `order`.
     fn aggregate_type(&self) -> &str;
     /// Whether it applies events of this type (other types of its aggregate only advance the
     /// aggregate's position).

@@ -18,7 +18,7 @@ pub struct EventEnvelope {
     pub id: Uuid,
     /// The emitting service.
     pub source: String,
-    /// Event type, e.g. `payment.paid`.
+    /// Event type, e.g. `order.placed`.
     #[serde(rename = "type")]
     pub event_type: String,
     /// Schema version of `data`.
@@ -31,7 +31,7 @@ pub struct EventEnvelope {
     pub datacontenttype: String,
     /// Owning tenant.
     pub tenantid: String,
-    /// Aggregate type, e.g. `payment`.
+    /// Aggregate type, e.g. `order`.
     pub aggregatetype: String,
     /// Aggregate id.
     pub aggregateid: String,
@@ -141,10 +141,10 @@ mod tests {
             id: 7,
             event_id: Uuid::new_v4(),
             tenant_id: "tenant-a".into(),
-            aggregate_type: "payment".into(),
+            aggregate_type: "order".into(),
             aggregate_id: "pay-\"1\"/é".into(),
             aggregate_version: 3,
-            event_type: "payment.paid".into(),
+            event_type: "order.placed".into(),
             schema_version: 2,
             payload: serde_json::json!({"amount": {"minor": 1250, "currency": "EUR"}, "note": "a\nb"}),
             metadata,
@@ -159,10 +159,10 @@ mod tests {
     fn the_body_is_the_serialized_envelope_byte_for_byte() {
         let full = serde_json::json!({
             "correlation_id": "corr", "causation_id": "cause", "traceparent": "00-abc-def-01",
-            "tracestate": "k=v", "xray_trace_header": "Root=1", "source": "payments",
+            "tracestate": "k=v", "xray_trace_header": "Root=1", "source": "orders",
             "extra": "kept out"
         });
-        let minimal = serde_json::json!({"correlation_id": "corr", "source": "payments"});
+        let minimal = serde_json::json!({"correlation_id": "corr", "source": "orders"});
         for metadata in [full, minimal] {
             let row = row(metadata);
             let owned = serde_json::to_string(&EventEnvelope::from_row(&row).unwrap()).unwrap();
@@ -175,8 +175,8 @@ mod tests {
         // Tried: no source, a number as correlation id, not an object at all.
         for metadata in [
             serde_json::json!({"correlation_id": "corr"}),
-            serde_json::json!({"correlation_id": 5, "source": "payments"}),
-            serde_json::json!(["payments"]),
+            serde_json::json!({"correlation_id": 5, "source": "orders"}),
+            serde_json::json!(["orders"]),
         ] {
             let row = row(metadata);
             assert!(EventEnvelope::from_row(&row).is_err());

@@ -9,8 +9,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::config::ConfigError;
-use crate::ports::StoreError;
-use crate::postgres::DbError;
+use crate::ports::{ConnectFailure, StoreError};
 
 /// The class of a function failure; its name is the invocation's `errorType` and the metric's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -79,14 +78,14 @@ impl FailureClass {
     /// The class of a store failure.
     pub fn of_store(error: &StoreError) -> Self {
         match error {
-            StoreError::Connect(DbError::Authentication(_) | DbError::Credentials(_)) => {
-                Self::DatabaseAuthenticationFailed
+            StoreError::Connect { failure, .. } => match failure {
+                ConnectFailure::Authentication => Self::DatabaseAuthenticationFailed,
+                ConnectFailure::Configuration => Self::InvalidConfiguration,
+                ConnectFailure::Unreachable => Self::DatabaseUnavailable,
+            },
+            StoreError::Unavailable(_) | StoreError::Timeout(_) | StoreError::Conflict(_) => {
+                Self::DatabaseUnavailable
             }
-            StoreError::Connect(DbError::Tls(_)) => Self::InvalidConfiguration,
-            StoreError::Connect(DbError::Connect(_))
-            | StoreError::Unavailable(_)
-            | StoreError::Timeout(_)
-            | StoreError::Conflict(_) => Self::DatabaseUnavailable,
             StoreError::Statement(_) => Self::DatabaseStatementFailed,
             StoreError::Corrupt(_) => Self::StoredDataInvalid,
         }

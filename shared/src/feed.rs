@@ -48,9 +48,9 @@ impl ParameterError {
 /// Which event types a page holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TypeFilter {
-    /// Exactly this type, e.g. `payment.paid`.
+    /// Exactly this type, e.g. `order.placed`.
     Exact(String),
-    /// Every type under this prefix: `payment.*` is given as `payment.`.
+    /// Every type under this prefix: `order.*` is given as `order.`.
     Prefix(String),
 }
 
@@ -254,7 +254,7 @@ fn parse_limit(raw: &str) -> Result<i64, ParameterError> {
     }
 }
 
-/// `payment.paid`, or `payment.*` for every type under `payment.`: segments of letters, digits,
+/// `order.placed`, or `order.*` for every type under `order.`: segments of letters, digits,
 /// `_` and `-`, separated by dots.
 fn parse_type(raw: &str) -> Result<TypeFilter, ParameterError> {
     let (body, prefix) = match raw.strip_suffix(".*") {
@@ -270,7 +270,7 @@ fn parse_type(raw: &str) -> Result<TypeFilter, ParameterError> {
         return Err(ParameterError::new(
             "type",
             format!(
-                "must be an event type such as payment.paid, or a prefix such as payment.* \
+                "must be an event type such as order.placed, or a prefix such as order.* \
                  (dot-separated letters, digits, '_' and '-', at most {MAX_EVENT_TYPE_LEN} characters)"
             ),
         ));
@@ -391,10 +391,10 @@ mod tests {
             (&[("limit", "ten")], "limit"),
             (&[("limit", "05")], "limit"),
             (&[("limit", "")], "limit"),
-            (&[("type", "Payment Paid")], "type"),
-            (&[("type", "payment..paid")], "type"),
+            (&[("type", "Order Placed")], "type"),
+            (&[("type", "order..placed")], "type"),
             (&[("type", ".paid")], "type"),
-            (&[("type", "payment.*.paid")], "type"),
+            (&[("type", "order.*.paid")], "type"),
             (&[("type", "*")], "type"),
             (&[("type", "")], "type"),
             (&[("aggregateId", "")], "aggregateId"),
@@ -428,8 +428,8 @@ mod tests {
     fn good_parameters_are_read() {
         let q = parse(&[
             ("limit", "100"),
-            ("type", "payment.*"),
-            ("aggregateId", "pay_1"),
+            ("type", "order.*"),
+            ("aggregateId", "o-1"),
             ("createdFrom", "2026-11-23T10:00:00+01:00"),
             ("createdTo", "2026-11-23T10:00:00Z"),
             ("consumer", "ledger-sync.v2"),
@@ -437,16 +437,16 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(q.limit, 100);
-        assert_eq!(q.event_type, Some(TypeFilter::Prefix("payment.".into())));
-        assert_eq!(q.aggregate_id.as_deref(), Some("pay_1"));
+        assert_eq!(q.event_type, Some(TypeFilter::Prefix("order.".into())));
+        assert_eq!(q.aggregate_id.as_deref(), Some("o-1"));
         assert_eq!(
             q.created_from.unwrap().to_rfc3339(),
             "2026-11-23T09:00:00+00:00"
         );
         assert!(q.exclude_acknowledged);
         assert_eq!(q.consumer.unwrap().as_str(), "ledger-sync.v2");
-        let q = parse(&[("type", "payment.paid"), ("limit", "1")]).unwrap();
-        assert_eq!(q.event_type, Some(TypeFilter::Exact("payment.paid".into())));
+        let q = parse(&[("type", "order.placed"), ("limit", "1")]).unwrap();
+        assert_eq!(q.event_type, Some(TypeFilter::Exact("order.placed".into())));
         let q = parse(&[]).unwrap();
         assert_eq!((q.limit, q.after), (DEFAULT_LIMIT, FeedCursor::START));
     }

@@ -1,8 +1,8 @@
 //! `pg-outbox`: a transactional outbox on PostgreSQL for AWS Lambda. A service appends its events
 //! in the transaction that changes its state; a scheduled dispatcher publishes them to SNS,
 //! EventBridge or NATS JetStream in per-aggregate order, with retries, backoff and dead letters;
-//! a sink applies them to read models through an inbox, once in effect. It knows no domain: the
-//! payment service in this repository is its first user, and uses only what is public here.
+//! a sink applies them to read models through an inbox, once in effect. It knows no domain: its
+//! first user, beside it in this repository, uses only what is public here.
 //!
 //! ```no_run
 //! use pg_outbox::prelude::*;

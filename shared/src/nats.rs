@@ -2,7 +2,7 @@
 //! stream's messages through the inbox like the SQS sink.
 //!
 //! On the wire: one subject per entity, `<prefix>.<aggregate type>.<aggregate id>.<event type>`,
-//! so a stream (and any consumer filtering on `<prefix>.payment.pay_1.>`) keeps each entity's
+//! so a stream (and any consumer filtering on `<prefix>.order.o-1.>`) keeps each entity's
 //! order; `Nats-Msg-Id` = the event id, so JetStream drops a re-publish within the stream's
 //! duplicate window; the CloudEvents envelope as the body; event type, tenant and event id as
 //! headers. Every publish acknowledgment is awaited and read on its own: a missing one (timeout,
@@ -117,7 +117,7 @@ pub fn subject_token(raw: &str) -> String {
 
 /// `<prefix>.<aggregate type>.<aggregate id>.<event type>`, each part escaped with
 /// [`subject_token`] except the event type's dots, which stay token separators
-/// (`payment.paid` → `….payment.paid`), so `<prefix>.payment.*.payment.>` matches by type.
+/// (`order.placed` → `….order.placed`), so `<prefix>.order.*.order.>` matches by type.
 pub fn subject(prefix: &str, aggregate_type: &str, aggregate_id: &str, event_type: &str) -> String {
     let event: Vec<String> = event_type.split('.').map(subject_token).collect();
     format!(
@@ -420,12 +420,12 @@ mod tests {
     #[test]
     fn subjects_keep_tokens_and_escape_everything_else() {
         assert_eq!(
-            subject("outbox", "payment", "pay_1", "payment.paid"),
-            "outbox.payment.pay_1.payment.paid"
+            subject("outbox", "order", "o-1", "order.placed"),
+            "outbox.order.o-1.order.placed"
         );
         assert_eq!(
-            subject("acme.outbox", "payment", "a.b*c>d e~", "x"),
-            "acme.outbox.payment.a~2Eb~2Ac~3Ed~20e~7E.x"
+            subject("acme.outbox", "order", "a.b*c>d e~", "x"),
+            "acme.outbox.order.a~2Eb~2Ac~3Ed~20e~7E.x"
         );
         assert_eq!(subject_token("é"), "~C3~A9");
         assert_eq!(subject_token(""), "~");
@@ -439,7 +439,7 @@ mod tests {
     #[test]
     fn the_prefix_is_checked() {
         assert!(is_subject_prefix("outbox"));
-        assert!(is_subject_prefix("acme.payments.outbox"));
+        assert!(is_subject_prefix("acme.orders.outbox"));
         for bad in ["", "a..b", ".a", "a.", "a b", "a.*", "a.>"] {
             assert!(!is_subject_prefix(bad), "{bad:?}");
         }

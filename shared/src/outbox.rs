@@ -1,5 +1,5 @@
-//! The outbox event as a command writes it: the envelope fields every published message carries,
-//! stored in the same transaction as the state change that caused it.
+//! The outbox event: its metadata as a producer writes it, the row as a dispatcher claims it,
+//! the outcomes it records, and the backlog.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -24,30 +24,6 @@ pub struct EventMetadata {
     pub xray_trace_header: Option<String>,
     /// The service that emitted the event (EventBridge `Source`).
     pub source: String,
-}
-
-/// An event about to be appended to the outbox.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NewOutboxEvent {
-    /// Stable id: consumers dedupe on it, FIFO topics use it as `MessageDeduplicationId`.
-    pub event_id: Uuid,
-    /// Owning tenant.
-    pub tenant_id: String,
-    /// Aggregate type, e.g. `payment`.
-    pub aggregate_type: &'static str,
-    /// Aggregate id (the FIFO `MessageGroupId`). Its version is the aggregate's next one,
-    /// assigned by the outbox (gap-free, migration V7).
-    pub aggregate_id: String,
-    /// Event type, e.g. `payment.paid`.
-    pub event_type: &'static str,
-    /// Schema version of `payload`.
-    pub schema_version: i32,
-    /// The event payload.
-    pub payload: serde_json::Value,
-    /// Correlation, causation and trace context.
-    pub metadata: EventMetadata,
-    /// Unique per tenant when present: a second event with the same key is refused.
-    pub idempotency_key: Option<String>,
 }
 
 /// An outbox row claimed by a dispatcher: leased to it until its lease expires.

@@ -7,15 +7,38 @@ use uuid::Uuid;
 
 use crate::ids::TenantId;
 
-/// A failure of the store itself (not a business rule): the command may be retried as is.
+/// The error a store's driver reported, kept as the source of a [`StoreError`].
+pub type StoreSource = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why no connection could be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// The server could not be reached, refused the connection, or is starting or stopping:
+    /// transient.
+    Unreachable,
+    /// The server refused the credentials, also after they were re-read (or they could not be
+    /// re-read).
+    Authentication,
+    /// The connection cannot be set up as configured (TLS).
+    Configuration,
+}
+
+/// A failure of the store itself (not a business rule): the command may be retried as is. The
+/// adapters map their driver's errors to it ([`crate::postgres`] maps `tokio_postgres`'s).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// No connection could be opened (the server is down or refused the credentials).
     #[error("no database connection")]
-    Connect(#[from] crate::postgres::DbError),
+    Connect {
+        /// Why.
+        failure: ConnectFailure,
+        /// The driver's error.
+        #[source]
+        source: StoreSource,
+    },
     /// The connection broke while the command ran.
     #[error("database connection lost")]
-    Unavailable(#[source] tokio_postgres::Error),
+    Unavailable(#[source] StoreSource),
     /// The operation did not finish within its bound (`DATABASE_OPERATION_TIMEOUT_MS`): the
     /// server or the network stopped answering, or the statement waited too long for a lock.
     #[error("database did not answer within {} ms", .0.as_millis())]
@@ -23,12 +46,12 @@ pub enum StoreError {
     /// A statement failed (a constraint the rules should have prevented, a trigger): the
     /// transaction was rolled back and nothing was written.
     #[error("database statement failed")]
-    Statement(#[source] tokio_postgres::Error),
+    Statement(#[source] StoreSource),
     /// The statement lost a lock conflict: a deadlock (40P01), a lock it gave up waiting for
     /// (55P03, `lock_timeout`), a server statement timeout (57014) or a serialization failure
     /// (40001). Nothing was written; the same statement may succeed at once: transient.
     #[error("database lock conflict")]
-    Conflict(#[source] tokio_postgres::Error),
+    Conflict(#[source] StoreSource),
     /// A stored row holds a value the code does not understand.
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
@@ -45,7 +68,7 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            StoreError::Connect(_)
+            StoreError::Connect { .. }
                 | StoreError::Unavailable(_)
                 | StoreError::Timeout(_)
                 | StoreError::Conflict(_)
@@ -54,33 +77,13 @@ impl StoreError {
 
     /// The server refused the credentials, also after they were re-read.
     pub fn is_authentication(&self) -> bool {
-        matches!(self, StoreError::Connect(e) if e.is_authentication())
-    }
-}
-
-impl From<tokio_postgres::Error> for StoreError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        use tokio_postgres::error::SqlState;
-        // A session ended by the server (restart, failover, pg_terminate_backend) arrives as an
-        // error of class 57P (operator intervention) before the socket closes.
-        let ended_by_server = e.code().is_some_and(|c| {
-            *c == SqlState::ADMIN_SHUTDOWN
-                || *c == SqlState::CRASH_SHUTDOWN
-                || *c == SqlState::CANNOT_CONNECT_NOW
-        });
-        let lost_a_conflict = e.code().is_some_and(|c| {
-            *c == SqlState::T_R_DEADLOCK_DETECTED
-                || *c == SqlState::LOCK_NOT_AVAILABLE
-                || *c == SqlState::QUERY_CANCELED
-                || *c == SqlState::T_R_SERIALIZATION_FAILURE
-        });
-        if e.is_closed() || e.as_db_error().is_none() || ended_by_server {
-            StoreError::Unavailable(e)
-        } else if lost_a_conflict {
-            StoreError::Conflict(e)
-        } else {
-            StoreError::Statement(e)
-        }
+        matches!(
+            self,
+            StoreError::Connect {
+                failure: ConnectFailure::Authentication,
+                ..
+            }
+        )
     }
 }
 

@@ -39,7 +39,7 @@ use uuid::Uuid;
 use crate::outbox::EventMetadata;
 
 /// An event a service appends: its type, schema version and aggregate are part of its Rust type;
-/// its payload is its `Serialize` form (camelCase JSON is the convention of the payment events).
+/// its payload is its `Serialize` form (camelCase JSON is the convention of the examples).
 pub trait OutboxEvent: Serialize + Sync {
     /// Event type, e.g. `customer.renamed`: the SNS `event_type` attribute, the EventBridge
     /// `DetailType`, and what consumers register projections for.
@@ -144,7 +144,7 @@ pub async fn append<E: OutboxEvent>(
 }
 
 /// [`append`] under an event id the caller chose, for a service that writes the id beside its
-/// own state in the same transaction (the payment service keeps a payment's `paid_event_id`, so a
+/// own state in the same transaction (one that keeps the id of the event a command emitted, so a
 /// replayed command answers with the same event). Use a time-ordered UUID v7 (`Uuid::now_v7()`).
 #[tracing::instrument(skip_all, fields(event_type = E::EVENT_TYPE, tenant_id = event.tenant_id(),
     aggregate_id = event.aggregate_id()))]

@@ -1,7 +1,7 @@
 //! The sink side: what a queue message may hold (the envelope from SNS raw delivery, an SNS
 //! notification wrapping it, or an EventBridge event carrying it as `detail`), read back into the
 //! envelope; and what applying an event did. Pure functions, so hostile input can be thrown at
-//! them (the payments example's property tests do, through its `interpret`).
+//! them (a service's property tests do, through its own reading of the payloads).
 
 use crate::envelope::{EventEnvelope, SPEC_VERSION};
 
@@ -76,7 +76,7 @@ pub enum ApplyOutcome {
     Duplicate,
     /// Older than what the projection holds: acknowledged, nothing changed.
     Stale,
-    /// An earlier event of the same payment is missing: not applied, to be redelivered.
+    /// An earlier event of the same aggregate is missing: not applied, to be redelivered.
     Gap,
     /// Applying failed: not applied, to be redelivered.
     Failed(String),

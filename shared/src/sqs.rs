@@ -13,7 +13,12 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
-use aws_lambda_events::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
+use aws_lambda_events::sqs::BatchItemFailure;
+/// The SQS event a sink's Lambda receives, and what it answers: re-exported so a service's sink
+/// and its tests need no `aws_lambda_events` of their own.
+pub use aws_lambda_events::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
+/// The error a Lambda `main` returns.
+pub use lambda_runtime::Error as LambdaError;
 use lambda_runtime::LambdaEvent;
 use serde::Serialize;
 

@@ -210,11 +210,11 @@ mod tests {
     #[test]
     fn an_rds_style_secret_becomes_settings_and_never_prints_the_password() {
         let json = Secret::new(
-            r#"{"engine":"postgres","host":"db.internal","port":5433,"username":"app","password":"s3cr3t-pw","dbname":"payments"}"#
+            r#"{"engine":"postgres","host":"db.internal","port":5433,"username":"app","password":"s3cr3t-pw","dbname":"orders"}"#
                 .to_owned(),
         );
         let settings = settings_from_secret(&json, TlsMode::VerifyFull).unwrap();
-        assert_eq!(settings.dbname(), Some("payments"));
+        assert_eq!(settings.dbname(), Some("orders"));
         let shown = format!("{settings:?}");
         assert!(
             !shown.contains("s3cr3t-pw") && !shown.contains("app"),

@@ -16,7 +16,7 @@ use tokio_postgres::{Client, Config, NoTls};
 use futures_util::future::BoxFuture;
 
 use crate::config::{optional_env, ranged_env, required_env, ConfigError, Secret};
-use crate::ports::StoreError;
+use crate::ports::{ConnectFailure, StoreError};
 
 /// How the connection is protected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +80,49 @@ impl DbError {
     /// Whether the server refused the credentials.
     pub fn is_authentication(&self) -> bool {
         matches!(self, DbError::Authentication(_) | DbError::Credentials(_))
+    }
+}
+
+impl From<DbError> for StoreError {
+    fn from(e: DbError) -> Self {
+        let failure = match e {
+            DbError::Tls(_) => ConnectFailure::Configuration,
+            DbError::Connect(_) => ConnectFailure::Unreachable,
+            DbError::Authentication(_) | DbError::Credentials(_) => ConnectFailure::Authentication,
+        };
+        StoreError::Connect {
+            failure,
+            source: Box::new(e),
+        }
+    }
+}
+
+/// The driver's errors as the ports see them: a session the server ended or a socket that
+/// closed is the connection lost; a lost lock conflict is a conflict; any other is a statement
+/// that failed.
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        use tokio_postgres::error::SqlState;
+        // A session ended by the server (restart, failover, pg_terminate_backend) arrives as an
+        // error of class 57P (operator intervention) before the socket closes.
+        let ended_by_server = e.code().is_some_and(|c| {
+            *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW
+        });
+        let lost_a_conflict = e.code().is_some_and(|c| {
+            *c == SqlState::T_R_DEADLOCK_DETECTED
+                || *c == SqlState::LOCK_NOT_AVAILABLE
+                || *c == SqlState::QUERY_CANCELED
+                || *c == SqlState::T_R_SERIALIZATION_FAILURE
+        });
+        if e.is_closed() || e.as_db_error().is_none() || ended_by_server {
+            StoreError::Unavailable(Box::new(e))
+        } else if lost_a_conflict {
+            StoreError::Conflict(Box::new(e))
+        } else {
+            StoreError::Statement(Box::new(e))
+        }
     }
 }
 

@@ -4,8 +4,8 @@
 //! * `migrations/outbox/`: the toolkit (outbox, inbox, dispatcher state, aggregates, feed,
 //!   capture and every `outbox_*` / `inbox_*` function), recorded in `outbox_schema_history`
 //!   ([`run_outbox_migrations`]).
-//! * a service's own set ([`MigrationSet`], [`run_set`]), after the toolkit's: the payment
-//!   service's is `migrations/payments/`, in `payments_schema_history` (its crate's `migrate`).
+//! * a service's own set ([`MigrationSet`], [`run_set`]), after the toolkit's, each in
+//!   its own history table.
 //!
 //! None uses refinery's default `refinery_schema_history`, which is left to a service's own
 //! runner if it has one. Before the split, one set (`migrations/V1__payments_and_outbox.sql` ...
@@ -54,7 +54,7 @@ const OUTBOX: MigrationSet = MigrationSet {
 };
 
 /// Applies the toolkit's migrations not applied yet (`outbox_schema_history`); returns the names
-/// of those it applied. Creates no table of the payments example.
+/// of those it applied. Creates no table of any service.
 pub async fn run_outbox_migrations(client: &mut Client) -> Result<Vec<String>, refinery::Error> {
     run_set(client, &OUTBOX).await
 }

@@ -1,45 +1,8 @@
-//! SQL of the `outbox` table: appending an event inside the caller's transaction (state and
-//! event commit together), and the dispatcher's side: the claim, the record of its outcomes
-//! (`outbox_record`, migration V7), heartbeats and retention.
+//! SQL of the `outbox` table on the dispatcher's side: the claim, the record of its outcomes
+//! (`outbox_record`, migration V7), heartbeats, the backlog and retention. Appending is
+//! [`crate::producer::append`].
 
 use tokio_postgres::types::Type;
-use tokio_postgres::Transaction;
-
-use crate::outbox::NewOutboxEvent;
-
-const APPEND: &str = "
-    INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
-                        schema_version, payload, metadata, idempotency_key)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
-
-/// Appends one event to the outbox in `tx`. Its version is the aggregate's next one, assigned by
-/// the outbox (gap-free per aggregate, migration V7): a payment's own row version may move
-/// without an event (a pending payment created elsewhere). It becomes visible to the dispatcher only when `tx`
-/// commits, and disappears with it if `tx` rolls back.
-#[tracing::instrument(skip_all, fields(event_id = %event.event_id, event_type = event.event_type,
-    tenant_id = %event.tenant_id, aggregate_id = %event.aggregate_id))]
-pub async fn append(
-    tx: &Transaction<'_>,
-    event: &NewOutboxEvent,
-) -> Result<(), tokio_postgres::Error> {
-    let metadata = serde_json::to_value(&event.metadata).unwrap_or_default();
-    tx.execute_typed(
-        APPEND,
-        &[
-            (&event.event_id, Type::UUID),
-            (&event.tenant_id, Type::TEXT),
-            (&event.aggregate_type, Type::TEXT),
-            (&event.aggregate_id, Type::TEXT),
-            (&event.event_type, Type::TEXT),
-            (&event.schema_version, Type::INT4),
-            (&event.payload, Type::JSONB),
-            (&metadata, Type::JSONB),
-            (&event.idempotency_key, Type::TEXT),
-        ],
-    )
-    .await?;
-    Ok(())
-}
 
 /// Leases publishable rows: pending aggregate heads, and replays. Each branch is served by its
 /// partial index (`outbox_head_claim_idx`: `(next_attempt_at, id) WHERE status = 'pending' AND
