@@ -157,7 +157,12 @@ impl Projection for OrderBook {
                     tx.execute(
                         "INSERT INTO order_book (tenant_id, order_id, total_minor, status, version)
                          VALUES ($1, $2, $3, 'placed', $4)",
-                        &[&event.tenantid, &placed.order_id, &placed.total_minor, &event.aggregateversion],
+                        &[
+                            &event.tenantid,
+                            &placed.order_id,
+                            &placed.total_minor,
+                            &event.aggregateversion,
+                        ],
                     )
                     .await?;
                 } else {

@@ -50,7 +50,10 @@ async fn orders_flow_from_append_to_the_read_model_once_in_effect() {
 
     // The toolkit's migrations, then the service's, each in its own history table.
     let applied = orders::migrate(&mut client).await.expect("migrations");
-    assert!(applied.iter().any(|m| m == "orders/V1__order_book"), "{applied:?}");
+    assert!(
+        applied.iter().any(|m| m == "orders/V1__order_book"),
+        "{applied:?}"
+    );
     assert!(orders::migrate(&mut client).await.unwrap().is_empty());
 
     // The command side: three orders placed, one shipped; placing one again is refused.
@@ -60,9 +63,15 @@ async fn orders_flow_from_append_to_the_read_model_once_in_effect() {
         total_minor: total,
     };
     let tx = client.transaction().await.unwrap();
-    place_order(&tx, &placed("acme", "o-1", 1_250), "req-1").await.unwrap();
-    place_order(&tx, &placed("acme", "o-2", 990), "req-2").await.unwrap();
-    place_order(&tx, &placed("globex", "o-1", 40_000), "req-3").await.unwrap();
+    place_order(&tx, &placed("acme", "o-1", 1_250), "req-1")
+        .await
+        .unwrap();
+    place_order(&tx, &placed("acme", "o-2", 990), "req-2")
+        .await
+        .unwrap();
+    place_order(&tx, &placed("globex", "o-1", 40_000), "req-3")
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     let tx = client.transaction().await.unwrap();
     let shipped = OrderShipped {
@@ -70,11 +79,20 @@ async fn orders_flow_from_append_to_the_read_model_once_in_effect() {
         order_id: "o-2".into(),
         carrier: "DHL".into(),
     };
-    assert_eq!(ship_order(&tx, &shipped, "req-4").await.unwrap().aggregate_version, 2);
+    assert_eq!(
+        ship_order(&tx, &shipped, "req-4")
+            .await
+            .unwrap()
+            .aggregate_version,
+        2
+    );
     tx.commit().await.unwrap();
     let tx = client.transaction().await.unwrap();
     let again = place_order(&tx, &placed("acme", "o-1", 1_250), "req-5").await;
-    assert!(again.is_err_and(|e| e.is_duplicate()), "a second placement is refused");
+    assert!(
+        again.is_err_and(|e| e.is_duplicate()),
+        "a second placement is refused"
+    );
     drop(tx);
 
     // The bus: a topic, and a queue subscribed to it with raw delivery.
@@ -136,7 +154,11 @@ async fn orders_flow_from_append_to_the_read_model_once_in_effect() {
     let mut bodies = Vec::new();
     let started = Instant::now();
     while bodies.len() < 4 {
-        assert!(started.elapsed() < Duration::from_secs(20), "only {} messages", bodies.len());
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "only {} messages",
+            bodies.len()
+        );
         let received = sqs
             .receive_message()
             .queue_url(&queue_url)
@@ -144,7 +166,12 @@ async fn orders_flow_from_append_to_the_read_model_once_in_effect() {
             .send()
             .await
             .unwrap();
-        bodies.extend(received.messages().iter().filter_map(|m| m.body().map(str::to_owned)));
+        bodies.extend(
+            received
+                .messages()
+                .iter()
+                .filter_map(|m| m.body().map(str::to_owned)),
+        );
     }
     bodies.sort_by_key(|b| b.contains("order.placed"));
     let mut queue: Vec<String> = bodies.iter().chain(bodies.iter()).cloned().collect();
@@ -177,7 +204,10 @@ async fn orders_flow_from_append_to_the_read_model_once_in_effect() {
         let (response, report) = sink.apply_batch(event).await;
         applied += report.applied;
         for failure in response.batch_item_failures {
-            let (_, body) = batch.iter().find(|(id, _)| *id == failure.item_identifier).unwrap();
+            let (_, body) = batch
+                .iter()
+                .find(|(id, _)| *id == failure.item_identifier)
+                .unwrap();
             queue.push(body.clone());
         }
     }
@@ -198,8 +228,22 @@ async fn orders_flow_from_append_to_the_read_model_once_in_effect() {
         rows,
         [
             ("acme".into(), "o-1".into(), 1_250, "placed".into(), None, 1),
-            ("acme".into(), "o-2".into(), 990, "shipped".into(), Some("DHL".into()), 2),
-            ("globex".into(), "o-1".into(), 40_000, "placed".into(), None, 1),
+            (
+                "acme".into(),
+                "o-2".into(),
+                990,
+                "shipped".into(),
+                Some("DHL".into()),
+                2
+            ),
+            (
+                "globex".into(),
+                "o-1".into(),
+                40_000,
+                "placed".into(),
+                None,
+                1
+            ),
         ]
     );
 
