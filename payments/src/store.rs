@@ -1,3 +1,5 @@
+//! (Past 400 lines: the two commands' SQL and transactions side by side, as each mirrors the other.)
+//!
 //! SQL of the `payments` and `refunds` tables, and the [`PaymentCommandStore`] adapter: each
 //! command is one transaction that locks the payment row, asks the domain rules what to do, and
 //! writes the new state together with its outbox event.

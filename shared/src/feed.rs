@@ -1,3 +1,5 @@
+//! (Past 400 lines: the feed's query parameters, cursor and their property tests, read together.)
+//!
 //! The events feed: a tenant's published events, oldest first, read page by page with an opaque
 //! cursor, and acknowledged per consumer. For partners that cannot receive a push: they pull, as
 //! from Stripe's `GET /v1/events`.

@@ -1,3 +1,5 @@
+//! (Past 400 lines: the JetStream publisher and consumer share the subject scheme and its tests.)
+//!
 //! NATS JetStream: the third target (`OUTBOX_TARGET=nats`), and a consumer that applies a
 //! stream's messages through the inbox like the SQS sink.
 //!

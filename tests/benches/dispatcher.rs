@@ -1,3 +1,5 @@
+//! (Past 400 lines: the dispatcher benchmarks measured in one run, so their ratios compare.)
+//!
 //! Dispatcher benchmarks, all in one run on the local PostgreSQL:
 //! 1. the SQL floor: claim then mark published, two statements, no bus;
 //! 2. the dispatcher loop against a zero-latency SNS-compatible endpoint on loopback;

@@ -1,3 +1,5 @@
+//! (Past 400 lines: the operations benchmarks measured in one run, so their ratios compare.)
+//!
 //! Operations benchmarks, in one run on the local PostgreSQL:
 //! 1. retention: claim latency and dispatcher throughput with 10k published rows retained, with
 //!    5M retained, and with those 5M being deleted by a cleanup running back to back meanwhile;

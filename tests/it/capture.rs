@@ -1,3 +1,5 @@
+//! (Past 400 lines: one test per capture rule on real tables, sharing this file's fixtures.)
+//!
 //! Trigger capture (`outboxctl capture enable|disable`, migration V5) on real tables, and rows
 //! appended by SQL producers that do not know the envelope: what the outbox fills in, what it
 //! refuses at insert time.

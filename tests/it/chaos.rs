@@ -1,3 +1,5 @@
+//! (Past 400 lines: the chaos run is one scenario: producers, operator, faults and the final accounting.)
+//!
 //! The chaos run: thousands of payment commands from concurrent producers (with client retries),
 //! four dispatcher processes killed with SIGKILL at random and restarted, a proxy in front of moto's
 //! FIFO topic injecting faults into at least 10% of publish calls, PostgreSQL restarted three times

@@ -1,3 +1,5 @@
+//! (Past 400 lines: one test per delivery rule against PostgreSQL and moto, sharing this file's fixtures.)
+//!
 //! The outbox dispatcher against PostgreSQL and moto over real HTTP: delivery shapes, FIFO order,
 //! racing dispatchers, a dispatcher killed mid-flight, injected faults, poison events, the
 //! commit-order horizon and the lease.

@@ -1,3 +1,5 @@
+//! (Past 400 lines: one test per feed rule through the HTTP handler, sharing this file's fixtures.)
+//!
 //! The events feed through the HTTP API handler against the real PostgreSQL: pages read while
 //! events are published and deleted, per-consumer acknowledgments, tenant isolation, filters and
 //! every refused input.

@@ -1,3 +1,5 @@
+//! (Past 400 lines: one test per migration rule (layout, adoption, a service's own set), sharing this file's fixtures.)
+//!
 //! The migrations: two sets (the toolkit's, then the payments example's), each in its own history
 //! table. They apply to an empty database and are a no-op the second time; together they give
 //! exactly the schema the single set before the split gave; a database migrated before the split

@@ -1,3 +1,5 @@
+//! (Past 400 lines: one test per operator command run as a process, sharing this file's fixtures.)
+//!
 //! Operating the outbox: `outboxctl status | redrive | replay | cleanup` run as a real process
 //! against a real database, retention inside the dispatcher's drain, the dispatcher heartbeat and
 //! the command handler's wake-up call, and the metrics the functions write.

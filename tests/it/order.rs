@@ -1,3 +1,5 @@
+//! (Past 400 lines: one test per order rule, sharing this file's fixtures.)
+//!
 //! Per-aggregate order without a cluster-wide horizon (migration V4): appending locks the
 //! aggregate, so a version commits only after its predecessor; only heads are claimable; publishing
 //! a head promotes its successor. Against the real PostgreSQL.

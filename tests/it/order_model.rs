@@ -1,3 +1,5 @@
+//! (Past 400 lines: the model, its operations and the schedule runner share one state and read best together.)
+//!
 //! The order model: seeded random schedules of every operation the toolkit offers, run on real
 //! PostgreSQL sessions and checked against a model after every step.
 //!

@@ -1,3 +1,5 @@
+//! (Past 400 lines: one test per command rule (atomicity, idempotency, races), sharing this file's fixtures.)
+//!
 //! The payment command handler against a real PostgreSQL: atomicity, idempotency, races,
 //! conflicts, bad input and tenant isolation.
 

@@ -1,3 +1,5 @@
+//! (Past 400 lines: one test per AWS-account fault on a cluster of its own, sharing this file's fixtures.)
+//!
 //! What a real AWS account does to the functions, against a PostgreSQL cluster of each test's own
 //! (so restarts and password changes do not touch the other tests) and Secrets Manager in moto:
 //! a rotated password, a rotation caught between its `setSecret` and `finishSecret` steps, a

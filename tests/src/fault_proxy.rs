@@ -1,3 +1,5 @@
+//! (Past 400 lines: the proxy's HTTP handling and every fault it injects are one state machine.)
+//!
 //! A fault-injecting HTTP proxy on loopback, in front of moto (or standing in for SNS on its own,
 //! for benchmarks). Publish calls (`PublishBatch`, `PutEvents`) can be throttled, failed with a
 //! 5xx, timed out, partially failed entry by entry, slowed down, or forwarded and then never

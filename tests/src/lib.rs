@@ -1,3 +1,5 @@
+//! (Past 400 lines: the harness every integration test and benchmark imports; its parts are re-exported modules too.)
+//!
 //! Harness shared by the integration tests and the benchmarks: a fresh, migrated database per test
 //! on the local PostgreSQL, and loaders for the committed sample events under `events/`.
 //!

@@ -1,3 +1,5 @@
+//! (Past 400 lines: the routes, their responses and their unit tests, read together.)
+//!
 //! The HTTP API (payload v2) handler: routes the request, takes the tenant from the verified JWT
 //! claims, parses the command, runs it against the store and maps the outcome to a response. It
 //! also serves the events feed (`GET /events`, `POST /events/{eventId}/ack`) to the same clients.

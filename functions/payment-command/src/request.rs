@@ -1,3 +1,5 @@
+//! (Past 400 lines: every field's parsing and its error, and the property tests that throw hostile input at them.)
+//!
 //! Request parsing: body bytes and JSON fields to validated commands, or an error that names the
 //! offending field. Pure functions, so they can be property-tested without a database.
 

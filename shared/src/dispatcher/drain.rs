@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::claim::{self, Claim, ClaimedBatch};
+use super::outage::Outage;
 use super::publish::{AbortOnDrop, Bus};
 use super::settings::{
     DispatcherConfig, CLEANUP_BUSY_PAUSE, CLEANUP_IDLE_PAUSE, HEARTBEAT_EVERY, HEARTBEAT_TTL,
@@ -358,51 +359,4 @@ enum Step {
     Again,
     /// Nothing was due and nothing is in flight.
     Idle,
-}
-
-/// Pacing while the database is unavailable.
-#[derive(Default)]
-struct Outage {
-    pause: Duration,
-    last_error: Option<StoreError>,
-}
-
-/// First pause after a store failure; doubled after each further one.
-const OUTAGE_FIRST_PAUSE: Duration = Duration::from_millis(100);
-/// Longest pause between attempts while the database is unavailable.
-const OUTAGE_MAX_PAUSE: Duration = Duration::from_secs(2);
-
-impl Outage {
-    /// After a failed store operation: a transient failure pauses (never past `stop_at`) and
-    /// counts; any other failure ends the drain.
-    async fn pause(
-        &mut self,
-        error: StoreError,
-        summary: &mut DispatchSummary,
-        stop_at: Instant,
-    ) -> Result<(), StoreError> {
-        if !error.is_transient() {
-            return Err(error);
-        }
-        summary.store_errors += 1;
-        self.pause = if self.pause.is_zero() {
-            OUTAGE_FIRST_PAUSE
-        } else {
-            (self.pause * 2).min(OUTAGE_MAX_PAUSE)
-        };
-        tracing::warn!(error = %crate::telemetry::error_chain(&error),
-            pause_ms = self.pause.as_millis() as u64, "database unavailable; the drain waits and carries on");
-        self.last_error = Some(error);
-        tokio::time::sleep(
-            self.pause
-                .min(stop_at.saturating_duration_since(Instant::now())),
-        )
-        .await;
-        Ok(())
-    }
-
-    /// A store operation went through: the next failure starts pacing afresh.
-    fn over(&mut self) {
-        self.pause = Duration::ZERO;
-    }
 }

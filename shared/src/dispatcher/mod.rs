@@ -9,6 +9,7 @@
 //! - `publish`: envelopes in bus-sized calls, at most `max_in_flight` at the bus.
 //! - [`outcome`]: the pure decision published / retry after a backoff / dead, per event.
 //! - `drain`: the loop and its deadline ([`OutboxDispatcher`]), and the rules it keeps.
+//! - `outage`: pausing while the store is unavailable.
 //! - [`summary`]: what a drain did, and its CloudWatch metrics.
 //!
 //! The drain depends only on the [`OutboxStore`](crate::ports::OutboxStore) and
@@ -17,6 +18,7 @@
 
 mod claim;
 mod drain;
+mod outage;
 pub mod outcome;
 mod publish;
 pub mod settings;

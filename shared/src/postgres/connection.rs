@@ -1,3 +1,5 @@
+//! (Past 400 lines: settings, TLS, credential re-reads and the reconnecting client are one life cycle.)
+//!
 //! Connection settings and the lazily (re)connected client a Lambda instance keeps.
 //!
 //! A Lambda instance handles one invocation at a time, so it holds a connection or two, not a
