@@ -3,7 +3,10 @@
 //! envelope; and what applying an event did. Pure functions, so hostile input can be thrown at
 //! them (a service's property tests do, through its own reading of the payloads).
 
+use serde::de::DeserializeOwned;
+
 use crate::envelope::{EventEnvelope, SPEC_VERSION};
+use crate::producer::OutboxEvent;
 
 /// Why a message cannot be applied. Reported as that message's batch item failure.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,6 +70,31 @@ pub fn parse_delivery(body: &str) -> Result<EventEnvelope, DeliveryError> {
     Ok(envelope)
 }
 
+impl EventEnvelope {
+    /// The payload as `E`, the event type a producer appended: refused when the envelope is of
+    /// another type, or of another schema version than `E`'s (a projection that reads version 1
+    /// must not misread version 2), or when the payload does not fit `E`.
+    pub fn decode<E: OutboxEvent + DeserializeOwned>(&self) -> Result<E, DeliveryError> {
+        if self.event_type != E::EVENT_TYPE {
+            return Err(DeliveryError::InvalidEnvelope(format!(
+                "{} is not {}",
+                self.event_type,
+                E::EVENT_TYPE
+            )));
+        }
+        if self.schemaversion != E::SCHEMA_VERSION {
+            return Err(DeliveryError::UnsupportedSchema {
+                event_type: self.event_type.clone(),
+                version: self.schemaversion,
+            });
+        }
+        serde_json::from_value(self.data.clone()).map_err(|e| DeliveryError::InvalidPayload {
+            event_type: self.event_type.clone(),
+            reason: e.to_string(),
+        })
+    }
+}
+
 /// What applying one change did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApplyOutcome {
@@ -86,5 +114,73 @@ impl ApplyOutcome {
     /// Whether the message may be deleted from the queue.
     pub fn is_done(&self) -> bool {
         matches!(self, Self::Applied | Self::Duplicate | Self::Stale)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct OrderPlaced {
+        order_id: String,
+        total_minor: i64,
+    }
+
+    impl OutboxEvent for OrderPlaced {
+        const EVENT_TYPE: &'static str = "order.placed";
+        const SCHEMA_VERSION: i32 = 2;
+        const AGGREGATE_TYPE: &'static str = "order";
+        fn tenant_id(&self) -> &str {
+            "acme"
+        }
+        fn aggregate_id(&self) -> &str {
+            &self.order_id
+        }
+    }
+
+    fn envelope(event_type: &str, version: i32, data: serde_json::Value) -> EventEnvelope {
+        let body = serde_json::json!({
+            "specversion": "1.0", "id": "0190c9a8-7e7a-7cc0-8000-000000000001",
+            "source": "orders", "type": event_type, "schemaversion": version,
+            "subject": "order/o-1", "time": "2026-12-01T10:00:00Z",
+            "datacontenttype": "application/json", "tenantid": "acme",
+            "aggregatetype": "order", "aggregateid": "o-1", "aggregateversion": 1,
+            "correlationid": "c-1", "data": data,
+        });
+        parse_delivery(&body.to_string()).expect("a valid envelope")
+    }
+
+    #[test]
+    fn decode_reads_its_own_type_and_schema_version_only() {
+        let good = serde_json::json!({"orderId": "o-1", "totalMinor": 990});
+        assert_eq!(
+            envelope("order.placed", 2, good.clone()).decode::<OrderPlaced>(),
+            Ok(OrderPlaced {
+                order_id: "o-1".into(),
+                total_minor: 990
+            })
+        );
+        // Inputs refused: another type, another schema version, a payload of another shape.
+        assert!(matches!(
+            envelope("order.shipped", 2, good.clone()).decode::<OrderPlaced>(),
+            Err(DeliveryError::InvalidEnvelope(_))
+        ));
+        assert!(matches!(
+            envelope("order.placed", 1, good).decode::<OrderPlaced>(),
+            Err(DeliveryError::UnsupportedSchema { version: 1, .. })
+        ));
+        assert!(matches!(
+            envelope("order.placed", 2, serde_json::json!({"orderId": 5})).decode::<OrderPlaced>(),
+            Err(DeliveryError::InvalidPayload { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_is_refused_with_a_reason() {
+        for body in ["", "not json", "[]", "{}", r#"{"specversion":"0.3"}"#] {
+            assert!(parse_delivery(body).is_err(), "{body:?} accepted");
+        }
     }
 }

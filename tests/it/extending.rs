@@ -83,19 +83,6 @@ const DIRECTORY_TABLE: &str = "
 
 struct CustomerDirectory;
 
-fn decode<T: for<'de> Deserialize<'de>>(event: &EventEnvelope) -> Result<T, DeliveryError> {
-    if event.schemaversion != 1 {
-        return Err(DeliveryError::UnsupportedSchema {
-            event_type: event.event_type.clone(),
-            version: event.schemaversion,
-        });
-    }
-    serde_json::from_value(event.data.clone()).map_err(|e| DeliveryError::InvalidPayload {
-        event_type: event.event_type.clone(),
-        reason: e.to_string(),
-    })
-}
-
 impl Projection for CustomerDirectory {
     fn name(&self) -> &str {
         "customer_directory"
@@ -108,8 +95,8 @@ impl Projection for CustomerDirectory {
     }
     fn check(&self, event: &EventEnvelope) -> Result<(), DeliveryError> {
         match event.event_type.as_str() {
-            "customer.registered" => decode::<CustomerRegistered>(event).map(|_| ()),
-            _ => decode::<CustomerRenamed>(event).map(|_| ()),
+            "customer.registered" => event.decode::<CustomerRegistered>().map(|_| ()),
+            _ => event.decode::<CustomerRenamed>().map(|_| ()),
         }
     }
     fn apply<'a>(
@@ -120,7 +107,7 @@ impl Projection for CustomerDirectory {
         Box::pin(async move {
             for event in events {
                 if event.event_type == "customer.registered" {
-                    let e: CustomerRegistered = decode(event)?;
+                    let e: CustomerRegistered = event.decode()?;
                     tx.execute(
                         "INSERT INTO customer_directory (tenant_id, customer_id, name, email, version)
                          VALUES ($1, $2, $3, $4, $5)",
@@ -128,7 +115,7 @@ impl Projection for CustomerDirectory {
                     )
                     .await?;
                 } else {
-                    let e: CustomerRenamed = decode(event)?;
+                    let e: CustomerRenamed = event.decode()?;
                     tx.execute(
                         "UPDATE customer_directory SET name = $3, renames = renames + 1, version = $4
                          WHERE tenant_id = $1 AND customer_id = $2",

@@ -107,19 +107,6 @@ pub fn projections() -> Projections {
     Projections::new().with(OrderBook)
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(event: &EventEnvelope) -> Result<T, DeliveryError> {
-    if event.schemaversion != 1 {
-        return Err(DeliveryError::UnsupportedSchema {
-            event_type: event.event_type.clone(),
-            version: event.schemaversion,
-        });
-    }
-    serde_json::from_value(event.data.clone()).map_err(|e| DeliveryError::InvalidPayload {
-        event_type: event.event_type.clone(),
-        reason: e.to_string(),
-    })
-}
-
 impl Projection for OrderBook {
     fn name(&self) -> &str {
         "order_book"
@@ -139,9 +126,9 @@ impl Projection for OrderBook {
 
     fn check(&self, event: &EventEnvelope) -> Result<(), DeliveryError> {
         if event.event_type == OrderPlaced::EVENT_TYPE {
-            decode::<OrderPlaced>(event).map(drop)
+            event.decode::<OrderPlaced>().map(drop)
         } else {
-            decode::<OrderShipped>(event).map(drop)
+            event.decode::<OrderShipped>().map(drop)
         }
     }
 
@@ -153,7 +140,7 @@ impl Projection for OrderBook {
         Box::pin(async move {
             for event in events {
                 if event.event_type == OrderPlaced::EVENT_TYPE {
-                    let placed: OrderPlaced = decode(event)?;
+                    let placed: OrderPlaced = event.decode()?;
                     tx.execute(
                         "INSERT INTO order_book (tenant_id, order_id, total_minor, status, version)
                          VALUES ($1, $2, $3, 'placed', $4)",
@@ -166,7 +153,7 @@ impl Projection for OrderBook {
                     )
                     .await?;
                 } else {
-                    let shipped: OrderShipped = decode(event)?;
+                    let shipped: OrderShipped = event.decode()?;
                     tx.execute(
                         "UPDATE order_book SET status = 'shipped', carrier = $3, version = $4, updated_at = now()
                          WHERE tenant_id = $1 AND order_id = $2",
