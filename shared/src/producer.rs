@@ -96,15 +96,6 @@ impl AppendError {
     }
 }
 
-impl From<AppendError> for crate::ports::StoreError {
-    fn from(e: AppendError) -> Self {
-        match e {
-            AppendError::Database { source, .. } => source.into(),
-            other => Self::Corrupt(other.to_string()),
-        }
-    }
-}
-
 /// What the outbox assigned to an appended event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {

@@ -128,6 +128,17 @@ impl From<tokio_postgres::Error> for StoreError {
     }
 }
 
+/// An append that failed, as the ports see it: the database's refusal as any of its errors, a
+/// payload that does not serialize as stored data that is invalid.
+impl From<crate::producer::AppendError> for StoreError {
+    fn from(e: crate::producer::AppendError) -> Self {
+        match e {
+            crate::producer::AppendError::Database { source, .. } => source.into(),
+            other => Self::Corrupt(other.to_string()),
+        }
+    }
+}
+
 /// SQLSTATE 28P01 (invalid password) or 28000 (invalid authorization, e.g. no `pg_hba.conf`
 /// entry for the user, or an unknown user).
 fn is_authentication_failure(e: &tokio_postgres::Error) -> bool {
