@@ -1,8 +1,10 @@
-//! A second, made-up domain added through the public API alone, as docs/extending.md describes:
-//! a `customer` aggregate with two event types appended by the service's own code in its own
-//! transaction, published by the same dispatcher to SNS (moto), delivered through SQS, and applied
-//! by the same sink to the service's own projection, next to the payment projections. Nothing in
-//! `shared/` knows about customers.
+//! A second, made-up domain running next to the payment projections in one sink: a `customer`
+//! aggregate with two event types appended by the service's own code in its own transaction,
+//! published by the same dispatcher to SNS (moto), delivered through SQS, and applied by one sink
+//! whose registry holds the customer projection beside `PaymentProjections`. The database, the
+//! dispatcher and the queue come from this test crate's helpers (`outbox_tests`); the crate that
+//! uses the toolkit's public API alone, outside this workspace, is `examples/orders`
+//! (docs/extending.md). Nothing in `shared/` knows about customers.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
