@@ -1,6 +1,6 @@
 //! The payment read models as one [`Projection`]: per-payment status (`payment_projection`) and
 //! per-tenant daily revenue by currency (`tenant_daily_revenue`). The rules are in
-//! `project_payment_events` (migration V5): one call per batch, the revenue added in key order;
+//! `project_payment_events` (`migrations/payments/V3__inbox_projection.sql`): one call per batch, the revenue added in key order;
 //! the inbox decided already what is applied.
 
 use pg_outbox::consumer::{Projection, ProjectionError, Projections};

@@ -1,7 +1,7 @@
 //! The consumer API: projections plugged into one inbox.
 //!
 //! A [`Projection`] keeps a read model of one aggregate type. The sink registers its projections
-//! in a [`Projections`] list (in its `main.rs`); the inbox
+//! in a [`Projections`] list (the service's one registry, e.g. `projections()`); the inbox
 //! ([`PgProjectionStore`](crate::postgres::projections::PgProjectionStore)) then applies each
 //! delivered event at most once per consumer, in aggregate-version order, in one transaction with
 //! the projections' writes:

@@ -164,7 +164,7 @@ async fn register(client: &mut tokio_postgres::Client, tenant: &str, id: &str, c
 }
 
 #[tokio::test]
-async fn a_second_domain_goes_end_to_end_through_the_public_api_alone() {
+async fn a_second_domain_goes_end_to_end_beside_the_payment_projections_in_one_sink() {
     let db = TestDb::create().await;
     let mut client = db.client().await;
     client

@@ -470,7 +470,7 @@ pub mod sink_fixtures {
     use chrono::{DateTime, TimeZone, Utc};
     use payments::domain::events::{PaymentPaidV1, PaymentRefundedV1};
     use payments::domain::Currency;
-    use payments::projection::PaymentProjections;
+
     use pg_outbox::consumer::Projections;
     use pg_outbox::envelope::EventEnvelope;
     use pg_outbox::postgres::projections::PgProjectionStore;
@@ -482,7 +482,7 @@ pub mod sink_fixtures {
 
     /// The projections the sink function registers.
     pub fn payment_projections() -> Projections {
-        Projections::new().with(PaymentProjections)
+        payments::projection::projections()
     }
 
     /// A sink on its own connection, as one Lambda instance would have.
