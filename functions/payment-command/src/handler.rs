@@ -498,7 +498,8 @@ fn metadata(req: &ApiGatewayV2httpRequest, ctx: &Context, source: &str) -> Event
         causation_id: Some(request_id),
         traceparent,
         tracestate,
-        xray_trace_header: ctx.xray_trace_id.clone(),
+        // An empty header (an emulator) is no trace, not an empty one.
+        xray_trace_header: ctx.xray_trace_id.clone().filter(|t| !t.is_empty()),
         source: source.to_owned(),
     }
 }

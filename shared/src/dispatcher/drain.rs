@@ -62,6 +62,9 @@ struct Phase {
     idle_poll: Option<Duration>,
     /// Heartbeat and retention cleanup run in this phase.
     housekeeping: bool,
+    /// The first unavailable store ends the phase, with nothing more tried (the last phase,
+    /// inside the margin: no pause, no second wait on a silent database).
+    stop_on_outage: bool,
 }
 
 impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
@@ -118,8 +121,10 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
             stop_at,
             idle_poll: self.config.idle_poll,
             housekeeping: true,
+            stop_on_outage: false,
         };
         run.summary.stopped = Some(self.run_phase(&mut run, &main).await?);
+        let mut release_failure = None;
         if self.config.idle_poll.is_some() {
             match self.store.release(&run.owner).await {
                 // A command that committed while the heartbeat still held did not wake anyone:
@@ -131,13 +136,14 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
                         stop_at: stop_at + margin / 4,
                         idle_poll: None,
                         housekeeping: false,
+                        stop_on_outage: true,
                     };
                     self.run_phase(&mut run, &last).await?;
                 }
                 Ok(()) => {}
                 // Not released: it expires by itself within its TTL.
                 Err(e) if e.is_transient() => run.summary.store_errors += 1,
-                Err(e) => return Err(e),
+                Err(e) => release_failure = Some(e),
             }
         }
         let left: usize = run.unrecorded.iter().map(ClaimedBatch::rows).sum();
@@ -147,6 +153,9 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
                 "outcomes not recorded before the deadline; the rows are claimable again when \
                  their lease ends, and published ones go out once more (consumers dedupe)"
             );
+        }
+        if let Some(e) = release_failure {
+            return Err(e);
         }
         let mut summary = run.summary;
         if summary.claims == 0 {
@@ -175,6 +184,7 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
     /// Steps until the phase stops, then publishes what was leased ahead and records what it
     /// can. Returns why it stopped.
     async fn run_phase(&self, run: &mut Run, phase: &Phase) -> Result<StopReason, StoreError> {
+        let mut store_away = false;
         let stopped = loop {
             let now = Instant::now();
             if now >= phase.stop_at {
@@ -194,6 +204,10 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
             }
             match self.step(run, phase).await? {
                 Step::Again => {}
+                Step::Outage => {
+                    store_away = true;
+                    break StopReason::Deadline;
+                }
                 Step::Idle => match phase.idle_poll {
                     None => break StopReason::Empty,
                     Some(pause) => {
@@ -203,6 +217,10 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
                 },
             }
         };
+        if store_away {
+            // What is leased goes out after its lease; what is published is reported left over.
+            return Ok(stopped);
+        }
         // A batch leased just before the stop goes out now (the margin is for this), and what
         // is published is recorded once more before giving up on it.
         if let Some(claim) = run.ahead.take() {
@@ -253,7 +271,7 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
                     Err(e) => Some(e),
                 };
                 if let Some(e) = recorded.err().or(claim_failure) {
-                    run.outage.pause(e, &mut run.summary, phase.stop_at).await?;
+                    return self.after_failure(run, phase, e).await;
                 }
                 return Ok(Step::Again);
             }
@@ -271,8 +289,7 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
         }
         if let Err(e) = claim::record_all(&self.store, &mut run.unrecorded, &mut run.summary).await
         {
-            run.outage.pause(e, &mut run.summary, phase.stop_at).await?;
-            return Ok(Step::Again);
+            return self.after_failure(run, phase, e).await;
         }
         if run.summary.recorded() > recorded_before {
             // What this record just settled may have promoted successors too.
@@ -285,6 +302,25 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
             return Ok(Step::Again);
         }
         Ok(Step::Idle)
+    }
+
+    /// After a failed store operation: pause and step again, or (in a phase that stops on an
+    /// outage) end the phase; a failure that is not transient ends the drain.
+    async fn after_failure(
+        &self,
+        run: &mut Run,
+        phase: &Phase,
+        error: StoreError,
+    ) -> Result<Step, StoreError> {
+        if phase.stop_on_outage && error.is_transient() {
+            run.summary.store_errors += 1;
+            run.outage.last_error = Some(error);
+            return Ok(Step::Outage);
+        }
+        run.outage
+            .pause(error, &mut run.summary, phase.stop_at)
+            .await?;
+        Ok(Step::Again)
     }
 
     /// One claim, published and recorded. Outcomes of rows an appender holds right now are
@@ -359,4 +395,6 @@ enum Step {
     Again,
     /// Nothing was due and nothing is in flight.
     Idle,
+    /// The store is unavailable and the phase stops on that.
+    Outage,
 }

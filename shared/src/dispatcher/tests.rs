@@ -101,8 +101,8 @@ async fn a_publish_that_outlives_the_stop_is_recorded_before_the_drain_returns()
     let store = MemoryStore::new();
     order(&store, "o-1", "order.placed");
     order(&store, "o-2", "order.placed");
-    // Each call takes 300 ms; the drain stops claiming after 150 ms (a 250 ms deadline, the
-    // margin cut to half of it, 125 ms, here 100 ms).
+    // Each call takes 300 ms; the drain stops claiming after 150 ms (a 250 ms deadline less its
+    // 100 ms margin, under half of the 250 ms).
     let bus = MemoryPublisher::new().with_delay(Duration::from_millis(300));
     let mut config = config();
     config.safety_margin = Duration::from_millis(100);
@@ -111,6 +111,28 @@ async fn a_publish_that_outlives_the_stop_is_recorded_before_the_drain_returns()
     assert!(started.elapsed() >= Duration::from_millis(300));
     assert_eq!(summary.stopped, Some(StopReason::Deadline));
     assert_eq!((summary.claimed, summary.published), (2, 2));
+    assert!(store
+        .rows()
+        .iter()
+        .all(|r| r.status == MemoryStatus::Published && r.lease.is_none()));
+}
+
+#[tokio::test]
+async fn a_batch_leased_ahead_when_the_drain_stops_goes_out_and_is_recorded() {
+    // One event a claim: while the first is at the bus (200 ms), the second is leased ahead;
+    // the stop (100 ms) falls meanwhile, and the leased one must still go out, not wait for its
+    // lease to end.
+    let store = MemoryStore::new();
+    order(&store, "o-1", "order.placed");
+    order(&store, "o-2", "order.placed");
+    let bus = MemoryPublisher::new().with_delay(Duration::from_millis(200));
+    let mut config = config();
+    config.batch_size = 1;
+    config.safety_margin = Duration::from_millis(100);
+    let summary = drain(&store, &bus, config, 200).await.unwrap();
+    assert_eq!(summary.stopped, Some(StopReason::Deadline));
+    assert_eq!((summary.claimed, summary.published), (2, 2));
+    assert_eq!(bus.delivered().len(), 2);
     assert!(store
         .rows()
         .iter()

@@ -213,9 +213,18 @@ impl OutboxStore for MemoryStore {
     ) -> Result<Outcomes, StoreError> {
         let mut state = self.enter(StoreCall::Record)?;
         let state = &mut *state;
+        // Only rows still leased to the caller are recorded or held, as in `outbox_record`.
+        let owned = |rows: &Vec<MemoryRow>, id: i64| {
+            rows.iter().any(|r| {
+                r.event.id == id
+                    && r.status == MemoryStatus::Pending
+                    && r.lease.as_ref().is_some_and(|(o, _)| o == lease_owner)
+            })
+        };
         let held: Vec<i64> = outcomes
             .ids()
             .into_iter()
+            .filter(|&id| owned(&state.rows, id))
             .filter(|id| match state.held.get_mut(id) {
                 Some(left) if *left > 0 => {
                     *left -= 1;
