@@ -4,6 +4,7 @@ mod capture;
 mod chaos;
 mod dispatcher;
 mod extending;
+mod fairness;
 mod feed;
 mod function_errors;
 mod inbox;

@@ -25,7 +25,7 @@ const DATA_BEFORE_SPLIT: &str = include_str!("../fixtures/data-before-split.sql"
 /// Its `refinery_schema_history`, as the code before the split wrote it.
 const HISTORY_BEFORE_SPLIT: &str = include_str!("../fixtures/history-before-split.sql");
 
-const OUTBOX_NAMES: [&str; 7] = [
+const OUTBOX_NAMES: [&str; 8] = [
     "outbox/V1__outbox",
     "outbox/V2__inbox",
     "outbox/V3__operations",
@@ -33,7 +33,10 @@ const OUTBOX_NAMES: [&str; 7] = [
     "outbox/V5__toolkit",
     "outbox/V6__events_feed",
     "outbox/V7__what_goes_next",
+    "outbox/V8__tenant_fair_claim",
 ];
+/// The toolkit's migrations newer than the split: what a database migrated before it runs.
+const AFTER_SPLIT: [&str; 1] = ["outbox/V8__tenant_fair_claim"];
 const PAYMENTS_NAMES: [&str; 4] = [
     "payments/V1__payments",
     "payments/V2__projections",
@@ -60,6 +63,21 @@ async fn migrations_are_idempotent_and_create_the_claim_index() {
         indexdef.contains("WHERE (status = 'pending'::text)"),
         "{indexdef}"
     );
+    // The claim's: pending heads per tenant in due order (V8), in place of one over all tenants.
+    let claim_indexes = db
+        .texts(
+            &client,
+            "SELECT indexname || ' ' || indexdef FROM pg_indexes
+             WHERE tablename = 'outbox' AND indexname LIKE '%claim%' ORDER BY 1",
+        )
+        .await;
+    assert_eq!(claim_indexes.len(), 3, "{claim_indexes:?}");
+    assert!(
+        claim_indexes[2].starts_with("outbox_tenant_claim_idx")
+            && claim_indexes[2].contains("(tenant_id, next_attempt_at, id)")
+            && claim_indexes[2].contains("is_head"),
+        "{claim_indexes:?}"
+    );
 
     let options: Vec<String> = client
         .query_one(
@@ -78,12 +96,19 @@ async fn migrations_are_idempotent_and_create_the_claim_index() {
 }
 
 #[tokio::test]
-async fn migrations_give_the_schema_the_migrations_before_the_split_gave() {
+async fn migrations_give_the_schema_of_a_database_migrated_before_the_split_and_on() {
+    // Up to the split, the sets give exactly what the single set gave (the fixtures); the
+    // migrations after it then run on both alike.
     let db = TestDb::create().await;
+    let old = EmptyDb::before_split().await;
+    assert_eq!(
+        run_migrations(&mut old.client().await).await.unwrap(),
+        AFTER_SPLIT
+    );
     assert_same_dump(
         "schema",
         &pg_dump(&db.url, &["--schema-only"]).await,
-        SCHEMA_BEFORE_SPLIT,
+        &pg_dump(&old.url, &["--schema-only"]).await,
     );
     assert_same_dump(
         "data",
@@ -167,10 +192,11 @@ async fn the_toolkit_alone_creates_no_table_or_function_of_the_payments_example(
         PAYMENTS_NAMES
     );
     assert!(run_migrations(&mut client).await.unwrap().is_empty());
+    let fresh = TestDb::create().await;
     assert_same_dump(
         "schema",
         &pg_dump(&db.url, &["--schema-only"]).await,
-        SCHEMA_BEFORE_SPLIT,
+        &pg_dump(&fresh.url, &["--schema-only"]).await,
     );
 }
 
@@ -181,7 +207,8 @@ async fn a_database_migrated_before_the_split_is_adopted_without_running_anythin
     let before = history(&client, "refinery_schema_history").await;
     assert_eq!(before.len(), 7);
 
-    assert!(run_migrations(&mut client).await.unwrap().is_empty());
+    // Nothing before the split runs again; only what is newer.
+    assert_eq!(run_migrations(&mut client).await.unwrap(), AFTER_SPLIT);
 
     // Each set's history is what refinery records on a database it migrates itself (so its next
     // run finds nothing diverging), dated when the migration before the split ran.
@@ -205,16 +232,20 @@ async fn a_database_migrated_before_the_split_is_adopted_without_running_anythin
             "{table}"
         );
         let old_dates: Vec<&String> = before.values().map(|(on, _)| on).collect();
-        let dates: Vec<&String> = adopted.values().map(|(on, _)| on).collect();
+        let dates: Vec<&String> = adopted
+            .values()
+            .take(from.len())
+            .map(|(on, _)| on)
+            .collect();
         let expected: Vec<&String> = from.iter().map(|v| old_dates[*v - 1]).collect();
         assert_eq!(dates, expected, "{table}");
     }
-    // The old history stays as it was; the schema is untouched.
+    // The old history stays as it was; the schema is a fresh database's.
     assert_eq!(history(&client, "refinery_schema_history").await, before);
     assert_same_dump(
         "schema",
         &pg_dump(&db.url, &["--schema-only"]).await,
-        SCHEMA_BEFORE_SPLIT,
+        &pg_dump(&fresh.url, &["--schema-only"]).await,
     );
 
     assert!(run_migrations(&mut client).await.unwrap().is_empty());
@@ -236,8 +267,14 @@ async fn each_set_alone_adopts_its_part_of_a_database_migrated_before_the_split(
         .is_empty());
     assert_eq!(history(&client, PAYMENTS_HISTORY_TABLE).await.len(), 4);
     assert!(tables(&client, OUTBOX_HISTORY_TABLE).await.is_empty());
-    assert!(run_outbox_migrations(&mut client).await.unwrap().is_empty());
-    assert_eq!(history(&client, OUTBOX_HISTORY_TABLE).await.len(), 7);
+    assert_eq!(
+        run_outbox_migrations(&mut client).await.unwrap(),
+        AFTER_SPLIT
+    );
+    assert_eq!(
+        history(&client, OUTBOX_HISTORY_TABLE).await.len(),
+        OUTBOX_NAMES.len()
+    );
     assert!(run_migrations(&mut client).await.unwrap().is_empty());
 }
 
@@ -246,10 +283,27 @@ async fn two_first_runs_at_once_adopt_a_database_once() {
     let db = EmptyDb::before_split().await;
     let (mut a, mut b) = (db.client().await, db.client().await);
     let (ran_a, ran_b) = tokio::join!(run_migrations(&mut a), run_migrations(&mut b));
-    assert!(ran_a.unwrap().is_empty());
-    assert!(ran_b.unwrap().is_empty());
-    assert_eq!(history(&a, OUTBOX_HISTORY_TABLE).await.len(), 7);
+    // One runs what is newer than the split; the other waits for it, then finds it applied.
+    let mut ran = [ran_a.unwrap(), ran_b.unwrap()];
+    ran.sort();
+    assert_eq!(ran, [vec![], AFTER_SPLIT.to_vec()]);
+    assert_eq!(
+        history(&a, OUTBOX_HISTORY_TABLE).await.len(),
+        OUTBOX_NAMES.len()
+    );
     assert_eq!(history(&a, PAYMENTS_HISTORY_TABLE).await.len(), 4);
+}
+
+#[tokio::test]
+async fn two_first_runs_at_once_on_an_empty_database_apply_each_migration_once() {
+    // Two instances deploying together, before the lock: both ran V1 and one failed on a table
+    // the other had just created.
+    let db = EmptyDb::create().await;
+    let (mut a, mut b) = (db.client().await, db.client().await);
+    let (ran_a, ran_b) = tokio::join!(run_migrations(&mut a), run_migrations(&mut b));
+    let mut ran = [ran_a.unwrap(), ran_b.unwrap()];
+    ran.sort();
+    assert_eq!(ran, [vec![], all_names()]);
 }
 
 #[tokio::test]
@@ -483,7 +537,7 @@ fn assert_same_dump(what: &str, actual: &str, expected: &str) {
         .position(|(a, e)| a != e)
         .unwrap_or(actual.len().min(expected.len()));
     panic!(
-        "the {what} dump differs from the one before the split\n\
+        "the {what} dump differs from the one expected\n\
          missing ({}):\n  {}\nextra ({}):\n  {}\nfirst difference at line {first}: {:?} (before the split: {:?})",
         missing.len(),
         missing.join("\n  "),

@@ -61,7 +61,27 @@ pub async fn run_outbox_migrations(client: &mut Client) -> Result<Vec<String>, r
 
 /// Applies the migrations of `set` not applied yet; returns the names of those it applied
 /// (`<folder>/V1__name`, ...). A database migrated before the split is adopted first (below).
+/// Runs hold a session lock ([`MIGRATION_LOCK`]) from start to end, so that two at once (two
+/// instances deploying together) apply each migration once: the second waits, then finds them
+/// applied. Refinery alone would let both run the same migration.
 pub async fn run_set(
+    client: &mut Client,
+    set: &MigrationSet,
+) -> Result<Vec<String>, refinery::Error> {
+    let what = format!("waiting for other runs of the migrations of {}", set.folder);
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .migration_err(&what, None)?;
+    let result = run_set_locked(client, set).await;
+    // A failed unlock leaves the lock to the session's end (a run's connection is its own).
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    result
+}
+
+async fn run_set_locked(
     client: &mut Client,
     set: &MigrationSet,
 ) -> Result<Vec<String>, refinery::Error> {
@@ -100,9 +120,9 @@ struct Recorded {
     checksum: String,
 }
 
-/// The advisory lock adoptions take, so that two first runs at once adopt a database once
-/// (`outbox` in ASCII).
-const ADOPTION_LOCK: i64 = 0x6f75_7462_6f78;
+/// The advisory lock every run of a set holds ([`run_set`]), and adoptions take again in their
+/// transaction (`outbox` in ASCII).
+pub const MIGRATION_LOCK: i64 = 0x6f75_7462_6f78;
 
 /// Refinery's history table, as refinery creates it (`refinery-core`, `traits/mod.rs`).
 const HISTORY_TABLE_DDL: &str = "CREATE TABLE IF NOT EXISTS %TABLE%(
@@ -128,7 +148,7 @@ async fn adopt_single_set(client: &mut Client, set: &MigrationSet) -> Result<(),
         set.history_table
     );
     let tx = client.transaction().await.migration_err(&what, None)?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ADOPTION_LOCK])
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .migration_err(&what, None)?;
     let tables = tx

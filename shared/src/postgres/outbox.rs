@@ -4,64 +4,21 @@
 
 use tokio_postgres::types::Type;
 
-/// Leases publishable rows: pending aggregate heads, and replays. Each branch is served by its
-/// partial index (`outbox_head_claim_idx`: `(next_attempt_at, id) WHERE status = 'pending' AND
-/// is_head`; `outbox_replay_claim_idx`: `... WHERE replay`) and ordered the same way.
-/// - `is_head`: only an aggregate's first event that is not published or discarded is claimable,
-///   so its events go out one by one in version order, and a failing (backing off or dead) event
-///   holds back its own aggregate only. Parked rows are not in the index at all, and heads backing
-///   off sort after every due row: neither is read, however many there are. Which row is head is
-///   kept by the functions of migration V7 (`outbox_append_order`, `outbox_settle_head`,
-///   `outbox_mark_done`): the one place the rule lives.
+/// Leases publishable rows: `outbox_claim` (migration V8) says which, and why each rule holds:
+/// pending aggregate heads that are due, shared fairly between tenants (a tenant with 200,000
+/// events waiting does not hold another's back beyond one claim), then replays; `FOR UPDATE SKIP
+/// LOCKED`, and a lease written in this one autocommitted statement. `$4` is the last tenant this
+/// store's previous claim served: with more tenants than the batch, the next claim starts after
+/// it.
 /// - Why version order is commit order, with no wait on other transactions: appending locks the
 ///   aggregate's row in `outbox_aggregates` until the appending transaction ends, so version N+1
-///   commits after version N. A long transaction elsewhere in the cluster holds back nothing.
-/// - Replays (`replay`): published events delivered again, outside the aggregate's order (they
-///   are done already), in version order among the aggregate's replays (`NOT EXISTS` an earlier
-///   one, probed on the aggregate's unique index: replays are an operator's occasional batch).
-/// - `FOR UPDATE SKIP LOCKED`: concurrent dispatchers take disjoint rows without waiting, and a
-///   row a producer holds right now is taken on a later call.
-/// - `locked_until`: the claim is a lease written in this one autocommitted statement, not a lock
-///   held across the publish; a dispatcher that dies leaves rows that are claimable once it ends.
-///   `locked_by` is fresh for every claim: it fences the claim's outcomes (`outbox_record`).
-/// - `id = ANY (ARRAY(...))`: the leased rows are updated through the primary key; a join with
-///   the CTE lets the planner hash-join against a sequential scan of the whole table.
+///   commits after version N (migration V7). A long transaction elsewhere in the cluster holds
+///   back nothing.
+/// - `locked_by` is fresh for every claim: it fences the claim's outcomes (`outbox_record`).
 const CLAIM: &str = "
-    WITH live AS (
-        SELECT o.id, o.next_attempt_at
-         FROM outbox o
-         WHERE o.status = 'pending'
-           AND o.is_head
-           AND o.next_attempt_at <= now()
-           AND (o.locked_until IS NULL OR o.locked_until <= now())
-         ORDER BY o.next_attempt_at, o.id
-         LIMIT $1
-         FOR UPDATE OF o SKIP LOCKED
-    ), replays AS (
-        SELECT o.id, o.next_attempt_at
-         FROM outbox o
-         WHERE o.replay
-           AND o.next_attempt_at <= now()
-           AND (o.locked_until IS NULL OR o.locked_until <= now())
-           AND NOT EXISTS (SELECT 1 FROM outbox e
-                           WHERE e.tenant_id = o.tenant_id AND e.aggregate_type = o.aggregate_type
-                             AND e.aggregate_id = o.aggregate_id
-                             AND e.aggregate_version < o.aggregate_version AND e.replay)
-         ORDER BY o.next_attempt_at, o.id
-         LIMIT $1
-         FOR UPDATE OF o SKIP LOCKED
-    ), candidates AS (
-        -- Live events first, then replays.
-        SELECT * FROM live UNION ALL SELECT * FROM replays
-    )
-    UPDATE outbox o
-    SET locked_until = now() + make_interval(secs => $2),
-        locked_by = $3,
-        attempts = o.attempts + 1
-    WHERE o.id = ANY (ARRAY(SELECT id FROM candidates LIMIT $1))
-    RETURNING o.id, o.event_id, o.tenant_id, o.aggregate_type, o.aggregate_id,
-              o.aggregate_version, o.event_type, o.schema_version, o.payload, o.metadata,
-              o.attempts, o.created_at, o.replay";
+    SELECT id, event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version, event_type,
+           schema_version, payload, metadata, attempts, created_at, replay
+    FROM outbox_claim($1, $2, $3, $4)";
 
 /// One claim's outcomes in one statement (migration V7): fenced by the lease, rows someone holds
 /// deferred (returned), successors promoted.
@@ -117,18 +74,49 @@ const RELEASE: &str = "DELETE FROM outbox_dispatcher_heartbeats WHERE owner = $1
 /// The dispatcher's [`OutboxStore`](crate::ports::OutboxStore) on PostgreSQL.
 pub struct PgOutboxStore {
     db: super::Db,
+    /// The last tenant the previous claim served (see [`CLAIM`]).
+    after: std::sync::Mutex<String>,
 }
 
 impl PgOutboxStore {
     /// A store on the instance's connection.
     pub fn new(db: super::Db) -> Self {
-        Self { db }
+        Self {
+            db,
+            after: std::sync::Mutex::new(String::new()),
+        }
     }
 
     /// The connection, for start-up warm-up.
     pub fn db(&self) -> &super::Db {
         &self.db
     }
+}
+
+impl PgOutboxStore {
+    fn after(&self) -> std::sync::MutexGuard<'_, String> {
+        // A poisoned cursor is still a tenant name: the rotation goes on from it.
+        self.after
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The last tenant a claim served in its rotation order (tenants after `after`, then the rest):
+/// where the next claim starts. None when it served none.
+fn last_served<'a>(after: &str, tenants: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let (mut wrapped, mut ahead) = (None::<&str>, None::<&str>);
+    for tenant in tenants {
+        let slot = if tenant <= after {
+            &mut wrapped
+        } else {
+            &mut ahead
+        };
+        if slot.is_none_or(|t| tenant > t) {
+            *slot = Some(tenant);
+        }
+    }
+    wrapped.or(ahead)
 }
 
 impl crate::ports::OutboxStore for PgOutboxStore {
@@ -140,6 +128,8 @@ impl crate::ports::OutboxStore for PgOutboxStore {
         lease_owner: &str,
     ) -> Result<Vec<crate::outbox::ClaimedEvent>, crate::ports::StoreError> {
         let lease_secs = lease.as_secs_f64();
+        let after = self.after().clone();
+        let after = after.as_str();
         let rows = self
             .db
             .run(|client| async move {
@@ -150,6 +140,7 @@ impl crate::ports::OutboxStore for PgOutboxStore {
                             (&limit, Type::INT8),
                             (&lease_secs, Type::FLOAT8),
                             (&lease_owner, Type::TEXT),
+                            (&after, Type::TEXT),
                         ],
                     )
                     .await?)
@@ -160,6 +151,9 @@ impl crate::ports::OutboxStore for PgOutboxStore {
             .map(claimed_from_row)
             .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
         claimed.sort_by_key(|e| e.id);
+        if let Some(last) = last_served(after, claimed.iter().map(|e| e.tenant_id.as_str())) {
+            *self.after() = last.to_owned();
+        }
         Ok(claimed)
     }
 
@@ -284,17 +278,30 @@ pub(crate) fn claimed_from_row(
 }
 
 /// The claim's query plan for a batch of `limit` (`EXPLAIN`, or `EXPLAIN ANALYZE` run inside a
-/// transaction that is rolled back, so nothing is leased).
+/// transaction that is rolled back, so nothing is leased): the statement of `outbox_claim` as
+/// the database holds it, its parameters given as values.
 pub async fn explain_claim(
     client: &tokio_postgres::Client,
     limit: i64,
     analyze: bool,
 ) -> Result<String, tokio_postgres::Error> {
-    // EXPLAIN takes no bind parameters here: the values are numbers and a fixed word.
-    let sql = CLAIM
-        .replace("$1", &limit.to_string())
-        .replace("$2", "30")
-        .replace("$3", "'explain'");
+    let source: String = client
+        .query_one(
+            "SELECT prosrc FROM pg_proc WHERE proname = 'outbox_claim'",
+            &[],
+        )
+        .await?
+        .get(0);
+    let statement = source
+        .split_once("RETURN QUERY")
+        .and_then(|(_, rest)| rest.rsplit_once(';'))
+        .map_or(source.as_str(), |(statement, _)| statement);
+    // EXPLAIN takes no bind parameters here: the values are numbers and fixed words.
+    let sql = statement
+        .replace("p_limit", &limit.to_string())
+        .replace("p_lease_secs", "30")
+        .replace("p_owner", "'explain'")
+        .replace("p_after", "''");
     explain_rolled_back(client, &sql, analyze).await
 }
 
@@ -307,7 +314,7 @@ pub async fn explain_mark(
     let ids: Vec<i64> = client
         .query(
             "SELECT id FROM outbox WHERE status = 'pending' AND is_head
-             ORDER BY next_attempt_at, id LIMIT $1",
+             ORDER BY tenant_id, next_attempt_at, id LIMIT $1",
             &[&limit],
         )
         .await?
@@ -340,4 +347,25 @@ async fn explain_rolled_back(
         })
         .collect::<Vec<_>>()
         .join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_served;
+
+    #[test]
+    fn the_rotation_goes_on_after_the_last_tenant_served() {
+        // Served in rotation order after "c": d, e, then a, b (wrapped round): b is last.
+        assert_eq!(
+            last_served("c", ["a", "e", "b", "d"].into_iter()),
+            Some("b")
+        );
+        // Not wrapped round: the furthest after "c".
+        assert_eq!(last_served("c", ["e", "d", "e"].into_iter()), Some("e"));
+        // The first claim starts after "" (every tenant is after it).
+        assert_eq!(last_served("", ["b", "a"].into_iter()), Some("b"));
+        // "c" itself comes last in its own rotation.
+        assert_eq!(last_served("c", ["c", "d"].into_iter()), Some("c"));
+        assert_eq!(last_served("c", std::iter::empty()), None);
+    }
 }

@@ -1,0 +1,129 @@
+-- A claim fair between tenants: outbox_claim below (its caller: shared/src/postgres/outbox.rs).
+--
+-- Before: the claim read one index in due order over every tenant's pending heads, so a tenant
+-- that appended 200,000 events put every other tenant's events behind its backlog.
+-- Now: the same pending heads, per tenant in due order. The claim walks the tenants that have
+-- pending heads (one index descent each), takes each one's share of the batch, and gives what
+-- is left to those that had more. The old index is dropped: no query reads it any more, and an
+-- index fewer is an index entry fewer for every append and every head that changes.
+--
+-- Both indexes are partial on pending heads: they hold a live outbox's backlog, not its history,
+-- so building this one on a live outbox takes as long as the backlog is large, and holds
+-- appends back (not reads) while it builds.
+CREATE INDEX outbox_tenant_claim_idx ON outbox (tenant_id, next_attempt_at, id)
+    WHERE status = 'pending' AND is_head;
+
+DROP INDEX outbox_head_claim_idx;
+
+-- The claim: leases up to p_limit publishable rows for p_lease_secs to p_owner (a fresh owner for
+-- every claim: it fences the claim's outcomes, outbox_record). Publishable: pending aggregate
+-- heads that are due, and replays.
+--   * Heads only (migration V7): an aggregate's events go out one by one in version order, and a
+--     failing event (backing off or dead) holds back its own aggregate only. Dead heads and the
+--     rows parked behind them are not in the index; heads backing off end each tenant's range.
+--   * Fair between tenants: the tenants with pending heads share the batch. Each gets up to
+--     ceil(p_limit / tenants) of its due heads (its first round); what that leaves of the batch
+--     goes, in a second round, to the tenants that had more, split evenly again. The batch is
+--     then cut turn by turn, so a tenant with due heads gets at least
+--     min(its due heads no one holds, floor(p_limit / tenants)) rows, one at least while there
+--     are no more tenants than p_limit. With more, the tenants after p_after (the last tenant
+--     the caller's previous claim served) go first in each turn: every tenant is served in
+--     rotation.
+--     One tenant alone gets the whole batch. Within a tenant, rows go in due order.
+--   * Replays: published events delivered again, outside the aggregate's order (they are done
+--     already), in version order among the aggregate's replays. They fill what live events leave
+--     of the batch.
+--   * FOR UPDATE SKIP LOCKED in each tenant's scan: concurrent dispatchers take disjoint rows
+--     without waiting, and a row someone holds right now is taken by a later claim. The lease is
+--     written in this one statement (autocommitted by the caller): no lock is held across the
+--     publish, and a dispatcher that dies leaves rows claimable once its lease ends.
+--   * Cost: one index descent per tenant with pending heads, plus the rows taken; the million
+--     published rows of a tenant's history are not in the index.
+-- A PL/pgSQL function so that its plan is cached per connection (the statement is long to plan).
+CREATE FUNCTION outbox_claim(p_limit bigint, p_lease_secs float8, p_owner text, p_after text)
+RETURNS SETOF outbox LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN QUERY
+    -- Tenants with pending heads: one descent of the index each.
+    WITH RECURSIVE tenants AS (
+        (SELECT o.tenant_id FROM outbox o
+         WHERE o.status = 'pending' AND o.is_head
+         ORDER BY o.tenant_id LIMIT 1)
+        UNION ALL
+        SELECT (SELECT o.tenant_id FROM outbox o
+                WHERE o.status = 'pending' AND o.is_head AND o.tenant_id > t.tenant_id
+                ORDER BY o.tenant_id LIMIT 1)
+        FROM tenants t WHERE t.tenant_id IS NOT NULL
+    ), active AS MATERIALIZED (
+        SELECT tenant_id FROM tenants WHERE tenant_id IS NOT NULL
+    ), share AS (
+        SELECT ceil(p_limit::float8 / greatest(count(*), 1))::int8 AS n FROM active
+    ), first_round AS MATERIALIZED (
+        -- Each tenant's first share of due heads, numbered in due order (its turns).
+        SELECT h.id, h.tenant_id, h.next_attempt_at,
+               row_number() OVER (PARTITION BY h.tenant_id
+                                  ORDER BY h.next_attempt_at, h.id) AS turn
+        FROM active a CROSS JOIN share s CROSS JOIN LATERAL (
+            SELECT o.id, o.tenant_id, o.next_attempt_at
+            FROM outbox o
+            WHERE o.tenant_id = a.tenant_id AND o.status = 'pending' AND o.is_head
+              AND o.next_attempt_at <= now()
+              AND (o.locked_until IS NULL OR o.locked_until <= now())
+            ORDER BY o.next_attempt_at, o.id
+            LIMIT s.n
+            FOR UPDATE OF o SKIP LOCKED) h
+    ), filled AS (
+        -- Tenants that had a whole share, and where the share ended.
+        SELECT f.tenant_id, max(f.turn) AS turns, max(f.next_attempt_at) AS last_at,
+               max(f.id) FILTER (WHERE f.turn = s.n) AS last_id
+        FROM first_round f CROSS JOIN share s
+        GROUP BY f.tenant_id, s.n
+        HAVING max(f.turn) = s.n
+    ), rest AS (
+        -- What the first round left of the batch, split between them.
+        SELECT ceil((p_limit - (SELECT count(*) FROM first_round))::float8
+                    / greatest((SELECT count(*) FROM filled), 1))::int8 AS n
+    ), second_round AS (
+        SELECT h.id, h.tenant_id, h.next_attempt_at,
+               f.turns + row_number() OVER (PARTITION BY h.tenant_id
+                                            ORDER BY h.next_attempt_at, h.id) AS turn
+        FROM filled f CROSS JOIN rest r CROSS JOIN LATERAL (
+            SELECT o.id, o.tenant_id, o.next_attempt_at
+            FROM outbox o
+            WHERE o.tenant_id = f.tenant_id AND o.status = 'pending' AND o.is_head
+              AND o.next_attempt_at <= now()
+              AND (o.next_attempt_at, o.id) > (f.last_at, f.last_id)
+              AND (o.locked_until IS NULL OR o.locked_until <= now())
+            ORDER BY o.next_attempt_at, o.id
+            LIMIT greatest(r.n, 0)
+            FOR UPDATE OF o SKIP LOCKED) h
+    ), live AS (
+        -- Turn by turn; within a turn, tenants after p_after first.
+        SELECT id, next_attempt_at FROM (
+            SELECT * FROM first_round UNION ALL SELECT * FROM second_round) p
+        ORDER BY turn, tenant_id <= p_after, tenant_id
+        LIMIT p_limit
+    ), replays AS (
+        SELECT o.id, o.next_attempt_at
+         FROM outbox o
+         WHERE o.replay
+           AND o.next_attempt_at <= now()
+           AND (o.locked_until IS NULL OR o.locked_until <= now())
+           AND NOT EXISTS (SELECT 1 FROM outbox e
+                           WHERE e.tenant_id = o.tenant_id AND e.aggregate_type = o.aggregate_type
+                             AND e.aggregate_id = o.aggregate_id
+                             AND e.aggregate_version < o.aggregate_version AND e.replay)
+         ORDER BY o.next_attempt_at, o.id
+         LIMIT p_limit
+         FOR UPDATE OF o SKIP LOCKED
+    ), candidates AS (
+        -- Live events first, then replays.
+        SELECT * FROM live UNION ALL SELECT * FROM replays
+    )
+    UPDATE outbox o
+    SET locked_until = now() + make_interval(secs => p_lease_secs),
+        locked_by = p_owner,
+        attempts = o.attempts + 1
+    WHERE o.id = ANY (ARRAY(SELECT id FROM candidates LIMIT p_limit))
+    RETURNING o.*;
+END $$;

@@ -1,0 +1,496 @@
+//! (Past 400 lines: the model, its operations and its checks share one state and read best together.)
+//!
+//! Claims fair between tenants (`outbox_claim`, migration V8), on the real PostgreSQL.
+//!
+//! A named scenario (one tenant's backlog of 2,000 older events does not keep another tenant's
+//! event out of the next claim), and a seeded model: random schedules of appends into several
+//! tenants (bursts into one), claims of random sizes on two dispatchers' stores (each with its
+//! own rotation), outcomes recorded (published, retried now or later, dead), rows coming due,
+//! and a third session holding rows while a claim runs. Before each claim the model says which
+//! rows are available (pending heads, due, not leased, not held); after it, the claim is checked:
+//! - *sound*: only available rows are taken, at most the batch;
+//! - *in order*: what a tenant gets is the first of its available rows in due order;
+//! - *fair share*: a tenant gets at least min(its available rows, floor(batch / tenants with
+//!   pending heads)), and at least one row while there are no more such tenants than the batch;
+//! - *whole batch for one*: a tenant alone gets min(batch, its available rows);
+//! - *rotation*: with more tenants than the batch, a tenant with rows available is served within
+//!   as many claims of one store as there are tenants, plus one.
+//!
+//! `FAIRNESS_SCHEDULES` (default 150) sets how many schedules run, `FAIRNESS_SEED` the first
+//! seed (a failure prints its schedule's seed: rerun with it and `FAIRNESS_SCHEDULES=1`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use outbox_tests::TestDb;
+use pg_outbox::outbox::Outcomes;
+use pg_outbox::ports::OutboxStore;
+use pg_outbox::postgres::outbox::PgOutboxStore;
+use pg_outbox::postgres::Db;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+/// Names that sort in several ways (a prefix of another, upper case first).
+const TENANTS: [&str; 7] = ["A", "a", "acme", "b", "globex", "z", "zz"];
+const STEPS: usize = 40;
+const LEASE: Duration = Duration::from_secs(600);
+
+async fn append_many(client: &Client, tenant: &str, aggregates: &[String]) -> Vec<(i64, i64)> {
+    client
+        .query(
+            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
+                                 schema_version, payload, metadata)
+             SELECT gen_random_uuid(), $1, 'account', a, 'account.changed', 1, '{}',
+                    '{\"correlation_id\":\"fairness\",\"source\":\"fairness\"}'
+             FROM unnest($2::text[]) WITH ORDINALITY AS x(a, n) ORDER BY n
+             RETURNING id, aggregate_version",
+            &[&tenant, &aggregates],
+        )
+        .await
+        .expect("append")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_quiet_tenant_is_served_in_the_first_claim_behind_another_tenants_backlog() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    let backlog: Vec<String> = (0..2_000).map(|n| format!("busy-{n}")).collect();
+    append_many(&client, "busy", &backlog).await;
+    // The quiet tenant's one event comes after all of them.
+    let quiet = append_many(&client, "quiet", &["q-1".to_string()]).await[0].0;
+    let store = PgOutboxStore::new(Db::new(db.settings.clone()));
+    let claimed = store.claim_batch(100, LEASE, "d1").await.unwrap();
+    assert_eq!(claimed.len(), 100, "the batch is full");
+    assert!(
+        claimed.iter().any(|e| e.id == quiet),
+        "the quiet tenant's event waits behind another tenant's 2,000"
+    );
+    assert_eq!(
+        claimed.iter().filter(|e| e.tenant_id == "busy").count(),
+        99,
+        "the busy tenant gets the rest of the batch"
+    );
+    // Alone, the busy tenant gets whole batches again, oldest first.
+    let next = store.claim_batch(100, LEASE, "d1").await.unwrap();
+    assert_eq!(next.len(), 100);
+    assert!(next.iter().all(|e| e.tenant_id == "busy"));
+    let versions: BTreeSet<&str> = next.iter().map(|e| e.aggregate_id.as_str()).collect();
+    assert!(
+        versions.contains("busy-99") && versions.contains("busy-198"),
+        "{versions:?}"
+    );
+}
+
+#[tokio::test]
+async fn tenants_beyond_the_batch_are_served_in_rotation() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    // Ten tenants with ten events each, claims of three: each claim serves three tenants, the
+    // next claim the three after them.
+    for t in 0..10 {
+        let aggregates: Vec<String> = (0..10).map(|n| format!("t{t}-{n}")).collect();
+        append_many(&client, &format!("tenant-{t}"), &aggregates).await;
+    }
+    let store = PgOutboxStore::new(Db::new(db.settings.clone()));
+    let mut served = Vec::new();
+    for _ in 0..4 {
+        let claimed = store.claim_batch(3, LEASE, "d1").await.unwrap();
+        let tenants: BTreeSet<String> = claimed.into_iter().map(|e| e.tenant_id).collect();
+        assert_eq!(tenants.len(), 3, "{tenants:?}");
+        served.push(tenants);
+    }
+    let names =
+        |ts: &[usize]| -> BTreeSet<String> { ts.iter().map(|t| format!("tenant-{t}")).collect() };
+    assert_eq!(served[0], names(&[0, 1, 2]));
+    assert_eq!(served[1], names(&[3, 4, 5]));
+    assert_eq!(served[2], names(&[6, 7, 8]));
+    // Round again: the last tenant, then the first ones.
+    assert_eq!(served[3], names(&[9, 0, 1]));
+}
+
+/// One outbox row as the model knows it.
+#[derive(Debug, Clone)]
+struct ModelRow {
+    id: i64,
+    tenant: &'static str,
+    aggregate: String,
+    version: i64,
+    state: State,
+    leased: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum State {
+    Pending { due: bool },
+    Published,
+    Dead,
+}
+
+struct Schedule {
+    rng: fastrand::Rng,
+    rows: Vec<ModelRow>,
+    client: Client,
+    locker: Client,
+    stores: [PgOutboxStore; 2],
+    /// Claims not recorded yet: the store that made them, its lease owner, the rows.
+    batches: Vec<(usize, String, Vec<i64>)>,
+    /// Per store, per tenant: claims in a row in which the tenant had rows available and got none.
+    streaks: [HashMap<&'static str, usize>; 2],
+    counts: Counts,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    claims: u64,
+    rows: u64,
+    shared: u64,
+    rotating: u64,
+    held: u64,
+    alone: u64,
+}
+
+impl Schedule {
+    fn heads(&self) -> Vec<&ModelRow> {
+        let mut done: HashMap<(&str, &str), i64> = HashMap::new();
+        let mut sorted: Vec<&ModelRow> = self.rows.iter().collect();
+        sorted.sort_by_key(|r| (r.tenant, r.aggregate.clone(), r.version));
+        let mut heads = Vec::new();
+        for row in sorted {
+            let key = (row.tenant, row.aggregate.as_str());
+            let published_before = *done.get(&key).unwrap_or(&0);
+            if row.version == published_before + 1 {
+                if row.state == State::Published {
+                    done.insert(key, row.version);
+                } else if matches!(row.state, State::Pending { .. }) {
+                    heads.push(row);
+                }
+            }
+        }
+        heads
+    }
+
+    async fn step(&mut self, step: usize) -> Result<(), String> {
+        match self.rng.u32(0..100) {
+            0..=24 => self.append().await,
+            25..=64 => self.claim(step).await?,
+            65..=89 => self.record().await?,
+            _ => self.come_due().await,
+        }
+        Ok(())
+    }
+
+    async fn append(&mut self) {
+        let burst = self.rng.u32(0..4) == 0;
+        let tenant = if burst {
+            TENANTS[0]
+        } else {
+            TENANTS[self.rng.usize(0..TENANTS.len())]
+        };
+        let n = if burst {
+            self.rng.usize(15..40)
+        } else {
+            self.rng.usize(1..5)
+        };
+        let aggregates: Vec<String> = (0..n)
+            .map(|_| format!("{tenant}-{}", self.rng.u32(0..6)))
+            .collect();
+        let appended = append_many(&self.client, tenant, &aggregates).await;
+        for ((id, version), aggregate) in appended.into_iter().zip(aggregates) {
+            self.rows.push(ModelRow {
+                id,
+                tenant,
+                aggregate,
+                version,
+                state: State::Pending { due: true },
+                leased: false,
+            });
+        }
+    }
+
+    async fn claim(&mut self, step: usize) -> Result<(), String> {
+        let d = self.rng.usize(0..2);
+        let limit = if self.rng.bool() {
+            self.rng.i64(1..4)
+        } else {
+            self.rng.i64(1..25)
+        };
+        let heads: Vec<ModelRow> = self.heads().into_iter().cloned().collect();
+        let pending_tenants: BTreeSet<&str> = heads.iter().map(|r| r.tenant).collect();
+        let mut available: Vec<&ModelRow> = heads
+            .iter()
+            .filter(|r| r.state == (State::Pending { due: true }) && !r.leased)
+            .collect();
+        // A third session holds some available rows while the claim runs.
+        let mut held = BTreeSet::new();
+        if !available.is_empty() && self.rng.u32(0..4) == 0 {
+            for _ in 0..self.rng.usize(1..4) {
+                held.insert(available[self.rng.usize(0..available.len())].id);
+            }
+            let ids: Vec<i64> = held.iter().copied().collect();
+            self.locker.batch_execute("BEGIN").await.unwrap();
+            self.locker
+                .execute(
+                    "SELECT 1 FROM outbox WHERE id = ANY ($1) FOR UPDATE",
+                    &[&ids],
+                )
+                .await
+                .unwrap();
+            available.retain(|r| !held.contains(&r.id));
+            self.counts.held += 1;
+        }
+        // Due order within a tenant, as the database has it.
+        let ids: Vec<i64> = available.iter().map(|r| r.id).collect();
+        let due_at: HashMap<i64, std::time::SystemTime> = self
+            .client
+            .query(
+                "SELECT id, next_attempt_at FROM outbox WHERE id = ANY ($1)",
+                &[&ids],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let mut by_tenant: BTreeMap<&str, Vec<(std::time::SystemTime, i64)>> = BTreeMap::new();
+        for row in &available {
+            by_tenant
+                .entry(row.tenant)
+                .or_default()
+                .push((due_at[&row.id], row.id));
+        }
+        for rows in by_tenant.values_mut() {
+            rows.sort();
+        }
+
+        let owner = format!("d{d}/{}", Uuid::new_v4().simple());
+        let claimed = self.stores[d].claim_batch(limit, LEASE, &owner).await;
+        if !held.is_empty() {
+            self.locker.batch_execute("COMMIT").await.unwrap();
+        }
+        let claimed = claimed.map_err(|e| format!("the claim failed: {e:?}"))?;
+        let what = format!(
+            "step {step}: dispatcher {d} claims {limit} with {} tenants pending, available {:?}, held {held:?}; got {:?}",
+            pending_tenants.len(),
+            by_tenant
+                .iter()
+                .map(|(t, rows)| (*t, rows.iter().map(|r| r.1).collect::<Vec<_>>()))
+                .collect::<Vec<_>>(),
+            claimed.iter().map(|e| (e.tenant_id.as_str(), e.id)).collect::<Vec<_>>()
+        );
+
+        // Sound, and no more than the batch.
+        if claimed.len() as i64 > limit {
+            return Err(format!("more than the batch: {what}"));
+        }
+        let available_ids: BTreeSet<i64> = available.iter().map(|r| r.id).collect();
+        if let Some(e) = claimed.iter().find(|e| !available_ids.contains(&e.id)) {
+            return Err(format!("row {} was not available: {what}", e.id));
+        }
+        let mut got: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+        for e in &claimed {
+            let tenant = TENANTS.iter().find(|t| **t == e.tenant_id).unwrap();
+            got.entry(tenant).or_default().push(e.id);
+        }
+        // In order: each tenant's first available rows.
+        for (tenant, ids) in &got {
+            let first: BTreeSet<i64> = by_tenant[tenant]
+                .iter()
+                .take(ids.len())
+                .map(|r| r.1)
+                .collect();
+            let ids: BTreeSet<i64> = ids.iter().copied().collect();
+            if first != ids {
+                return Err(format!("{tenant} did not get its first rows: {what}"));
+            }
+        }
+        // Fair share, whole batch for one.
+        let tenants = pending_tenants.len() as i64;
+        let share = if tenants == 0 { 0 } else { limit / tenants };
+        for (tenant, rows) in &by_tenant {
+            let has = rows.len() as i64;
+            let taken = got.get(tenant).map_or(0, |ids| ids.len() as i64);
+            if taken < has.min(share) {
+                return Err(format!(
+                    "{tenant} got {taken}, less than its share {}: {what}",
+                    has.min(share)
+                ));
+            }
+            if tenants <= limit && taken == 0 {
+                return Err(format!("{tenant} got nothing: {what}"));
+            }
+        }
+        if by_tenant.len() == 1 {
+            let has = by_tenant.values().next().unwrap().len() as i64;
+            if claimed.len() as i64 != has.min(limit) {
+                return Err(format!(
+                    "a tenant alone did not get the whole batch: {what}"
+                ));
+            }
+            self.counts.alone += 1;
+        }
+        if by_tenant.len() > 1 {
+            self.counts.shared += 1;
+        }
+        // Rotation.
+        if tenants > limit {
+            self.counts.rotating += 1;
+        }
+        let streaks = &mut self.streaks[d];
+        streaks.retain(|t, _| by_tenant.contains_key(t));
+        for tenant in by_tenant.keys() {
+            let streak = streaks.entry(tenant).or_default();
+            if got.contains_key(tenant) {
+                *streak = 0;
+            } else {
+                *streak += 1;
+                if *streak > TENANTS.len() + 1 {
+                    return Err(format!(
+                        "{tenant} had rows available for {streak} claims of dispatcher {d} and got none: {what}"
+                    ));
+                }
+            }
+        }
+
+        self.counts.claims += 1;
+        self.counts.rows += claimed.len() as u64;
+        let ids: Vec<i64> = claimed.iter().map(|e| e.id).collect();
+        for row in self.rows.iter_mut().filter(|r| ids.contains(&r.id)) {
+            row.leased = true;
+        }
+        if !ids.is_empty() {
+            self.batches.push((d, owner, ids));
+        }
+        Ok(())
+    }
+
+    async fn record(&mut self) -> Result<(), String> {
+        if self.batches.is_empty() {
+            return Ok(());
+        }
+        let (d, owner, ids) = self
+            .batches
+            .swap_remove(self.rng.usize(0..self.batches.len()));
+        let mut outcomes = Outcomes::default();
+        let mut states = HashMap::new();
+        for id in ids {
+            let state = match self.rng.u32(0..100) {
+                0..=59 => {
+                    outcomes.published.push(id);
+                    State::Published
+                }
+                60..=74 => {
+                    outcomes
+                        .retries
+                        .push((id, Duration::ZERO, "model: try again".into()));
+                    State::Pending { due: true }
+                }
+                75..=84 => {
+                    outcomes
+                        .retries
+                        .push((id, Duration::from_secs(3600), "model: later".into()));
+                    State::Pending { due: false }
+                }
+                _ => {
+                    outcomes.dead.push((id, "model: rejected".into()));
+                    State::Dead
+                }
+            };
+            states.insert(id, state);
+        }
+        let deferred = self.stores[d]
+            .record_outcomes(&owner, &outcomes)
+            .await
+            .map_err(|e| format!("record failed: {e:?}"))?;
+        if !deferred.is_empty() {
+            return Err(format!("nothing held the rows, yet {deferred:?} came back"));
+        }
+        for row in self.rows.iter_mut() {
+            if let Some(state) = states.get(&row.id) {
+                row.state = *state;
+                row.leased = false;
+            }
+        }
+        Ok(())
+    }
+
+    async fn come_due(&mut self) {
+        let ids: Vec<i64> = self
+            .rows
+            .iter()
+            .filter(|r| r.state == (State::Pending { due: false }))
+            .map(|r| r.id)
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        self.client
+            .execute(
+                "UPDATE outbox SET next_attempt_at = now() WHERE id = ANY ($1)",
+                &[&ids],
+            )
+            .await
+            .unwrap();
+        for row in self.rows.iter_mut().filter(|r| ids.contains(&r.id)) {
+            row.state = State::Pending { due: true };
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_are_fair_between_tenants_in_seeded_schedules() {
+    let schedules: u64 = std::env::var("FAIRNESS_SCHEDULES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(150);
+    let first_seed: u64 = std::env::var("FAIRNESS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(23);
+    let db = TestDb::create().await;
+    let mut totals = Counts::default();
+    for n in 0..schedules {
+        let seed = first_seed + n;
+        let client = db.client().await;
+        client
+            .batch_execute(
+                "TRUNCATE outbox, outbox_aggregates, outbox_feed_tenants, outbox_feed_acks",
+            )
+            .await
+            .unwrap();
+        let mut schedule = Schedule {
+            rng: fastrand::Rng::with_seed(seed),
+            rows: Vec::new(),
+            client,
+            locker: db.client().await,
+            stores: [
+                PgOutboxStore::new(Db::new(db.settings.clone())),
+                PgOutboxStore::new(Db::new(db.settings.clone())),
+            ],
+            batches: Vec::new(),
+            streaks: [HashMap::new(), HashMap::new()],
+            counts: Counts::default(),
+        };
+        for step in 0..STEPS {
+            if let Err(failure) = schedule.step(step).await {
+                panic!("schedule {n} (FAIRNESS_SEED={seed} FAIRNESS_SCHEDULES=1): {failure}");
+            }
+        }
+        let c = schedule.counts;
+        totals.claims += c.claims;
+        totals.rows += c.rows;
+        totals.shared += c.shared;
+        totals.rotating += c.rotating;
+        totals.held += c.held;
+        totals.alone += c.alone;
+    }
+    println!("{schedules} schedules: {totals:?}");
+    // Every situation the checks are about came up, many times over.
+    assert!(totals.claims >= schedules * 5, "{totals:?}");
+    assert!(totals.shared >= schedules, "{totals:?}");
+    assert!(totals.rotating >= schedules / 2, "{totals:?}");
+    assert!(totals.held >= schedules, "{totals:?}");
+    assert!(totals.alone >= schedules / 10, "{totals:?}");
+}
