@@ -177,15 +177,25 @@ async fn timed_drain(
     throughput
 }
 
-/// 4: producers commit events at `rate`/s for `seconds` while dispatchers drain continuously;
-/// latency from the row's commit to its arrival at the endpoint.
+/// 4: a producer commits events of tenant `quiet` at `rate`/s for `seconds` while dispatchers
+/// drain continuously; latency from the row's commit to its arrival at the endpoint. With a
+/// `backlog`, another tenant has that many events waiting, older than all of them, when the
+/// producer starts; the last figure is how many of them were still waiting when it stopped.
 async fn commit_to_publish(
     rate: usize,
     seconds: u64,
     idle_elsewhere: bool,
-) -> (f64, f64, f64, usize) {
+    backlog: usize,
+) -> (f64, f64, f64, usize, i64) {
     let db = TestDb::create().await;
     let client = db.client().await;
+    if backlog > 0 {
+        seed(&db, backlog, "pending", Duration::ZERO).await;
+        client
+            .batch_execute("VACUUM ANALYZE outbox")
+            .await
+            .expect("vacuum");
+    }
     // A session left idle in a write transaction in another database of the cluster for the
     // whole run (it holds an xid, so the old commit-order horizon could not pass it).
     let other = TestDb::create().await;
@@ -235,7 +245,7 @@ async fn commit_to_publish(
                 "BEGIN;
                  INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version,
                                      event_type, schema_version, payload, metadata, bench_committed_at)
-                 VALUES (gen_random_uuid(), 'bench', 'payment', 'lat{produced}', 1, 'payment.paid', 1,
+                 VALUES (gen_random_uuid(), 'quiet', 'payment', 'lat{produced}', 1, 'payment.paid', 1,
                          '{{\"paymentId\":\"lat\"}}', '{{\"correlation_id\":\"b\",\"source\":\"payments\"}}',
                          clock_timestamp());
                  COMMIT;"
@@ -246,10 +256,22 @@ async fn commit_to_publish(
         next += interval;
         tokio::time::sleep_until(next.into()).await;
     }
+    let backlog_left = db
+        .count(
+            &client,
+            "outbox WHERE tenant_id = 'bench' AND status = 'pending'",
+        )
+        .await;
     // Let the last ones go out.
     let settle = Instant::now();
-    while endpoint.stats.event_ids.lock().unwrap().len() < produced
-        && settle.elapsed() < Duration::from_secs(10)
+    while db
+        .count(
+            &client,
+            "outbox WHERE tenant_id = 'quiet' AND status = 'pending'",
+        )
+        .await
+        > 0
+        && settle.elapsed() < Duration::from_secs(60)
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -268,6 +290,7 @@ async fn commit_to_publish(
         pct(&latencies, 0.99),
         pct(&latencies, 1.0),
         produced,
+        backlog_left,
     )
 }
 
@@ -315,6 +338,10 @@ async fn main() {
         return nats_benchmarks(env_usize("BENCH_NATS_ROWS", 100_000)).await;
     }
 
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("tenants") {
+        return tenant_benchmarks(env_usize("BENCH_BACKLOG", 200_000)).await;
+    }
+
     if std::env::var("BENCH_ONLY").as_deref() == Ok("drain") {
         // One drain alone, e.g. under a profiler or to compare two builds.
         let latency = Duration::from_millis(env_usize("BENCH_LATENCY_MS", 0) as u64);
@@ -345,7 +372,7 @@ async fn main() {
         return;
     }
 
-    let (p50, p99, max, produced) = commit_to_publish(1_000, 20, false).await;
+    let (p50, p99, max, produced, _) = commit_to_publish(1_000, 20, false, 0).await;
     println!("\n## Commit-to-publish latency (1000 events/s committed for 20 s, {DISPATCHERS} dispatchers polling every 5 ms when idle)\n");
     println!("| events | p50 ms | p99 ms | max ms |");
     println!("|---|---|---|---|");
@@ -359,6 +386,25 @@ async fn main() {
     println!("| 10000 | {small50:.2} | {small99:.2} |");
     println!("| {retained} | {large50:.2} | {large99:.2} |");
     println!("\nratio (p50, large / small): {:.2}", large50 / small50);
+}
+
+/// A quiet tenant's commit-to-publish while another tenant has `backlog` events waiting, against
+/// the same with nothing waiting, in one run.
+async fn tenant_benchmarks(backlog: usize) {
+    let rate = 100;
+    let seconds = 15;
+    let quiet = commit_to_publish(rate, seconds, false, 0).await;
+    let busy = commit_to_publish(rate, seconds, false, backlog).await;
+    println!("## A quiet tenant beside another tenant's backlog ({rate} events/s committed by the quiet tenant for {seconds} s, {DISPATCHERS} dispatchers, claims of {BATCH})\n");
+    println!("| the other tenant's events waiting at the start | quiet tenant's events | p50 ms | p99 ms | max ms | the other's still waiting when the producer stopped |");
+    println!("|---|---|---|---|---|---|");
+    for (waiting, (p50, p99, max, produced, left)) in [(0, quiet), (backlog, busy)] {
+        println!("| {waiting} | {produced} | {p50:.1} | {p99:.1} | {max:.1} | {left} |");
+    }
+    println!(
+        "\nratio (p99, with / without the backlog): {:.2}",
+        busy.1 / quiet.1
+    );
 }
 
 /// Scenarios 0 to 3 in one table: the plain-SQL reference, the store floor, and the drain to a
@@ -393,7 +439,7 @@ async fn throughput_table(rows: usize, placement: &str) {
             slow_calls,
         ),
     ];
-    for (name, measured, calls) in scenarios {
+    for (name, measured, calls) in &scenarios {
         println!(
             "| {name} | {:.0} | {calls} | {:.2} | {:.2} | {:.0} | {:.0} |",
             measured.rate,
@@ -404,6 +450,42 @@ async fn throughput_table(rows: usize, placement: &str) {
         );
     }
     println!();
+    let memory_mb = dispatcher_memory_mb();
+    println!("Per million events published ({placement}; the dispatcher's Lambda at {memory_mb} MB, billed for the wall time of its drains):\n");
+    println!("| scenario | PostgreSQL CPU-seconds (claim + record) | dispatcher GB-seconds | bus requests |");
+    println!("|---|---|---|---|");
+    for (name, measured, calls) in &scenarios[2..] {
+        // µs per row is CPU-seconds per million rows.
+        let drain_seconds = rows as f64 / measured.rate;
+        let gb_seconds = DISPATCHERS as f64 * drain_seconds * memory_mb / 1024.0;
+        let per_million = 1e6 / rows as f64;
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.0} |",
+            measured.cpu.postgres_us,
+            gb_seconds * per_million,
+            *calls as f64 * per_million
+        );
+    }
+    println!();
+}
+
+/// The dispatcher's memory: `MemorySize` of the template's function globals, or
+/// `BENCH_MEMORY_MB`.
+fn dispatcher_memory_mb() -> f64 {
+    if let Some(mb) = std::env::var("BENCH_MEMORY_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return mb;
+    }
+    let template =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../template.yaml"))
+            .expect("template.yaml");
+    template
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("MemorySize:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("a MemorySize in template.yaml")
 }
 
 /// The claim redesign's figures: parked and backing-off rows ahead of the claim, and a write
@@ -419,8 +501,8 @@ async fn order_benchmarks() {
     println!("| {parked} parked + {parked} backing off | {many50:.2} | {many99:.2} |");
     println!("\nratio (p50, with / without): {:.2}\n", many50 / none50);
 
-    let (p50, p99, max, produced) = commit_to_publish(1_000, 20, false).await;
-    let (ip50, ip99, imax, iproduced) = commit_to_publish(1_000, 20, true).await;
+    let (p50, p99, max, produced, _) = commit_to_publish(1_000, 20, false, 0).await;
+    let (ip50, ip99, imax, iproduced, _) = commit_to_publish(1_000, 20, true, 0).await;
     println!("## Commit-to-publish latency (1000 events/s for 20 s, {DISPATCHERS} dispatchers polling every 5 ms when idle)\n");
     println!("| while | events | p50 ms | p99 ms | max ms |");
     println!("|---|---|---|---|---|");

@@ -134,7 +134,9 @@ pub async fn arrival_latencies(
     // The column name comes from the benchmark's code, never from input.
     let rows = client
         .query(
-            &format!("SELECT event_id::text, {committed} FROM outbox"),
+            &format!(
+                "SELECT event_id::text, {committed} FROM outbox WHERE {committed} IS NOT NULL"
+            ),
             &[],
         )
         .await
