@@ -863,6 +863,71 @@ async fn the_claim_is_served_by_the_partial_index() {
 }
 
 #[tokio::test]
+async fn claims_and_records_are_never_jit_compiled() {
+    // With JIT on (PostgreSQL's default) the claim's estimate was over jit_above_cost, and every
+    // claim compiled itself for 50-100 ms before reading 3 ms' worth. Here every statement of the
+    // session is over the threshold (0): those inside the claim and the record must still run
+    // without JIT (migration V8), while the session's own statements show that JIT is on.
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    let available: bool = client
+        .query_one("SELECT pg_jit_available()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        available,
+        "this PostgreSQL has no JIT provider (Debian's postgresql-15 brings one): the test cannot tell"
+    );
+    seed_outbox(&client, "acme", &aggregates("agg", 50), 1, "{}").await;
+    let output = std::process::Command::new("psql")
+        .arg(&db.url)
+        .args([
+            "-X",
+            "-q",
+            "-c",
+            "LOAD 'auto_explain'",
+            "-c",
+            "SET auto_explain.log_min_duration = 0",
+            "-c",
+            "SET auto_explain.log_nested_statements = on",
+            "-c",
+            "SET auto_explain.log_level = notice",
+            "-c",
+            "SET jit_above_cost = 0",
+            "-c",
+            "CREATE TEMP TABLE c AS SELECT id FROM outbox_claim(20, 600, 'jit', '')",
+            "-c",
+            "SELECT outbox_record('jit', (SELECT array_agg(id) FROM c), '{}', '{}', '{}', '{}', '{}')",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("psql: cannot run it ({e}); is it on PATH? (`. .local/env`)"));
+    assert!(output.status.success(), "{output:?}");
+    let notices = String::from_utf8_lossy(&output.stderr);
+    let plans: Vec<&str> = notices.split("duration: ").skip(1).collect();
+    let (outer, inner): (Vec<&str>, Vec<&str>) = plans.iter().partition(|p| {
+        p.contains("Query Text: CREATE TEMP TABLE")
+            || p.contains("Query Text: SELECT outbox_record")
+    });
+    assert_eq!(outer.len(), 2, "{notices}");
+    assert!(
+        outer.iter().all(|p| p.contains("JIT:")),
+        "JIT is not on here: {notices}"
+    );
+    assert!(
+        inner.iter().any(|p| p.contains("Update on outbox"))
+            && inner.iter().any(|p| p.contains("outbox_mark_done")),
+        "the claim's and the record's statements were not logged: {notices}"
+    );
+    let compiled: Vec<&&str> = inner.iter().filter(|p| p.contains("JIT:")).collect();
+    assert!(compiled.is_empty(), "compiled: {compiled:?}");
+    assert_eq!(
+        db.count(&client, "outbox WHERE status = 'published'").await,
+        20
+    );
+}
+
+#[tokio::test]
 async fn one_drain_publishes_every_version_though_records_and_claims_overlap() {
     // Each batch's outcomes are recorded beside the next claim, so the claim cannot yet see the
     // successors that record promotes: the drain must not take that empty claim for the end.

@@ -290,3 +290,59 @@ async fn dispatch_batch_is_one_claim_published_and_recorded() {
     assert_eq!((second.claimed, second.published), (5, 5));
     assert_eq!(d.dispatch_batch().await.unwrap().claimed, 0);
 }
+
+#[tokio::test]
+async fn the_memory_store_shares_claims_between_tenants_as_the_database_does() {
+    let store = MemoryStore::new();
+    for n in 0..50 {
+        store.append(
+            "busy",
+            "order",
+            &format!("b-{n}"),
+            "order.placed",
+            serde_json::json!({}),
+        );
+    }
+    for tenant in ["quiet", "calm"] {
+        store.append(
+            tenant,
+            "order",
+            "q-1",
+            "order.placed",
+            serde_json::json!({}),
+        );
+    }
+    let lease = Duration::from_secs(60);
+    let tenants = |claimed: &[crate::outbox::ClaimedEvent]| -> Vec<String> {
+        claimed.iter().map(|e| e.tenant_id.clone()).collect()
+    };
+    // One row of each tenant per turn: the quiet ones are in the first claim.
+    let first = store.claim_batch(5, lease, "d1").await.unwrap();
+    assert_eq!(tenants(&first), ["busy", "calm", "quiet", "busy", "busy"]);
+    // Alone, the busy tenant gets whole batches, oldest first.
+    let next = store.claim_batch(5, lease, "d1").await.unwrap();
+    assert_eq!(
+        next.iter()
+            .map(|e| e.aggregate_id.as_str())
+            .collect::<Vec<_>>(),
+        ["b-3", "b-4", "b-5", "b-6", "b-7"]
+    );
+    // More tenants than the batch: served in rotation, after the last tenant served.
+    let store = MemoryStore::new();
+    for tenant in ["t1", "t2", "t3", "t4", "t5"] {
+        for n in 0..3 {
+            store.append(
+                tenant,
+                "order",
+                &format!("{tenant}-{n}"),
+                "order.placed",
+                serde_json::json!({}),
+            );
+        }
+    }
+    let mut served = Vec::new();
+    for _ in 0..3 {
+        served.push(tenants(&store.claim_batch(2, lease, "d1").await.unwrap()));
+    }
+    assert_eq!(served, [["t1", "t2"], ["t3", "t4"], ["t5", "t1"]]);
+}

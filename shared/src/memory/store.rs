@@ -1,6 +1,7 @@
 //! An [`OutboxStore`] in memory, with the outbox's rules: per-aggregate order (an event is due
-//! only once every earlier version is published; a dead one parks the rest), leases, attempts,
-//! backoff, outcomes fenced by the lease owner. And the faults a test needs: a store that fails
+//! only once every earlier version is published; a dead one parks the rest), claims shared
+//! between tenants (round robin, as `outbox_claim`), leases, attempts, backoff, outcomes fenced
+//! by the lease owner. And the faults a test needs: a store that fails
 //! the next calls, and rows whose outcomes an appender holds for a while.
 
 use std::collections::{HashMap, VecDeque};
@@ -64,6 +65,8 @@ struct State {
     /// Row id → how many more record calls hand its outcome back as held.
     held: HashMap<i64, usize>,
     calls: HashMap<StoreCall, usize>,
+    /// The last tenant a claim served: the next claim's rotation starts after it.
+    after: String,
 }
 
 impl MemoryStore {
@@ -176,6 +179,39 @@ impl State {
     }
 }
 
+/// The claim's share between tenants, as `outbox_claim` (migration V8) takes it: round robin,
+/// one row of each tenant per turn, each tenant's rows in the order given, tenants after `after`
+/// first in every turn; at most `limit`. Returns indexes into `rows`, in the order taken.
+fn fair_share(rows: &[MemoryRow], due: Vec<usize>, limit: usize, after: &str) -> Vec<usize> {
+    let mut tenants: std::collections::BTreeMap<&str, VecDeque<usize>> = Default::default();
+    for i in due {
+        tenants
+            .entry(rows[i].event.tenant_id.as_str())
+            .or_default()
+            .push_back(i);
+    }
+    let (wrapped, ahead): (Vec<_>, Vec<_>) = tenants
+        .into_iter()
+        .partition(|(tenant, _)| *tenant <= after);
+    let mut queues: Vec<VecDeque<usize>> = ahead
+        .into_iter()
+        .chain(wrapped)
+        .map(|(_, rows)| rows)
+        .collect();
+    let mut taken = Vec::new();
+    while taken.len() < limit && queues.iter().any(|q| !q.is_empty()) {
+        for queue in &mut queues {
+            if taken.len() == limit {
+                break;
+            }
+            if let Some(i) = queue.pop_front() {
+                taken.push(i);
+            }
+        }
+    }
+    taken
+}
+
 impl OutboxStore for MemoryStore {
     async fn claim_batch(
         &self,
@@ -193,8 +229,11 @@ impl OutboxStore for MemoryStore {
                     && row.lease.as_ref().is_none_or(|(_, until)| *until <= now)
                     && state.is_head(row)
             })
-            .take(limit.max(0) as usize)
             .collect();
+        let due = fair_share(&state.rows, due, limit.max(0) as usize, &state.after);
+        if let Some(&last) = due.last() {
+            state.after = state.rows[last].event.tenant_id.clone();
+        }
         Ok(due
             .into_iter()
             .map(|i| {
