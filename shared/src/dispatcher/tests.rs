@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::memory::{MemoryPublisher, MemoryStatus, MemoryStore, StoreCall};
+use crate::ports::OutboxStore;
 
 fn config() -> DispatcherConfig {
     DispatcherConfig {
