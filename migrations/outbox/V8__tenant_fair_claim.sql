@@ -9,7 +9,9 @@
 --
 -- Both indexes are partial on pending heads: they hold a live outbox's backlog, not its history,
 -- so building this one on a live outbox takes as long as the backlog is large, and holds
--- appends back (not reads) while it builds.
+-- appends back (not reads) while it builds. Deploy it before the code that calls outbox_claim:
+-- meanwhile the previous code's claim still works, on the pending index (outbox_claim_idx), and
+-- reads the parked rows too.
 CREATE INDEX outbox_tenant_claim_idx ON outbox (tenant_id, next_attempt_at, id)
     WHERE status = 'pending' AND is_head;
 

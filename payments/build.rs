@@ -1,0 +1,5 @@
+//! The payment service's migrations are embedded at build time (`src/migrate.rs`): a change to
+//! one of them must rebuild the crate.
+fn main() {
+    println!("cargo:rerun-if-changed=../migrations/payments");
+}
