@@ -7,15 +7,19 @@
 -- is left to those that had more. The old index is dropped: no query reads it any more, and an
 -- index fewer is an index entry fewer for every append and every head that changes.
 --
--- Both indexes are partial on pending heads: they hold a live outbox's backlog, not its history,
--- so building this one on a live outbox takes as long as the backlog is large, and holds
--- appends back (not reads) while it builds. Deploy it before the code that calls outbox_claim:
--- meanwhile the previous code's claim still works, on the pending index (outbox_claim_idx), and
--- reads the parked rows too.
-CREATE INDEX outbox_tenant_claim_idx ON outbox (tenant_id, next_attempt_at, id)
+-- On a live outbox: CREATE INDEX reads the whole table (retained history included) and blocks
+-- writes to it while it builds (appends, claims, records); DROP INDEX then takes the table's
+-- exclusive lock for a moment, behind any reader already running. To keep writes going, build the
+-- index by hand first, outside a transaction (docs/operations.md, "Upgrading to V8"):
+--   CREATE INDEX CONCURRENTLY IF NOT EXISTS outbox_tenant_claim_idx
+--       ON outbox (tenant_id, next_attempt_at, id) WHERE status = 'pending' AND is_head;
+-- and this migration finds it. Deploy it before the code that calls outbox_claim: meanwhile the
+-- previous code's claim still works, on the pending index (outbox_claim_idx), and reads the
+-- parked rows too.
+CREATE INDEX IF NOT EXISTS outbox_tenant_claim_idx ON outbox (tenant_id, next_attempt_at, id)
     WHERE status = 'pending' AND is_head;
 
-DROP INDEX outbox_head_claim_idx;
+DROP INDEX IF EXISTS outbox_head_claim_idx;
 
 -- The claim: leases up to p_limit publishable rows for p_lease_secs to p_owner (a fresh owner for
 -- every claim: it fences the claim's outcomes, outbox_record). Publishable: pending aggregate
@@ -25,13 +29,15 @@ DROP INDEX outbox_head_claim_idx;
 --     rows parked behind them are not in the index; heads backing off end each tenant's range.
 --   * Fair between tenants: the tenants with pending heads share the batch. Each gets up to
 --     ceil(p_limit / tenants) of its due heads (its first round); what that leaves of the batch
---     goes, in a second round, to the tenants that had more, split evenly again. The batch is
---     then cut turn by turn, so a tenant with due heads gets at least
+--     is split evenly, in a second round, between the tenants that had a whole share (they may
+--     have more). The batch is then cut turn by turn, so a tenant with due heads gets at least
 --     min(its due heads no one holds, floor(p_limit / tenants)) rows, one at least while there
---     are no more tenants than p_limit. With more, the tenants after p_after (the last tenant
---     the caller's previous claim served) go first in each turn: every tenant is served in
---     rotation.
---     One tenant alone gets the whole batch. Within a tenant, rows go in due order.
+--     are no more tenants than p_limit. With more, the tenants after p_after (where the caller's
+--     previous claim ended its last turn) go first in each turn: every tenant is served in
+--     rotation. One tenant alone gets the whole batch. Within a tenant, rows go in due order.
+--     A claim can come back short of the batch while rows wait: a tenant that had exactly its
+--     share leaves its part of the second round unused (there is no third). The drain claims
+--     again at once after any claim that returned rows.
 --   * Replays: published events delivered again, outside the aggregate's order (they are done
 --     already), in version order among the aggregate's replays. They fill what live events leave
 --     of the batch.
@@ -39,8 +45,10 @@ DROP INDEX outbox_head_claim_idx;
 --     without waiting, and a row someone holds right now is taken by a later claim. The lease is
 --     written in this one statement (autocommitted by the caller): no lock is held across the
 --     publish, and a dispatcher that dies leaves rows claimable once its lease ends.
---   * Cost: one index descent per tenant with pending heads, plus the rows taken; the million
---     published rows of a tenant's history are not in the index.
+--   * Cost: one index descent per tenant with pending heads, plus the rows each round reads and
+--     locks; the million published rows of a tenant's history are not in the index. The first
+--     round locks at least one row of every tenant with due heads: with more such tenants than
+--     p_limit, a claim locks (and then leaves) one row of each of the others too.
 -- A PL/pgSQL function so that its plan is cached per connection (the statement is long to plan).
 -- Without JIT: the planner cannot know each tenant's share, so it estimates the statement far
 -- above what it reads (a cost of 340,000 for a claim that reads 1,700 pages in 3 ms), over
@@ -49,6 +57,11 @@ DROP INDEX outbox_head_claim_idx;
 CREATE FUNCTION outbox_claim(p_limit bigint, p_lease_secs float8, p_owner text, p_after text)
 RETURNS SETOF outbox LANGUAGE plpgsql SET jit = off AS $$
 BEGIN
+    IF p_limit IS NULL OR p_limit < 1 OR p_lease_secs IS NULL OR p_lease_secs <= 0
+       OR p_owner IS NULL OR p_after IS NULL THEN
+        RAISE EXCEPTION 'outbox_claim(%, %, %, %): a batch of at least 1, a positive lease, an owner and a tenant to start after (empty for none) are required',
+            p_limit, p_lease_secs, p_owner, p_after USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     RETURN QUERY
     -- Tenants with pending heads: one descent of the index each.
     WITH RECURSIVE tenants AS (
@@ -104,10 +117,10 @@ BEGIN
             LIMIT greatest(r.n, 0)
             FOR UPDATE OF o SKIP LOCKED) h
     ), live AS (
-        -- Turn by turn; within a turn, tenants after p_after first.
+        -- Turn by turn; within a turn, tenants after p_after first, in byte order (the caller's).
         SELECT id, next_attempt_at FROM (
             SELECT * FROM first_round UNION ALL SELECT * FROM second_round) p
-        ORDER BY turn, tenant_id <= p_after, tenant_id
+        ORDER BY turn, tenant_id COLLATE "C" <= p_after COLLATE "C", tenant_id COLLATE "C"
         LIMIT p_limit
     ), replays AS (
         SELECT o.id, o.next_attempt_at

@@ -111,6 +111,30 @@ async fn tenants_beyond_the_batch_are_served_in_rotation() {
     assert_eq!(served[3], names(&[9, 0, 1]));
 }
 
+#[tokio::test]
+async fn a_turn_cut_short_goes_on_where_it_ended() {
+    // Ten tenants with plenty each and claims of 15: a share of 2, so one whole turn and half of
+    // the second. The next claim gives the second turn to the other half: over two claims each
+    // tenant gets 3. (Starting the next claim after the furthest tenant of the first turn instead
+    // gave the same five tenants 2 rows every claim, the other five 1.)
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    for t in 0..10 {
+        let aggregates: Vec<String> = (0..10).map(|n| format!("t{t}-{n}")).collect();
+        append_many(&client, &format!("t{t}"), &aggregates).await;
+    }
+    let store = PgOutboxStore::new(Db::new(db.settings.clone()));
+    let mut got: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..2 {
+        let claimed = store.claim_batch(15, LEASE, "d1").await.unwrap();
+        assert_eq!(claimed.len(), 15);
+        for e in claimed {
+            *got.entry(e.tenant_id).or_default() += 1;
+        }
+    }
+    assert!(got.values().all(|n| *n == 3), "{got:?}");
+}
+
 /// One outbox row as the model knows it.
 #[derive(Debug, Clone)]
 struct ModelRow {

@@ -179,9 +179,11 @@ impl State {
     }
 }
 
-/// The claim's share between tenants, as `outbox_claim` (migration V8) takes it: round robin,
+/// The claim's share between tenants, as `outbox_claim` (migration V8) means it: round robin,
 /// one row of each tenant per turn, each tenant's rows in the order given, tenants after `after`
-/// first in every turn; at most `limit`. Returns indexes into `rows`, in the order taken.
+/// first in every turn (byte order); at most `limit`. Exact where the database's two rounds
+/// approximate (it may come back short of the batch, see V8). Returns indexes into `rows`, in
+/// the order taken: the last one ends the last turn.
 fn fair_share(rows: &[MemoryRow], due: Vec<usize>, limit: usize, after: &str) -> Vec<usize> {
     let mut tenants: std::collections::BTreeMap<&str, VecDeque<usize>> = Default::default();
     for i in due {
@@ -221,7 +223,7 @@ impl OutboxStore for MemoryStore {
     ) -> Result<Vec<ClaimedEvent>, StoreError> {
         let mut state = self.enter(StoreCall::Claim)?;
         let now = Instant::now();
-        let due: Vec<usize> = (0..state.rows.len())
+        let mut due: Vec<usize> = (0..state.rows.len())
             .filter(|&i| {
                 let row = &state.rows[i];
                 row.status == MemoryStatus::Pending
@@ -230,6 +232,8 @@ impl OutboxStore for MemoryStore {
                     && state.is_head(row)
             })
             .collect();
+        // Due order, as the database's claim: when due, then the row id.
+        due.sort_by_key(|&i| (state.rows[i].next_attempt_at, state.rows[i].event.id));
         let due = fair_share(&state.rows, due, limit.max(0) as usize, &state.after);
         if let Some(&last) = due.last() {
             state.after = state.rows[last].event.tenant_id.clone();

@@ -63,23 +63,57 @@ pub async fn run_outbox_migrations(client: &mut Client) -> Result<Vec<String>, r
 /// (`<folder>/V1__name`, ...). A database migrated before the split is adopted first (below).
 /// Runs hold a session lock ([`MIGRATION_LOCK`]) from start to end, so that two at once (two
 /// instances deploying together) apply each migration once: the second waits, then finds them
-/// applied. Refinery alone would let both run the same migration.
+/// applied. Refinery alone would let both run the same migration. The wait is bounded
+/// ([`MIGRATION_LOCK_WAIT`]) and said in the log; give `client` a connection of its own, to the
+/// database itself (a session lock does not survive a pooler that hands each statement to
+/// another server session, such as PgBouncer in transaction mode).
 pub async fn run_set(
     client: &mut Client,
     set: &MigrationSet,
 ) -> Result<Vec<String>, refinery::Error> {
     let what = format!("waiting for other runs of the migrations of {}", set.folder);
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
-        .await
-        .migration_err(&what, None)?;
+    let started = std::time::Instant::now();
+    loop {
+        let locked: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .migration_err(&what, None)?
+            .get(0);
+        if locked {
+            break;
+        }
+        if started.elapsed() >= MIGRATION_LOCK_WAIT {
+            return Err(std::io::Error::other(format!(
+                "another run of the migrations has held the advisory lock {MIGRATION_LOCK} for \
+                 over {} s (pg_locks: locktype 'advisory', objid {}): is a migration stuck?",
+                MIGRATION_LOCK_WAIT.as_secs(),
+                MIGRATION_LOCK & 0xffff_ffff
+            )))
+            .migration_err(&what, None);
+        }
+        if started.elapsed() < std::time::Duration::from_millis(300) {
+            tracing::info!(
+                set = set.folder,
+                "another run of the migrations is under way: waiting"
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
     let result = run_set_locked(client, set).await;
-    // A failed unlock leaves the lock to the session's end (a run's connection is its own).
-    let _ = client
-        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
-        .await;
+    match client
+        .query_one("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await
+    {
+        Ok(row) if row.get::<_, bool>(0) => {}
+        // Not released here: it goes with the session.
+        other => tracing::warn!(set = set.folder, result = ?other.map(|r| r.get::<_, bool>(0)),
+            "the migrations' advisory lock was not released on this session"),
+    }
     result
 }
+
+/// How long a run waits for another run's migrations before it fails.
+pub const MIGRATION_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
 async fn run_set_locked(
     client: &mut Client,

@@ -102,18 +102,27 @@ impl PgOutboxStore {
     }
 }
 
-/// The last tenant a claim served in its rotation order (tenants after `after`, then the rest):
-/// where the next claim starts. None when it served none.
-fn last_served<'a>(after: &str, tenants: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+/// Where a claim ended its last turn (`outbox_claim`'s cut: turn by turn, within a turn the
+/// tenants after `after` first, then the rest, in byte order): the next claim starts after it.
+/// A tenant's rows fill its turns 1..n, so the last turn is that of the tenants with the most
+/// live rows; replays come after the turns and do not count. None when no live row was taken.
+fn last_served<'a>(after: &str, live_tenants: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let mut rows: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for tenant in live_tenants {
+        *rows.entry(tenant).or_default() += 1;
+    }
+    let turns = rows.values().copied().max()?;
+    let last_turn = rows
+        .iter()
+        .filter(|(_, n)| **n == turns)
+        .map(|(tenant, _)| *tenant);
     let (mut wrapped, mut ahead) = (None::<&str>, None::<&str>);
-    for tenant in tenants {
-        let slot = if tenant <= after {
-            &mut wrapped
+    for tenant in last_turn {
+        // Ascending: the last one seen on each side is the furthest.
+        if tenant <= after {
+            wrapped = Some(tenant);
         } else {
-            &mut ahead
-        };
-        if slot.is_none_or(|t| tenant > t) {
-            *slot = Some(tenant);
+            ahead = Some(tenant);
         }
     }
     wrapped.or(ahead)
@@ -151,7 +160,11 @@ impl crate::ports::OutboxStore for PgOutboxStore {
             .map(claimed_from_row)
             .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
         claimed.sort_by_key(|e| e.id);
-        if let Some(last) = last_served(after, claimed.iter().map(|e| e.tenant_id.as_str())) {
+        let live = claimed
+            .iter()
+            .filter(|e| !e.replay)
+            .map(|e| e.tenant_id.as_str());
+        if let Some(last) = last_served(after, live) {
             *self.after() = last.to_owned();
         }
         Ok(claimed)
@@ -279,7 +292,8 @@ pub(crate) fn claimed_from_row(
 
 /// The claim's query plan for a batch of `limit` (`EXPLAIN`, or `EXPLAIN ANALYZE` run inside a
 /// transaction that is rolled back, so nothing is leased): the statement of `outbox_claim` as
-/// the database holds it, its parameters given as values.
+/// the database holds it, its parameters given as values and JIT off as the function runs it. A
+/// one-off plan of that statement: the function's own cached plan may differ in its estimates.
 pub async fn explain_claim(
     client: &tokio_postgres::Client,
     limit: i64,
@@ -287,7 +301,7 @@ pub async fn explain_claim(
 ) -> Result<String, tokio_postgres::Error> {
     let source: String = client
         .query_one(
-            "SELECT prosrc FROM pg_proc WHERE proname = 'outbox_claim'",
+            "SELECT prosrc FROM pg_proc WHERE oid = 'outbox_claim'::regproc",
             &[],
         )
         .await?
@@ -334,7 +348,7 @@ async fn explain_rolled_back(
     analyze: bool,
 ) -> Result<String, tokio_postgres::Error> {
     let options = if analyze { "ANALYZE, BUFFERS, " } else { "" };
-    client.batch_execute("BEGIN").await?;
+    client.batch_execute("BEGIN; SET LOCAL jit = off").await?;
     let rows = client
         .simple_query(&format!("EXPLAIN ({options}COSTS OFF) {sql}"))
         .await;
@@ -355,17 +369,25 @@ mod tests {
 
     #[test]
     fn the_rotation_goes_on_after_the_last_tenant_served() {
-        // Served in rotation order after "c": d, e, then a, b (wrapped round): b is last.
+        // One row each, after "c": d, e, then a, b (wrapped round): b ends the turn.
         assert_eq!(
             last_served("c", ["a", "e", "b", "d"].into_iter()),
             Some("b")
         );
         // Not wrapped round: the furthest after "c".
-        assert_eq!(last_served("c", ["e", "d", "e"].into_iter()), Some("e"));
+        assert_eq!(last_served("c", ["e", "d"].into_iter()), Some("e"));
         // The first claim starts after "" (every tenant is after it).
         assert_eq!(last_served("", ["b", "a"].into_iter()), Some("b"));
         // "c" itself comes last in its own rotation.
         assert_eq!(last_served("c", ["c", "d"].into_iter()), Some("c"));
         assert_eq!(last_served("c", std::iter::empty()), None);
+        // Ten tenants and a batch of 15: every tenant's first turn, then a second turn cut after
+        // five of them. The second turn ended at t4, wherever the first turn went: the next claim
+        // gives the second turn to t5..t9.
+        let mut rows: Vec<String> = (0..10).map(|t| format!("t{t}")).collect();
+        rows.extend((0..5).map(|t| format!("t{t}")));
+        assert_eq!(last_served("", rows.iter().map(String::as_str)), Some("t4"));
+        // Byte order, as the claim's cut: "Z" sorts before "a".
+        assert_eq!(last_served("a", ["Z", "b"].into_iter()), Some("Z"));
     }
 }
