@@ -84,16 +84,21 @@ async fn a_quiet_tenant_is_served_in_the_first_claim_behind_another_tenants_back
     );
 }
 
+/// Tenants `<prefix>0` to `<prefix>9`, ten due events each (one per aggregate).
+async fn ten_tenants(client: &Client, prefix: &str) {
+    for t in 0..10 {
+        let aggregates: Vec<String> = (0..10).map(|n| format!("t{t}-{n}")).collect();
+        append_many(client, &format!("{prefix}{t}"), &aggregates).await;
+    }
+}
+
 #[tokio::test]
 async fn tenants_beyond_the_batch_are_served_in_rotation() {
     let db = TestDb::create().await;
     let client = db.client().await;
     // Ten tenants with ten events each, claims of three: each claim serves three tenants, the
     // next claim the three after them.
-    for t in 0..10 {
-        let aggregates: Vec<String> = (0..10).map(|n| format!("t{t}-{n}")).collect();
-        append_many(&client, &format!("tenant-{t}"), &aggregates).await;
-    }
+    ten_tenants(&client, "tenant-").await;
     let store = PgOutboxStore::new(Db::new(db.settings.clone()));
     let mut served = Vec::new();
     for _ in 0..4 {
@@ -119,10 +124,7 @@ async fn a_turn_cut_short_goes_on_where_it_ended() {
     // gave the same five tenants 2 rows every claim, the other five 1.)
     let db = TestDb::create().await;
     let client = db.client().await;
-    for t in 0..10 {
-        let aggregates: Vec<String> = (0..10).map(|n| format!("t{t}-{n}")).collect();
-        append_many(&client, &format!("t{t}"), &aggregates).await;
-    }
+    ten_tenants(&client, "t").await;
     let store = PgOutboxStore::new(Db::new(db.settings.clone()));
     let mut got: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..2 {
