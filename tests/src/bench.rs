@@ -259,6 +259,11 @@ fn ticks(n: u64) -> Duration {
     Duration::from_millis(n * 1000 / TICKS_PER_SECOND)
 }
 
+/// CPU time of one thread of this process (`tid` as in `/proc/self/task`).
+pub fn thread_cpu(tid: &str) -> Option<Duration> {
+    proc_stat(&format!("self/task/{tid}")).map(|(_, _, own, _)| ticks(own))
+}
+
 fn own_cpu() -> Duration {
     proc_stat("self").map_or(Duration::ZERO, |(_, _, own, _)| ticks(own))
 }

@@ -92,12 +92,25 @@ pub struct FaultProxy {
     pub stats: Arc<ProxyStats>,
     /// Notified each time a `ForwardThenHang` call has been forwarded.
     pub forwarded: Arc<Notify>,
-    task: tokio::task::JoinHandle<()>,
+    server: Server,
+}
+
+/// Where the proxy's server runs.
+enum Server {
+    /// A task on the caller's runtime.
+    Task(tokio::task::JoinHandle<()>),
+    /// A thread of its own (`standalone_sns_on_own_thread`), stopped by dropping the sender.
+    Thread {
+        _stop: tokio::sync::oneshot::Sender<()>,
+        tid: String,
+    },
 }
 
 impl Drop for FaultProxy {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Server::Task(task) = &self.server {
+            task.abort();
+        }
     }
 }
 
@@ -121,11 +134,64 @@ impl FaultProxy {
         Self::spawn(None).await
     }
 
-    async fn spawn(upstream: Option<String>) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind proxy");
+    /// A standalone SNS, as `standalone_sns`, served by a thread of its own named
+    /// `sns-stand-in` (its own single-threaded runtime, its allocations not counted by
+    /// `alloc_count`), so a benchmark can tell the stand-in's CPU (`stand_in_cpu`) from the
+    /// dispatcher's.
+    pub async fn standalone_sns_on_own_thread() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
         let addr: SocketAddr = listener.local_addr().expect("proxy address");
+        let (shared, plan, stats, forwarded) = Self::shared(None);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("sns-stand-in".into())
+            .spawn(move || {
+                crate::alloc_count::exclude_this_thread();
+                let tid = std::fs::read_link("/proc/thread-self")
+                    .ok()
+                    .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .expect("the stand-in thread's id");
+                tid_tx.send(tid).expect("send the thread id");
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("the stand-in's runtime");
+                runtime.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                    tokio::select! {
+                        () = serve(listener, shared) => {}
+                        _ = stopped => {}
+                    }
+                });
+            })
+            .expect("start the stand-in thread");
+        let tid = tid_rx.recv().expect("the stand-in thread started");
+        Self {
+            endpoint: format!("http://{addr}"),
+            plan,
+            stats,
+            forwarded,
+            server: Server::Thread { _stop: stop, tid },
+        }
+    }
+
+    /// CPU time (user + system) of the stand-in's thread so far; `None` for a proxy served on the
+    /// caller's runtime, whose CPU is the caller's.
+    pub fn stand_in_cpu(&self) -> Option<Duration> {
+        let Server::Thread { tid, .. } = &self.server else {
+            return None;
+        };
+        crate::bench::thread_cpu(tid)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn shared(
+        upstream: Option<String>,
+    ) -> (Arc<Shared>, Arc<Mutex<Plan>>, Arc<ProxyStats>, Arc<Notify>) {
         let plan = Arc::new(Mutex::new(Plan::default()));
         let stats = Arc::new(ProxyStats::default());
         let forwarded = Arc::new(Notify::new());
@@ -136,29 +202,22 @@ impl FaultProxy {
             forwarded: forwarded.clone(),
             client: Client::builder(TokioExecutor::new()).build_http(),
         });
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(handle(&shared, req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        (shared, plan, stats, forwarded)
+    }
+
+    async fn spawn(upstream: Option<String>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let addr: SocketAddr = listener.local_addr().expect("proxy address");
+        let (shared, plan, stats, forwarded) = Self::shared(upstream);
+        let task = tokio::spawn(serve(listener, shared));
         Self {
             endpoint: format!("http://{addr}"),
             plan,
             stats,
             forwarded,
-            task,
+            server: Server::Task(task),
         }
     }
 
@@ -181,6 +240,25 @@ impl FaultProxy {
     /// publish calls.
     pub fn set_random_fault_rate(&self, rate: f64) {
         self.plan.lock().unwrap().random_fault_rate = rate;
+    }
+}
+
+/// Accepts connections and serves each on a task of its own, until dropped.
+async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
     }
 }
 

@@ -322,6 +322,7 @@ pub fn reply(response: ApiGatewayV2httpResponse) -> Reply {
     }
 }
 
+pub mod alloc_count;
 pub mod aws;
 pub mod bench;
 pub mod cluster;
