@@ -34,6 +34,7 @@ def crate_of(symbol):
 
 
 def owner_of(frames):
+    """(category, the frame that decided it)."""
     for symbol in frames:
         crate = crate_of(symbol)
         if not crate:
@@ -41,8 +42,8 @@ def owner_of(frames):
         for name, prefixes in OWNERS:
             if any(crate == p or (p.endswith("_") and crate.startswith(p)) or crate.startswith(p + "_")
                    for p in prefixes):
-                return name
-    return "runtime (tokio scheduler, IO driver, syscalls from it)"
+                return name, symbol
+    return "runtime (tokio scheduler, IO driver, syscalls from it)", None
 
 
 def samples(lines):
@@ -68,14 +69,17 @@ def main():
     shares = collections.Counter()
     leaves = collections.Counter()
     own_frames = collections.Counter()
+    own_self = collections.Counter()
     stand_in = total = 0
     for header, frames in samples(sys.stdin):
         if header.lstrip().startswith("sns-stand-in"):
             stand_in += 1
             continue
         total += 1
-        owner = owner_of(frames)
+        owner, frame = owner_of(frames)
         shares[owner] += 1
+        if owner.startswith("dispatcher"):
+            own_self[frame] += 1
         if frames:
             leaves[frames[0]] += 1
         # The dispatcher's own code: the innermost of its functions on the stack.
@@ -92,7 +96,11 @@ def main():
     print("|---|---|")
     for symbol, n in leaves.most_common(15):
         print(f"| `{symbol[:110]}` | {100 * n / max(total, 1):.1f} % |")
-    print("\n| the dispatcher's own functions (innermost on the stack) | share |")
+    print("\n| where the dispatcher's own share goes (its function, with the generic code it calls) | share |")
+    print("|---|---|")
+    for symbol, n in own_self.most_common(12):
+        print(f"| `{symbol[:110]}` | {100 * n / max(total, 1):.1f} % |")
+    print("\n| the dispatcher's own functions (innermost on the stack, SDK and client calls included) | share |")
     print("|---|---|")
     for symbol, n in own_frames.most_common(12):
         print(f"| `{symbol[:110]}` | {100 * n / max(total, 1):.1f} % |")

@@ -82,30 +82,68 @@ impl EventEnvelope {
     /// [`EventEnvelope::from_row`]'s envelope, without copying the row's payload and metadata
     /// first (the dispatcher does this for every row it publishes).
     pub fn body_of(row: &crate::outbox::ClaimedEvent) -> Result<String, serde_json::Error> {
-        let metadata = crate::outbox::EventMetadata::deserialize(&row.metadata)?;
-        serde_json::to_string(&EnvelopeOfRow {
-            specversion: SPEC_VERSION,
-            id: row.event_id,
-            source: &metadata.source,
-            event_type: &row.event_type,
-            schemaversion: row.schema_version,
-            subject: &format!("{}/{}", row.aggregate_type, row.aggregate_id),
-            time: row.created_at,
-            datacontenttype: "application/json",
-            tenantid: &row.tenant_id,
-            aggregatetype: &row.aggregate_type,
-            aggregateid: &row.aggregate_id,
-            aggregateversion: row.aggregate_version,
-            correlationid: &metadata.correlation_id,
-            causationid: metadata.causation_id.as_deref(),
-            traceparent: metadata.traceparent.as_deref(),
-            tracestate: metadata.tracestate.as_deref(),
-            data: &row.payload,
-        })
+        // The metadata's strings are borrowed from the row, the subject is written straight into
+        // the body, and the body's buffer is sized once: no copy of anything but the body.
+        let metadata = MetadataOfRow::deserialize(&row.metadata)?;
+        let strings = row.tenant_id.len()
+            + 2 * (row.aggregate_type.len() + row.aggregate_id.len())
+            + row.event_type.len();
+        let mut body = Vec::with_capacity(BODY_OVERHEAD + strings + PAYLOAD_GUESS);
+        serde_json::to_writer(
+            &mut body,
+            &EnvelopeOfRow {
+                specversion: SPEC_VERSION,
+                id: row.event_id,
+                source: metadata.source,
+                event_type: &row.event_type,
+                schemaversion: row.schema_version,
+                subject: Subject(&row.aggregate_type, &row.aggregate_id),
+                time: row.created_at,
+                datacontenttype: "application/json",
+                tenantid: &row.tenant_id,
+                aggregatetype: &row.aggregate_type,
+                aggregateid: &row.aggregate_id,
+                aggregateversion: row.aggregate_version,
+                correlationid: metadata.correlation_id,
+                causationid: metadata.causation_id,
+                traceparent: metadata.traceparent,
+                tracestate: metadata.tracestate,
+                data: &row.payload,
+            },
+        )?;
+        // serde_json writes valid UTF-8 only.
+        Ok(String::from_utf8(body).expect("JSON is UTF-8"))
     }
 }
 
-/// [`EventEnvelope`] borrowing from the row, for serializing only: same fields, same order.
+/// The envelope's attribute names, fixed values and punctuation: about 330 bytes.
+const BODY_OVERHEAD: usize = 384;
+/// Room for the payload and the metadata's strings before the buffer has to grow (it doubles).
+const PAYLOAD_GUESS: usize = 512;
+
+/// The metadata fields an envelope carries, borrowed from the row's metadata (its other fields,
+/// such as the X-Ray header, are ignored as in [`crate::outbox::EventMetadata`]).
+#[derive(Deserialize)]
+struct MetadataOfRow<'a> {
+    correlation_id: &'a str,
+    #[serde(default)]
+    causation_id: Option<&'a str>,
+    #[serde(default)]
+    traceparent: Option<&'a str>,
+    #[serde(default)]
+    tracestate: Option<&'a str>,
+    source: &'a str,
+}
+
+/// `aggregate_type/aggregate_id`, serialized without building the string first.
+struct Subject<'a>(&'a str, &'a str);
+
+impl Serialize for Subject<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&format_args!("{}/{}", self.0, self.1))
+    }
+}
+
 #[derive(Serialize)]
 struct EnvelopeOfRow<'a> {
     specversion: &'a str,
@@ -114,7 +152,7 @@ struct EnvelopeOfRow<'a> {
     #[serde(rename = "type")]
     event_type: &'a str,
     schemaversion: i32,
-    subject: &'a str,
+    subject: Subject<'a>,
     time: DateTime<Utc>,
     datacontenttype: &'a str,
     tenantid: &'a str,

@@ -19,4 +19,5 @@ mod resilience;
 mod sample_events;
 mod secrets;
 mod sink;
+mod statements;
 mod tls;

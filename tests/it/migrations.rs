@@ -25,7 +25,7 @@ const DATA_BEFORE_SPLIT: &str = include_str!("../fixtures/data-before-split.sql"
 /// Its `refinery_schema_history`, as the code before the split wrote it.
 const HISTORY_BEFORE_SPLIT: &str = include_str!("../fixtures/history-before-split.sql");
 
-const OUTBOX_NAMES: [&str; 8] = [
+const OUTBOX_NAMES: [&str; 9] = [
     "outbox/V1__outbox",
     "outbox/V2__inbox",
     "outbox/V3__operations",
@@ -34,9 +34,13 @@ const OUTBOX_NAMES: [&str; 8] = [
     "outbox/V6__events_feed",
     "outbox/V7__what_goes_next",
     "outbox/V8__tenant_fair_claim",
+    "outbox/V9__record_reads_only_its_rows",
 ];
 /// The toolkit's migrations newer than the split: what a database migrated before it runs.
-const AFTER_SPLIT: [&str; 1] = ["outbox/V8__tenant_fair_claim"];
+const AFTER_SPLIT: [&str; 2] = [
+    "outbox/V8__tenant_fair_claim",
+    "outbox/V9__record_reads_only_its_rows",
+];
 const PAYMENTS_NAMES: [&str; 4] = [
     "payments/V1__payments",
     "payments/V2__projections",
@@ -546,4 +550,32 @@ fn assert_same_dump(what: &str, actual: &str, expected: &str) {
         actual.get(first),
         expected.get(first),
     );
+}
+
+#[tokio::test]
+async fn every_toolkit_function_resolves_names_in_its_own_schema() {
+    // A function without its search_path pinned looks `outbox` up by the caller's: a capture
+    // fired by a writer whose search_path is `crm`, or a dispatcher role with another default,
+    // would not find it. outbox_claim (V8) was created unpinned; V9 pins every function again.
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    let unpinned = db
+        .texts(
+            &client,
+            "SELECT p.oid::regprocedure::text FROM pg_proc p
+             WHERE p.pronamespace = 'public'::regnamespace
+               AND (p.proname LIKE 'outbox\\_%' OR p.proname LIKE 'inbox\\_%')
+               AND NOT coalesce('search_path=public, pg_catalog' = ANY (p.proconfig), false)
+             ORDER BY 1",
+        )
+        .await;
+    assert!(unpinned.is_empty(), "unpinned: {unpinned:?}");
+    let pinned = db
+        .count(
+            &client,
+            "pg_proc WHERE pronamespace = 'public'::regnamespace AND proname = 'outbox_claim'
+               AND 'search_path=public, pg_catalog' = ANY (proconfig)",
+        )
+        .await;
+    assert_eq!(pinned, 1, "the claim is among them");
 }
