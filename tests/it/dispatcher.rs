@@ -264,6 +264,17 @@ async fn a_fifo_topic_keeps_every_aggregates_order() {
         .await
         .unwrap();
     assert_eq!(summary.published, 40);
+    // Each published event's time from its append to the bus's answer is in the metrics'
+    // sample, and none is longer than the drain (the rows were appended just before it).
+    assert_eq!(summary.commit_to_publish.offered(), 40);
+    let waited = summary.commit_to_publish.kept();
+    assert_eq!(waited.len(), 40);
+    assert!(
+        waited
+            .iter()
+            .all(|w| *w > Duration::ZERO && *w < Duration::from_secs(60)),
+        "{waited:?}"
+    );
     // One event per aggregate per claim: five versions take at least five claims.
     assert!(summary.claims >= 5, "{summary:?}");
 

@@ -27,6 +27,8 @@ pub(super) struct ClaimedBatch {
     /// claim is counted already.
     pub(super) claim_latency: Option<Duration>,
     pub(super) publish_latencies: Vec<Duration>,
+    /// For each live event published, the time from its append to the bus's answer.
+    pub(super) commit_to_publish: Vec<Duration>,
 }
 
 impl ClaimedBatch {
@@ -40,6 +42,7 @@ impl ClaimedBatch {
             failed_publish_calls: 0,
             claim_latency: Some(claim.latency),
             publish_latencies: Vec::new(),
+            commit_to_publish: Vec::new(),
         }
     }
 
@@ -124,19 +127,19 @@ async fn record<S: OutboxStore>(
         // Its claim is counted with the batch it was left over from.
         claim_latency: None,
         publish_latencies: Vec::new(),
+        commit_to_publish: Vec::new(),
     });
-    Ok((
-        DispatchSummary {
-            claimed: batch.claimed,
-            published: recorded.published.len(),
-            retried: recorded.retries.len(),
-            dead: recorded.dead.len(),
-            publish_calls: batch.publish_calls,
-            failed_publish_calls: batch.failed_publish_calls,
-            claim_latencies: batch.claim_latency.into_iter().collect(),
-            publish_latencies: batch.publish_latencies,
-            ..DispatchSummary::default()
-        },
-        rest,
-    ))
+    let mut summary = DispatchSummary {
+        claimed: batch.claimed,
+        published: recorded.published.len(),
+        retried: recorded.retries.len(),
+        dead: recorded.dead.len(),
+        publish_calls: batch.publish_calls,
+        failed_publish_calls: batch.failed_publish_calls,
+        claim_latencies: batch.claim_latency.into_iter().collect(),
+        publish_latencies: batch.publish_latencies,
+        ..DispatchSummary::default()
+    };
+    summary.commit_to_publish.offer(&batch.commit_to_publish);
+    Ok((summary, rest))
 }

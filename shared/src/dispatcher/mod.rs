@@ -30,7 +30,7 @@ pub use settings::{
     DispatcherConfig, Target, CLEANUP_BUSY_PAUSE, CLEANUP_IDLE_PAUSE, HEARTBEAT_EVERY,
     HEARTBEAT_TTL,
 };
-pub use summary::{DispatchSummary, StopReason};
+pub use summary::{DispatchSummary, LatencySample, StopReason, MAX_COMMIT_TO_PUBLISH_SAMPLES};
 
 #[cfg(test)]
 mod tests;

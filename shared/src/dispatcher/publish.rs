@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use futures_util::stream::{self, StreamExt};
 
 use super::claim::{Claim, ClaimedBatch};
@@ -33,6 +34,7 @@ impl<P: Publisher + 'static> Bus<P> {
             failed_publish_calls: 0,
             claim_latency: Some(claim.latency),
             publish_latencies: Vec::new(),
+            commit_to_publish: Vec::new(),
         };
         let (messages, rejected) = self.prepare(claim.events);
         for (event, reason) in rejected {
@@ -40,31 +42,42 @@ impl<P: Publisher + 'static> Bus<P> {
         }
         let calls = plan_calls(&self.publisher, messages);
         batch.publish_calls = calls.len();
-        let results: Vec<(Vec<OutgoingMessage>, Vec<PublishOutcome>, Duration)> =
-            stream::iter(calls)
-                .map(|call| {
-                    // Each call is a task of its own, so the SDK's serializing, signing and
-                    // parsing spread over the runtime's threads.
-                    let bus = Arc::clone(&self);
-                    let task = AbortOnDrop::spawn(async move {
-                        let started = Instant::now();
-                        let results = bus.publisher.publish(&call).await;
-                        (call, results, started.elapsed())
-                    });
-                    task.join()
-                })
-                .buffer_unordered(self.max_in_flight)
-                .collect()
-                .await;
-        batch.publish_latencies = results.iter().map(|r| r.2).collect();
-        for (call, results, _) in results {
-            if results
+        let answers: Vec<Answer> = stream::iter(calls)
+            .map(|call| {
+                // Each call is a task of its own, so the SDK's serializing, signing and
+                // parsing spread over the runtime's threads.
+                let bus = Arc::clone(&self);
+                let task = AbortOnDrop::spawn(async move {
+                    let started = Instant::now();
+                    let outcomes = bus.publisher.publish(&call).await;
+                    Answer {
+                        call,
+                        outcomes,
+                        took: started.elapsed(),
+                        at: Utc::now(),
+                    }
+                });
+                task.join()
+            })
+            .buffer_unordered(self.max_in_flight)
+            .collect()
+            .await;
+        batch.publish_latencies = answers.iter().map(|a| a.took).collect();
+        for answer in answers {
+            if answer
+                .outcomes
                 .iter()
                 .all(|r| matches!(r, PublishOutcome::Retry(_)))
             {
                 batch.failed_publish_calls += 1;
             }
-            for (message, outcome) in call.iter().zip(results) {
+            for (message, outcome) in answer.call.iter().zip(answer.outcomes) {
+                // From the append to the bus's answer, for the events that are live (a replay's
+                // append was long ago).
+                if matches!(outcome, PublishOutcome::Published) && !message.event.replay {
+                    let waited = (answer.at - message.event.created_at).to_std();
+                    batch.commit_to_publish.push(waited.unwrap_or_default());
+                }
                 self.note(&mut batch.outcomes, &message.event, outcome);
             }
         }
@@ -108,6 +121,15 @@ impl<P: Publisher + 'static> Bus<P> {
     fn note(&self, outcomes: &mut Outcomes, event: &ClaimedEvent, answer: PublishOutcome) {
         outcome::note(outcomes, event, outcome::decide(event, answer, &self.retry));
     }
+}
+
+/// One publish call's answer: its messages, their outcomes, how long the call took and when it
+/// was answered.
+struct Answer {
+    call: Vec<OutgoingMessage>,
+    outcomes: Vec<PublishOutcome>,
+    took: Duration,
+    at: DateTime<Utc>,
 }
 
 /// Groups messages into publish calls within the bus's entry count and byte limits, in order.

@@ -51,6 +51,54 @@ pub struct DispatchSummary {
     /// How long each publish call to the bus took.
     #[serde(skip)]
     pub publish_latencies: Vec<Duration>,
+    /// From append to the bus's answer, for live events published (a uniform sample).
+    #[serde(skip)]
+    pub commit_to_publish: LatencySample,
+}
+
+/// Commit-to-publish samples kept per invocation: a drain of 100,000 events writes ten metric
+/// lines of them, not a thousand, and its percentiles come from a uniform sample.
+pub const MAX_COMMIT_TO_PUBLISH_SAMPLES: usize = 1_000;
+
+/// Durations offered one by one, of which every one is kept up to
+/// [`MAX_COMMIT_TO_PUBLISH_SAMPLES`]; then every other one kept is dropped and one in two of
+/// those offered next is kept, and so on: an even thinning, whatever the count.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LatencySample {
+    kept: Vec<Duration>,
+    /// One in 2^thinning of those offered is kept.
+    thinning: u32,
+    offered: u64,
+}
+
+impl LatencySample {
+    /// Offers each of `samples`.
+    pub fn offer(&mut self, samples: &[Duration]) {
+        for sample in samples {
+            if self.offered % (1u64 << self.thinning) == 0 {
+                self.kept.push(*sample);
+            }
+            self.offered += 1;
+            if self.kept.len() > MAX_COMMIT_TO_PUBLISH_SAMPLES {
+                let mut index = 0;
+                self.kept.retain(|_| {
+                    index += 1;
+                    index % 2 == 1
+                });
+                self.thinning += 1;
+            }
+        }
+    }
+
+    /// The samples kept.
+    pub fn kept(&self) -> &[Duration] {
+        &self.kept
+    }
+
+    /// How many were offered.
+    pub fn offered(&self) -> u64 {
+        self.offered
+    }
 }
 
 impl DispatchSummary {
@@ -69,6 +117,7 @@ impl DispatchSummary {
         self.failed_publish_calls += batch.failed_publish_calls;
         self.claim_latencies.extend(batch.claim_latencies);
         self.publish_latencies.extend(batch.publish_latencies);
+        self.commit_to_publish.offer(batch.commit_to_publish.kept());
     }
 
     /// The summary as CloudWatch metrics (EMF), with the backlog when it was measured.
@@ -82,7 +131,8 @@ impl DispatchSummary {
             .count("Cleaned", self.cleaned as usize)
             .count("StoreErrors", self.store_errors)
             .latencies("ClaimLatency", &self.claim_latencies)
-            .latencies("PublishLatency", &self.publish_latencies);
+            .latencies("PublishLatency", &self.publish_latencies)
+            .latencies("CommitToPublishLatency", self.commit_to_publish.kept());
         if let Some(backlog) = self.backlog {
             doc.count("PendingRows", backlog.pending.max(0) as usize)
                 .value(
@@ -105,5 +155,76 @@ impl DispatchSummary {
                 serde_json::to_value(self.stopped).unwrap_or_default(),
             );
         doc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_commit_to_publish_sample_is_bounded_and_even() {
+        // Tried: fewer than the bound (all kept), exactly the bound, and 100,000 offered in
+        // batches of 500 (a long drain).
+        let mut small = LatencySample::default();
+        small.offer(&[Duration::from_millis(3), Duration::from_millis(5)]);
+        assert_eq!(
+            small.kept(),
+            [Duration::from_millis(3), Duration::from_millis(5)]
+        );
+
+        let mut full = LatencySample::default();
+        let exact: Vec<Duration> = (0..MAX_COMMIT_TO_PUBLISH_SAMPLES as u64)
+            .map(Duration::from_millis)
+            .collect();
+        full.offer(&exact);
+        assert_eq!(full.kept(), exact.as_slice());
+
+        let mut long = LatencySample::default();
+        for batch in 0..200u64 {
+            let samples: Vec<Duration> = (0..500)
+                .map(|i| Duration::from_millis(batch * 500 + i))
+                .collect();
+            long.offer(&samples);
+        }
+        assert_eq!(long.offered(), 100_000);
+        let kept = long.kept();
+        assert!(
+            (MAX_COMMIT_TO_PUBLISH_SAMPLES / 2..=MAX_COMMIT_TO_PUBLISH_SAMPLES)
+                .contains(&kept.len()),
+            "{} kept",
+            kept.len()
+        );
+        // Evenly spaced over the whole drain, the last batches included.
+        let gaps: std::collections::BTreeSet<u128> = kept
+            .windows(2)
+            .map(|w| w[1].as_millis() - w[0].as_millis())
+            .collect();
+        assert_eq!(gaps.len(), 1, "uneven gaps: {gaps:?}");
+        assert!(
+            kept.last().unwrap().as_millis() >= 99_000,
+            "{:?}",
+            kept.last()
+        );
+    }
+
+    #[test]
+    fn commit_to_publish_latency_is_a_metric_when_events_were_published() {
+        let mut summary = DispatchSummary::default();
+        let none = summary
+            .metrics("outbox-dispatcher")
+            .render(std::time::SystemTime::now());
+        assert!(
+            !none.iter().any(|l| l.contains("CommitToPublishLatency")),
+            "{none:?}"
+        );
+        summary
+            .commit_to_publish
+            .offer(&[Duration::from_millis(42)]);
+        let lines = summary
+            .metrics("outbox-dispatcher")
+            .render(std::time::SystemTime::now());
+        let doc: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(doc["CommitToPublishLatency"], 42.0, "{doc}");
     }
 }
