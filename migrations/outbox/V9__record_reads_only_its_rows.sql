@@ -4,8 +4,9 @@
 --     SELECT ... FROM outbox WHERE id = ANY (locked) AND id = ANY (p_published) AND status = 'pending'
 -- which the planner, estimating one row for two arrays, served from the pending index
 -- (outbox_claim_idx): a scan of every pending row's entry, filtered against both arrays, on every
--- record. With 100,000 rows pending that one statement took 10.7 ms of a 47 ms record of 500
--- (measured with auto_explain), and it grew with the backlog. The rows locked for the record now
+-- record. With 200,000 rows pending that one statement took 10.7 ms of a 47 ms record of 500
+-- (measured with auto_explain), and it grew with the backlog; the replays' statement had the same
+-- shape over the replay index. The rows locked for the record now
 -- say themselves whether they are live: their status is read in the same statement that locks
 -- them (after the lock, so it is their current status), and no other statement of the record
 -- reads the outbox beyond the ids it was given.
@@ -22,6 +23,8 @@ DECLARE
     locked bigint[];
     live_locked bigint[];
     live_published bigint[];
+    replays_locked bigint[];
+    replays_published bigint[];
     result record;
 BEGIN
     SELECT coalesce(array_agg(id), '{}') INTO ours FROM outbox
@@ -30,20 +33,23 @@ BEGIN
     -- Locked in id order, SKIP LOCKED, each row's status read as it is once locked; the live
     -- ones published are matched against p_published as sets (hashed, never a join the planner
     -- could turn into a loop over both arrays).
-    SELECT coalesce(array_agg(id), '{}'), coalesce(array_agg(id) FILTER (WHERE live), '{}')
-    INTO locked, live_locked
+    SELECT coalesce(array_agg(id), '{}'), coalesce(array_agg(id) FILTER (WHERE live), '{}'),
+           coalesce(array_agg(id) FILTER (WHERE NOT live), '{}')
+    INTO locked, live_locked, replays_locked
     FROM (SELECT id, status = 'pending' AS live FROM outbox
           WHERE id = ANY (ours) AND locked_by = p_owner AND (status = 'pending' OR replay)
           ORDER BY id FOR UPDATE SKIP LOCKED) l;
     live_published := ARRAY(SELECT unnest(live_locked) INTERSECT SELECT unnest(p_published)
                             ORDER BY 1);
+    replays_published := ARRAY(SELECT unnest(replays_locked) INTERSECT SELECT unnest(p_published));
     deferred := ARRAY(SELECT unnest(ours) EXCEPT SELECT unnest(locked));
 
     SELECT * INTO result FROM outbox_mark_done(live_published, 'published', NULL);
     deferred := deferred || result.held;
 
+    -- A locked row that is not live is a replay (status published, replay set).
     UPDATE outbox SET replay = false, locked_until = NULL, locked_by = NULL, last_error = NULL
-    WHERE id = ANY (locked) AND id = ANY (p_published) AND replay;
+    WHERE id = ANY (replays_published);
 
     UPDATE outbox o
     SET next_attempt_at = now() + make_interval(secs => r.delay_secs),

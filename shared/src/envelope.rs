@@ -132,6 +132,10 @@ struct MetadataOfRow<'a> {
     traceparent: Option<&'a str>,
     #[serde(default)]
     tracestate: Option<&'a str>,
+    /// Not in the envelope, but read as `EventMetadata` reads it: a metadata `from_row` refuses
+    /// is refused here too.
+    #[serde(default, rename = "xray_trace_header")]
+    _xray_trace_header: Option<&'a str>,
     source: &'a str,
 }
 
@@ -210,9 +214,11 @@ mod tests {
 
     #[test]
     fn metadata_that_is_not_the_command_sides_shape_is_an_error_both_ways() {
-        // Tried: no source, a number as correlation id, not an object at all.
+        // Tried: no source, a number as correlation id, a number as X-Ray header, not an
+        // object at all.
         for metadata in [
             serde_json::json!({"correlation_id": "corr"}),
+            serde_json::json!({"correlation_id": "corr", "source": "orders", "xray_trace_header": 5}),
             serde_json::json!({"correlation_id": 5, "source": "orders"}),
             serde_json::json!(["orders"]),
         ] {

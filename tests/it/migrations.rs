@@ -578,4 +578,13 @@ async fn every_toolkit_function_resolves_names_in_its_own_schema() {
         )
         .await;
     assert_eq!(pinned, 1, "the claim is among them");
+    // The record keeps V7's lock timeout and V8's JIT setting through V9's CREATE OR REPLACE.
+    let record = db
+        .count(
+            &client,
+            "pg_proc WHERE pronamespace = 'public'::regnamespace AND proname = 'outbox_record'
+               AND proconfig @> '{lock_timeout=2s,jit=off}'",
+        )
+        .await;
+    assert_eq!(record, 1, "outbox_record has lost a setting");
 }

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use super::summary::DispatchSummary;
+use super::summary::{DispatchSummary, LatencySample};
 use crate::outbox::{ClaimedEvent, Outcomes};
 use crate::ports::{OutboxStore, StoreError};
 
@@ -129,7 +129,7 @@ async fn record<S: OutboxStore>(
         publish_latencies: Vec::new(),
         commit_to_publish: Vec::new(),
     });
-    let mut summary = DispatchSummary {
+    let summary = DispatchSummary {
         claimed: batch.claimed,
         published: recorded.published.len(),
         retried: recorded.retries.len(),
@@ -138,8 +138,8 @@ async fn record<S: OutboxStore>(
         failed_publish_calls: batch.failed_publish_calls,
         claim_latencies: batch.claim_latency.into_iter().collect(),
         publish_latencies: batch.publish_latencies,
+        commit_to_publish: LatencySample::all(batch.commit_to_publish),
         ..DispatchSummary::default()
     };
-    summary.commit_to_publish.offer(&batch.commit_to_publish);
     Ok((summary, rest))
 }

@@ -62,23 +62,36 @@ pub const MAX_COMMIT_TO_PUBLISH_SAMPLES: usize = 1_000;
 
 /// Durations offered one by one, of which every one is kept up to
 /// [`MAX_COMMIT_TO_PUBLISH_SAMPLES`]; then every other one kept is dropped and one in two of
-/// those offered next is kept, and so on: an even thinning, whatever the count.
+/// those offered next is kept, and so on: an even thinning, whatever the count. The longest one
+/// offered is always reported with them, so the metric's maximum is the invocation's.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LatencySample {
     kept: Vec<Duration>,
     /// One in 2^thinning of those offered is kept.
     thinning: u32,
     offered: u64,
+    longest: Option<Duration>,
 }
 
 impl LatencySample {
+    /// Every one of `values`, unthinned (one batch's, to be offered to an invocation's sample).
+    pub fn all(values: Vec<Duration>) -> Self {
+        Self {
+            offered: values.len() as u64,
+            longest: values.iter().max().copied(),
+            kept: values,
+            thinning: 0,
+        }
+    }
+
     /// Offers each of `samples`.
     pub fn offer(&mut self, samples: &[Duration]) {
         for sample in samples {
-            if self.offered % (1u64 << self.thinning) == 0 {
+            if self.offered % (1u64 << self.thinning.min(63)) == 0 {
                 self.kept.push(*sample);
             }
             self.offered += 1;
+            self.longest = self.longest.max(Some(*sample));
             if self.kept.len() > MAX_COMMIT_TO_PUBLISH_SAMPLES {
                 let mut index = 0;
                 self.kept.retain(|_| {
@@ -88,6 +101,27 @@ impl LatencySample {
                 self.thinning += 1;
             }
         }
+    }
+
+    /// Offers everything `other` was offered: all of it when it was never thinned (a batch's),
+    /// else what it kept.
+    pub fn absorb(&mut self, other: &LatencySample) {
+        self.offer(&other.kept);
+        // What `other` dropped still counts, and its longest stays the longest.
+        self.offered += other.offered - other.kept.len() as u64;
+        self.longest = self.longest.max(other.longest);
+    }
+
+    /// The samples kept, and the longest one offered when thinning dropped it: what the metric
+    /// reports.
+    pub fn reported(&self) -> Vec<Duration> {
+        let mut values = self.kept.clone();
+        if let Some(longest) = self.longest {
+            if !values.contains(&longest) {
+                values.push(longest);
+            }
+        }
+        values
     }
 
     /// The samples kept.
@@ -117,7 +151,7 @@ impl DispatchSummary {
         self.failed_publish_calls += batch.failed_publish_calls;
         self.claim_latencies.extend(batch.claim_latencies);
         self.publish_latencies.extend(batch.publish_latencies);
-        self.commit_to_publish.offer(batch.commit_to_publish.kept());
+        self.commit_to_publish.absorb(&batch.commit_to_publish);
     }
 
     /// The summary as CloudWatch metrics (EMF), with the backlog when it was measured.
@@ -132,7 +166,7 @@ impl DispatchSummary {
             .count("StoreErrors", self.store_errors)
             .latencies("ClaimLatency", &self.claim_latencies)
             .latencies("PublishLatency", &self.publish_latencies)
-            .latencies("CommitToPublishLatency", self.commit_to_publish.kept());
+            .latencies("CommitToPublishLatency", &self.commit_to_publish.reported());
         if let Some(backlog) = self.backlog {
             doc.count("PendingRows", backlog.pending.max(0) as usize)
                 .value(
@@ -195,7 +229,11 @@ mod tests {
             "{} kept",
             kept.len()
         );
-        // Evenly spaced over the whole drain, the last batches included.
+        // Evenly spaced over the whole drain, the last batches included; the longest reported.
+        assert_eq!(
+            long.reported().iter().max(),
+            Some(&Duration::from_millis(99_999))
+        );
         let gaps: std::collections::BTreeSet<u128> = kept
             .windows(2)
             .map(|w| w[1].as_millis() - w[0].as_millis())
@@ -205,6 +243,38 @@ mod tests {
             kept.last().unwrap().as_millis() >= 99_000,
             "{:?}",
             kept.last()
+        );
+    }
+
+    #[test]
+    fn batches_added_to_a_drain_are_sampled_once_and_evenly() {
+        // Batches larger than the bound (up to DISPATCH_BATCH_SIZE's 5,000) go through
+        // `DispatchSummary::add`: each event counts once, whatever its batch's size.
+        let mut drain = DispatchSummary::default();
+        let mut next = 0u64;
+        for size in [5_000u64, 10, 3_000, 10, 2_000] {
+            let values: Vec<Duration> = (next..next + size).map(Duration::from_millis).collect();
+            next += size;
+            drain.add(DispatchSummary {
+                commit_to_publish: LatencySample::all(values),
+                ..DispatchSummary::default()
+            });
+        }
+        assert_eq!(drain.commit_to_publish.offered(), next);
+        let kept = drain.commit_to_publish.kept();
+        assert!(
+            kept.len() <= MAX_COMMIT_TO_PUBLISH_SAMPLES,
+            "{}",
+            kept.len()
+        );
+        let gaps: std::collections::BTreeSet<u128> = kept
+            .windows(2)
+            .map(|w| w[1].as_millis() - w[0].as_millis())
+            .collect();
+        assert_eq!(gaps.len(), 1, "uneven gaps: {gaps:?}");
+        assert_eq!(
+            drain.commit_to_publish.reported().iter().max(),
+            Some(&Duration::from_millis(next - 1))
         );
     }
 
