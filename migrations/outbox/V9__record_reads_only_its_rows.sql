@@ -4,7 +4,7 @@
 --     SELECT ... FROM outbox WHERE id = ANY (locked) AND id = ANY (p_published) AND status = 'pending'
 -- which the planner, estimating one row for two arrays, served from the pending index
 -- (outbox_claim_idx): a scan of every pending row's entry, filtered against both arrays, on every
--- record. With 200,000 rows pending that one statement took 10.7 ms of a 47 ms record of 500
+-- record. With 100,000 rows pending that one statement took 10.7 ms of a 47 ms record of 500
 -- (measured with auto_explain), and it grew with the backlog; the replays' statement had the same
 -- shape over the replay index. The rows locked for the record now
 -- say themselves whether they are live: their status is read in the same statement that locks

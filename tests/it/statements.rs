@@ -116,7 +116,7 @@ fn rows_thrown_away(plan: &str) -> u64 {
 async fn recording_a_claim_reads_only_its_rows_however_many_wait() {
     // The fault (migration V7's record): it found the claim's live published rows with two
     // `= ANY` arrays that the planner served from the pending index, reading every pending row's
-    // entry and comparing it with both arrays: 10.7 ms of a 47 ms record of 500 with 200,000
+    // entry and comparing it with both arrays: 10.7 ms of a 47 ms record of 500 with 100,000
     // rows pending, growing with the backlog; its statement for published replays had the same
     // shape over the replay index. Here two claims of 500 are recorded published while 50,000
     // live events and 20,000 replays wait, once with the plans PL/pgSQL makes for the first
