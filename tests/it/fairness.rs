@@ -6,15 +6,19 @@
 //! event out of the next claim), and a seeded model: random schedules of appends into several
 //! tenants (bursts into one), claims of random sizes on two dispatchers' stores (each with its
 //! own rotation), outcomes recorded (published, retried now or later, dead), rows coming due,
-//! and a third session holding rows while a claim runs. Before each claim the model says which
-//! rows are available (pending heads, due, not leased, not held); after it, the claim is checked:
+//! the operator's redrives, discards and replays, and a third session holding rows while a claim
+//! runs. Before each claim the model says which rows are available (pending heads, due, not
+//! leased, not held; replays due whose aggregate has no earlier replay); after it, the claim is
+//! checked:
 //! - *sound*: only available rows are taken, at most the batch;
 //! - *in order*: what a tenant gets is the first of its available rows in due order;
 //! - *fair share*: a tenant gets at least min(its available rows, floor(batch / tenants with
 //!   pending heads)), and at least one row while there are no more such tenants than the batch;
 //! - *whole batch for one*: a tenant alone gets min(batch, its available rows);
 //! - *rotation*: with more tenants than the batch, a tenant with rows available is served within
-//!   as many claims of one store as there are tenants, plus one.
+//!   as many claims of one store as there are tenants, plus one;
+//! - *replays fill the rest*: only available replays, and as many as the batch has room for
+//!   after the live rows (the live checks above are on the live rows alone).
 //!
 //! `FAIRNESS_SCHEDULES` (default 150) sets how many schedules run, `FAIRNESS_SEED` the first
 //! seed (a failure prints its schedule's seed: rerun with it and `FAIRNESS_SCHEDULES=1`).
@@ -146,6 +150,8 @@ struct ModelRow {
     version: i64,
     state: State,
     leased: bool,
+    /// A published row being delivered again: `Some(due)`.
+    replay: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -153,6 +159,7 @@ enum State {
     Pending { due: bool },
     Published,
     Dead,
+    Discarded,
 }
 
 struct Schedule {
@@ -176,6 +183,9 @@ struct Counts {
     rotating: u64,
     held: u64,
     alone: u64,
+    replays_claimed: u64,
+    redriven: u64,
+    discarded: u64,
 }
 
 impl Schedule {
@@ -188,7 +198,7 @@ impl Schedule {
             let key = (row.tenant, row.aggregate.as_str());
             let published_before = *done.get(&key).unwrap_or(&0);
             if row.version == published_before + 1 {
-                if row.state == State::Published {
+                if matches!(row.state, State::Published | State::Discarded) {
                     done.insert(key, row.version);
                 } else if matches!(row.state, State::Pending { .. }) {
                     heads.push(row);
@@ -200,12 +210,125 @@ impl Schedule {
 
     async fn step(&mut self, step: usize) -> Result<(), String> {
         match self.rng.u32(0..100) {
-            0..=24 => self.append().await,
-            25..=64 => self.claim(step).await?,
-            65..=89 => self.record().await?,
-            _ => self.come_due().await,
+            0..=21 => self.append().await,
+            22..=59 => self.claim(step).await?,
+            60..=84 => self.record().await?,
+            85..=89 => self.come_due().await,
+            90..=93 => self.redrive().await?,
+            94..=96 => self.discard().await?,
+            _ => self.replay().await?,
         }
         Ok(())
+    }
+
+    /// Up to three of `rows`' ids, at random.
+    fn some(&mut self, rows: Vec<i64>) -> Vec<i64> {
+        let mut picked = BTreeSet::new();
+        if !rows.is_empty() {
+            for _ in 0..self.rng.usize(1..4) {
+                picked.insert(rows[self.rng.usize(0..rows.len())]);
+            }
+        }
+        picked.into_iter().collect()
+    }
+
+    /// An operator's operation on `ids`: every one of them changed, none held (nothing else
+    /// holds them).
+    async fn operate(&self, sql: &str, ids: &[i64]) -> Result<(), String> {
+        let row = self
+            .client
+            .query_one(sql, &[&ids])
+            .await
+            .map_err(|e| format!("{sql}: {e}"))?;
+        let changed: Vec<i64> = row.get(0);
+        let held: Vec<i64> = row.get(1);
+        let mut changed_sorted = changed.clone();
+        changed_sorted.sort();
+        if changed_sorted != ids || !held.is_empty() {
+            return Err(format!(
+                "{sql} on {ids:?}: changed {changed:?}, held {held:?}"
+            ));
+        }
+        Ok(())
+    }
+
+    async fn redrive(&mut self) -> Result<(), String> {
+        let dead = self
+            .rows
+            .iter()
+            .filter(|r| r.state == State::Dead)
+            .map(|r| r.id)
+            .collect();
+        let ids = self.some(dead);
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.operate("SELECT changed, held FROM outbox_redrive($1)", &ids)
+            .await?;
+        for row in self.rows.iter_mut().filter(|r| ids.contains(&r.id)) {
+            row.state = State::Pending { due: true };
+        }
+        self.counts.redriven += ids.len() as u64;
+        Ok(())
+    }
+
+    async fn discard(&mut self) -> Result<(), String> {
+        let dead = self
+            .rows
+            .iter()
+            .filter(|r| r.state == State::Dead)
+            .map(|r| r.id)
+            .collect();
+        let ids = self.some(dead);
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.operate(
+            "SELECT discarded, held FROM outbox_discard($1, 'model: given up')",
+            &ids,
+        )
+        .await?;
+        for row in self.rows.iter_mut().filter(|r| ids.contains(&r.id)) {
+            row.state = State::Discarded;
+        }
+        self.counts.discarded += ids.len() as u64;
+        Ok(())
+    }
+
+    async fn replay(&mut self) -> Result<(), String> {
+        let published = self
+            .rows
+            .iter()
+            .filter(|r| r.state == State::Published && r.replay.is_none())
+            .map(|r| r.id)
+            .collect();
+        let ids = self.some(published);
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.operate("SELECT changed, held FROM outbox_replay($1)", &ids)
+            .await?;
+        for row in self.rows.iter_mut().filter(|r| ids.contains(&r.id)) {
+            row.replay = Some(true);
+        }
+        Ok(())
+    }
+
+    /// Replays a claim may take: due, not leased, no earlier replay of their aggregate.
+    fn available_replays(&self) -> BTreeSet<i64> {
+        self.rows
+            .iter()
+            .filter(|r| r.replay == Some(true) && !r.leased)
+            .filter(|r| {
+                !self.rows.iter().any(|e| {
+                    e.replay.is_some()
+                        && e.tenant == r.tenant
+                        && e.aggregate == r.aggregate
+                        && e.version < r.version
+                })
+            })
+            .map(|r| r.id)
+            .collect()
     }
 
     async fn append(&mut self) {
@@ -232,6 +355,7 @@ impl Schedule {
                 version,
                 state: State::Pending { due: true },
                 leased: false,
+                replay: None,
             });
         }
     }
@@ -297,6 +421,8 @@ impl Schedule {
             self.locker.batch_execute("COMMIT").await.unwrap();
         }
         let claimed = claimed.map_err(|e| format!("the claim failed: {e:?}"))?;
+        let replays_available = self.available_replays();
+        let (replays, claimed): (Vec<_>, Vec<_>) = claimed.into_iter().partition(|e| e.replay);
         let what = format!(
             "step {step}: dispatcher {d} claims {limit} with {} tenants pending, available {:?}, held {held:?}; got {:?}",
             pending_tenants.len(),
@@ -306,9 +432,25 @@ impl Schedule {
                 .collect::<Vec<_>>(),
             claimed.iter().map(|e| (e.tenant_id.as_str(), e.id)).collect::<Vec<_>>()
         );
+        let what = format!(
+            "{what}; replays available {replays_available:?}, got {:?}",
+            replays.iter().map(|e| e.id).collect::<Vec<_>>()
+        );
+        // Replays: only available ones, filling what the live rows left of the batch.
+        if let Some(e) = replays.iter().find(|e| !replays_available.contains(&e.id)) {
+            return Err(format!("replay {} was not available: {what}", e.id));
+        }
+        let room = (limit as usize).saturating_sub(claimed.len());
+        if replays.len() != replays_available.len().min(room) {
+            return Err(format!(
+                "{} replays taken, room for {room} after the live rows: {what}",
+                replays.len()
+            ));
+        }
+        self.counts.replays_claimed += replays.len() as u64;
 
         // Sound, and no more than the batch.
-        if claimed.len() as i64 > limit {
+        if (claimed.len() + replays.len()) as i64 > limit {
             return Err(format!("more than the batch: {what}"));
         }
         let available_ids: BTreeSet<i64> = available.iter().map(|r| r.id).collect();
@@ -382,7 +524,7 @@ impl Schedule {
 
         self.counts.claims += 1;
         self.counts.rows += claimed.len() as u64;
-        let ids: Vec<i64> = claimed.iter().map(|e| e.id).collect();
+        let ids: Vec<i64> = claimed.iter().chain(&replays).map(|e| e.id).collect();
         for row in self.rows.iter_mut().filter(|r| ids.contains(&r.id)) {
             row.leased = true;
         }
@@ -435,8 +577,16 @@ impl Schedule {
         }
         for row in self.rows.iter_mut() {
             if let Some(state) = states.get(&row.id) {
-                row.state = *state;
                 row.leased = false;
+                if row.replay.is_some() {
+                    // A replay stays published: delivered, retried, or abandoned (dead).
+                    row.replay = match state {
+                        State::Pending { due } => Some(*due),
+                        _ => None,
+                    };
+                } else {
+                    row.state = *state;
+                }
             }
         }
         Ok(())
@@ -446,7 +596,7 @@ impl Schedule {
         let ids: Vec<i64> = self
             .rows
             .iter()
-            .filter(|r| r.state == (State::Pending { due: false }))
+            .filter(|r| r.state == (State::Pending { due: false }) || r.replay == Some(false))
             .map(|r| r.id)
             .collect();
         if ids.is_empty() {
@@ -460,7 +610,11 @@ impl Schedule {
             .await
             .unwrap();
         for row in self.rows.iter_mut().filter(|r| ids.contains(&r.id)) {
-            row.state = State::Pending { due: true };
+            if row.replay.is_some() {
+                row.replay = Some(true);
+            } else {
+                row.state = State::Pending { due: true };
+            }
         }
     }
 }
@@ -511,6 +665,9 @@ async fn claims_are_fair_between_tenants_in_seeded_schedules() {
         totals.rotating += c.rotating;
         totals.held += c.held;
         totals.alone += c.alone;
+        totals.replays_claimed += c.replays_claimed;
+        totals.redriven += c.redriven;
+        totals.discarded += c.discarded;
     }
     println!("{schedules} schedules: {totals:?}");
     // Every situation the checks are about came up, many times over.
@@ -519,4 +676,7 @@ async fn claims_are_fair_between_tenants_in_seeded_schedules() {
     assert!(totals.rotating >= schedules / 2, "{totals:?}");
     assert!(totals.held >= schedules, "{totals:?}");
     assert!(totals.alone >= schedules / 10, "{totals:?}");
+    assert!(totals.replays_claimed >= schedules / 2, "{totals:?}");
+    assert!(totals.redriven >= schedules / 4, "{totals:?}");
+    assert!(totals.discarded >= schedules / 4, "{totals:?}");
 }
