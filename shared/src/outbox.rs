@@ -116,7 +116,9 @@ impl Outcomes {
 pub struct Backlog {
     /// Rows not published yet (due, leased, backing off, or parked behind a dead event).
     pub pending: i64,
-    /// Age of the oldest pending row, seconds (0 when none is pending).
+    /// Of them, events appended with a `deliver_at` still ahead (migration V10).
+    pub delayed: i64,
+    /// Age of the oldest pending row (a delayed one counts from its `deliver_at`), seconds (0 when none is pending).
     pub oldest_pending_age_seconds: f64,
     /// Rows that will not be published until an operator re-drives them.
     pub dead: i64,

@@ -57,6 +57,12 @@ pub trait OutboxEvent: Serialize + Sync {
     fn idempotency_key(&self) -> Option<&str> {
         None
     }
+    /// Not before this time: the dispatcher does not claim the event earlier, and the
+    /// aggregate's later events wait behind it, in order (migration V10). None (the default):
+    /// as soon as it commits.
+    fn deliver_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        None
+    }
 }
 
 /// Why an append failed. The caller's transaction is unusable afterwards: roll it back.
@@ -118,8 +124,8 @@ impl EventMetadata {
 
 const APPEND: &str = "
     INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
-                        schema_version, payload, metadata, idempotency_key)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                        schema_version, payload, metadata, idempotency_key, deliver_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
     RETURNING aggregate_version";
 
 /// Appends `event` to the outbox in `tx`: published once `tx` commits, gone if it rolls back.
@@ -177,6 +183,7 @@ pub async fn append_with_id<E: OutboxEvent>(
                 (&payload, Type::JSONB),
                 (&metadata, Type::JSONB),
                 (&event.idempotency_key(), Type::TEXT),
+                (&event.deliver_at(), Type::TIMESTAMPTZ),
             ],
         )
         .await

@@ -2,6 +2,7 @@
 
 mod capture;
 mod chaos;
+mod delayed;
 mod dispatcher;
 mod extending;
 mod fairness;

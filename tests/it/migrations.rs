@@ -25,7 +25,7 @@ const DATA_BEFORE_SPLIT: &str = include_str!("../fixtures/data-before-split.sql"
 /// Its `refinery_schema_history`, as the code before the split wrote it.
 const HISTORY_BEFORE_SPLIT: &str = include_str!("../fixtures/history-before-split.sql");
 
-const OUTBOX_NAMES: [&str; 9] = [
+const OUTBOX_NAMES: [&str; 10] = [
     "outbox/V1__outbox",
     "outbox/V2__inbox",
     "outbox/V3__operations",
@@ -35,11 +35,13 @@ const OUTBOX_NAMES: [&str; 9] = [
     "outbox/V7__what_goes_next",
     "outbox/V8__tenant_fair_claim",
     "outbox/V9__record_reads_only_its_rows",
+    "outbox/V10__delayed_events",
 ];
 /// The toolkit's migrations newer than the split: what a database migrated before it runs.
-const AFTER_SPLIT: [&str; 2] = [
+const AFTER_SPLIT: [&str; 3] = [
     "outbox/V8__tenant_fair_claim",
     "outbox/V9__record_reads_only_its_rows",
+    "outbox/V10__delayed_events",
 ];
 const PAYMENTS_NAMES: [&str; 4] = [
     "payments/V1__payments",

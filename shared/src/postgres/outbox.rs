@@ -30,12 +30,15 @@ const RECORD: &str = "SELECT outbox_record($1, $2, $3, $4, $5, $6, $7)";
 /// holding an xid.
 fn backlog_sql() -> String {
     format!(
-        "SELECT p.pending,
-                coalesce(extract(epoch FROM now() - p.oldest), 0)::float8 AS oldest_age,
+        "SELECT p.pending, p.delayed,
+                greatest(coalesce(extract(epoch FROM now() - p.oldest), 0), 0)::float8 AS oldest_age,
                 (SELECT count(*) FROM outbox
                  WHERE status = 'dead' AND ($1::text IS NULL OR tenant_id = $1)) AS dead,
                 {} AS oldest_xact_age
-         FROM (SELECT count(*) AS pending, min(created_at) AS oldest
+         FROM (SELECT count(*) AS pending,
+                      count(*) FILTER (WHERE deliver_at > now()) AS delayed,
+                      -- A delayed event is pending from its deliver_at on, not before.
+                      min(greatest(created_at, deliver_at)) AS oldest
                FROM outbox
                WHERE status = 'pending' AND ($1::text IS NULL OR tenant_id = $1)) p",
         crate::outbox::OLDEST_TRANSACTION_AGE_SQL
@@ -53,6 +56,7 @@ pub(crate) async fn backlog_in(
     let row = &rows[0];
     Ok(crate::outbox::Backlog {
         pending: row.try_get("pending")?,
+        delayed: row.try_get("delayed")?,
         oldest_pending_age_seconds: row.try_get("oldest_age")?,
         dead: row.try_get("dead")?,
         oldest_transaction_age_seconds: row.try_get("oldest_xact_age")?,

@@ -105,6 +105,13 @@ pub fn status(report: &StatusReport) -> String {
         &rows,
     ));
     out.push('\n');
+    if report.backlog.delayed > 0 {
+        let _ = writeln!(
+            out,
+            "Delayed: {} pending events wait for their deliver_at (their aggregates' later events behind them)",
+            report.backlog.delayed
+        );
+    }
     match &report.oldest_pending {
         Some(o) => {
             let _ = writeln!(
