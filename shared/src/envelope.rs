@@ -194,6 +194,7 @@ mod tests {
             created_at: Utc::now(),
             xray_trace_header: None,
             replay: false,
+            deliver_at: None,
         }
     }
 

@@ -58,6 +58,8 @@ pub struct ClaimedEvent {
     /// A replay: published before, delivered again by an operator's request, outside the
     /// aggregate's order (consumers see it as a duplicate of what they applied).
     pub replay: bool,
+    /// Not to be published before this time (`deliver_at` on append, migration V10).
+    pub deliver_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// What became of each claimed row, written back in one transaction.

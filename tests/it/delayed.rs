@@ -1,7 +1,8 @@
 //! Delayed events (migration V10): appended with a `deliver_at`, never claimed before it, the
 //! aggregate's later events held back behind them in order, the delay visible in the backlog and
-//! in `outboxctl status`. The clock is the database's: "before" is a claim made while the
-//! database says `now() < deliver_at`, so the test cannot flake on a slow machine.
+//! in `outboxctl status`. The clock is the database's: "before" is a drain whose check after it
+//! finds the database's `now() < deliver_at`, so a slow machine cannot fail it; the delay (8 s)
+//! leaves room for the set-up before the first drain.
 
 use std::time::{Duration, Instant};
 
@@ -54,11 +55,11 @@ async fn a_delayed_event_waits_for_its_time_and_holds_its_aggregate_back() {
     let db = TestDb::create().await;
     let mut client = db.client().await;
     let db_now: DateTime<Utc> = client.query_one("SELECT now()", &[]).await.unwrap().get(0);
-    let at = db_now + chrono::Duration::seconds(2);
+    let at = db_now + chrono::Duration::seconds(8);
     let metadata = EventMetadata::new("delayed-test", "corr");
     let tx = client.transaction().await.unwrap();
     // Account a: a delayed event, then one without delay behind it; account b: one without.
-    append(&tx, &reminder("a", "first, in 2 s", Some(at)), &metadata)
+    append(&tx, &reminder("a", "first, in 8 s", Some(at)), &metadata)
         .await
         .unwrap();
     append(
@@ -88,6 +89,30 @@ async fn a_delayed_event_waits_for_its_time_and_holds_its_aggregate_back() {
         )
         .await
         .unwrap();
+    // An aggregate appended an hour ago whose first event is delayed: neither it nor the event
+    // behind it is an hour old for the backlog (the alarm on the oldest pending age would fire).
+    client
+        .batch_execute(&format!(
+            "INSERT INTO outbox (tenant_id, aggregate_type, aggregate_id, event_type, schema_version,
+                                 payload, deliver_at, created_at)
+             VALUES ('acme', 'account', 'e', 'account.reminded', 1, '{{}}', '{at}', now() - interval '1 hour'),
+                    ('acme', 'account', 'e', 'account.reminded', 1, '{{}}', NULL, now() - interval '1 hour')"
+        ))
+        .await
+        .unwrap();
+    // The time is set on append: changing it afterwards would not move the event, so it is refused.
+    let moved = client
+        .execute(
+            "UPDATE outbox SET deliver_at = now() WHERE aggregate_id = 'd'",
+            &[],
+        )
+        .await
+        .expect_err("deliver_at changed after the append");
+    assert_eq!(
+        moved.code(),
+        Some(&tokio_postgres::error::SqlState::INTEGRITY_CONSTRAINT_VIOLATION),
+        "{moved}"
+    );
 
     let endpoint = FaultProxy::standalone_sns().await;
     let d = dispatcher(
@@ -100,10 +125,10 @@ async fn a_delayed_event_waits_for_its_time_and_holds_its_aggregate_back() {
     )
     .await;
     let backlog = d.store().backlog().await.unwrap();
-    assert_eq!((backlog.pending, backlog.delayed), (5, 2), "{backlog:?}");
+    assert_eq!((backlog.pending, backlog.delayed), (7, 3), "{backlog:?}");
     assert!(
-        backlog.oldest_pending_age_seconds < 30.0,
-        "a delayed event is not old before its time, the past one counts from its deliver_at: {backlog:?}"
+        backlog.oldest_pending_age_seconds < 600.0,
+        "neither a delayed event nor its aggregate's events behind it age before its time: {backlog:?}"
     );
     let status = std::process::Command::new(outbox_tests::workspace_binary("outboxctl"))
         .arg("status")
@@ -113,7 +138,7 @@ async fn a_delayed_event_waits_for_its_time_and_holds_its_aggregate_back() {
         .unwrap();
     let shown = String::from_utf8_lossy(&status.stdout);
     assert!(
-        shown.contains("Delayed: 2 pending events"),
+        shown.contains("Delayed: 3 pending events"),
         "{shown}\n{}",
         String::from_utf8_lossy(&status.stderr)
     );
@@ -148,8 +173,8 @@ async fn a_delayed_event_waits_for_its_time_and_holds_its_aggregate_back() {
         "no drain ran before deliver_at: the test proved nothing"
     );
 
-    // After it: a's two events, in order, and d, within a drain or two of the time.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // After it: a's two events, in order, d, and e's two, within a drain or two of the time.
+    let deadline = Instant::now() + Duration::from_secs(20);
     while db.count(&client, "outbox WHERE status = 'pending'").await > 0 {
         assert!(
             Instant::now() < deadline,
@@ -173,8 +198,8 @@ async fn a_delayed_event_waits_for_its_time_and_holds_its_aggregate_back() {
     assert!(second_published >= first_published, "the aggregate's order");
     let d_published: DateTime<Utc> = rows[2].get(2);
     assert!(d_published >= at);
-    // Within the wake-up bound: the first drain after the time took it (the loop above drains
-    // every 200 ms, plus the drain itself).
+    // Taken by the first drain after its time: the loop above drains every 200 ms (deployed, the
+    // next drain is the dispatcher's next run: at most the schedule's period after the time).
     assert!(
         first_published - at < chrono::Duration::seconds(3),
         "published {} after its time",

@@ -91,6 +91,7 @@ mod tests {
             created_at: chrono::Utc::now(),
             xray_trace_header: None,
             replay: false,
+            deliver_at: None,
         }
     }
 

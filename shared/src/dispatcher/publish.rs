@@ -72,10 +72,16 @@ impl<P: Publisher + 'static> Bus<P> {
                 batch.failed_publish_calls += 1;
             }
             for (message, outcome) in answer.call.iter().zip(answer.outcomes) {
-                // From the append to the bus's answer, for the events that are live (a replay's
-                // append was long ago).
+                // From the append (or the time it was delayed to) to the bus's answer, for the
+                // events that are live (a replay's append was long ago).
                 if matches!(outcome, PublishOutcome::Published) && !message.event.replay {
-                    let waited = (answer.at - message.event.created_at).to_std();
+                    let due = message
+                        .event
+                        .deliver_at
+                        .map_or(message.event.created_at, |at| {
+                            at.max(message.event.created_at)
+                        });
+                    let waited = (answer.at - due).to_std();
                     batch.commit_to_publish.push(waited.unwrap_or_default());
                 }
                 self.note(&mut batch.outcomes, &message.event, outcome);

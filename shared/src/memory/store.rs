@@ -117,6 +117,7 @@ impl MemoryStore {
                 created_at: chrono::Utc::now(),
                 xray_trace_header: None,
                 replay: false,
+                deliver_at: None,
             },
             status: MemoryStatus::Pending,
             last_error: None,

@@ -18,7 +18,7 @@ use crate::ports::StoreError;
 const PAGE: &str = "
     SELECT o.id, o.event_id, o.tenant_id, o.aggregate_type, o.aggregate_id, o.aggregate_version,
            o.event_type, o.schema_version, o.payload, o.metadata, o.attempts, o.created_at,
-           o.replay, o.feed_position
+           o.replay, o.feed_position, o.deliver_at
     FROM outbox o
     WHERE o.tenant_id = $1
       AND o.feed_position IS NOT NULL

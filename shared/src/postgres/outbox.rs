@@ -17,7 +17,7 @@ use tokio_postgres::types::Type;
 /// - `locked_by` is fresh for every claim: it fences the claim's outcomes (`outbox_record`).
 const CLAIM: &str = "
     SELECT id, event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version, event_type,
-           schema_version, payload, metadata, attempts, created_at, replay
+           schema_version, payload, metadata, attempts, created_at, replay, deliver_at
     FROM outbox_claim($1, $2, $3, $4)";
 
 /// One claim's outcomes in one statement (migration V7): fenced by the lease, rows someone holds
@@ -36,11 +36,22 @@ fn backlog_sql() -> String {
                  WHERE status = 'dead' AND ($1::text IS NULL OR tenant_id = $1)) AS dead,
                 {} AS oldest_xact_age
          FROM (SELECT count(*) AS pending,
-                      count(*) FILTER (WHERE deliver_at > now()) AS delayed,
-                      -- A delayed event is pending from its deliver_at on, not before.
-                      min(greatest(created_at, deliver_at)) AS oldest
-               FROM outbox
-               WHERE status = 'pending' AND ($1::text IS NULL OR tenant_id = $1)) p",
+                      count(*) FILTER (WHERE o.deliver_at > now()) AS delayed,
+                      -- A delayed event, and its aggregate's events behind it, are pending from
+                      -- its deliver_at on, not before (the latest of the aggregate's, V10).
+                      min(CASE WHEN o.aggregate_version >= d.from_version
+                               THEN greatest(o.created_at, d.until)
+                               ELSE o.created_at END) AS oldest
+               FROM outbox o
+               LEFT JOIN (SELECT tenant_id, aggregate_type, aggregate_id,
+                                 min(aggregate_version) AS from_version, max(deliver_at) AS until
+                          FROM outbox
+                          WHERE status = 'pending' AND deliver_at IS NOT NULL
+                            AND ($1::text IS NULL OR tenant_id = $1)
+                          GROUP BY 1, 2, 3) d
+                 ON d.tenant_id = o.tenant_id AND d.aggregate_type = o.aggregate_type
+                AND d.aggregate_id = o.aggregate_id
+               WHERE o.status = 'pending' AND ($1::text IS NULL OR o.tenant_id = $1)) p",
         crate::outbox::OLDEST_TRANSACTION_AGE_SQL
     )
 }
@@ -291,6 +302,7 @@ pub(crate) fn claimed_from_row(
         attempts: row.try_get("attempts")?,
         created_at: row.try_get("created_at")?,
         replay: row.try_get("replay")?,
+        deliver_at: row.try_get("deliver_at")?,
     })
 }
 

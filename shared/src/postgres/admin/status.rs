@@ -137,12 +137,13 @@ const COUNTS: &str = "
     GROUP BY tenant_id
     ORDER BY tenant_id";
 
-/// The oldest by id among pending rows (ids follow insertion order).
+/// The oldest pending row, a delayed one counted from its deliver_at (its aggregate's later
+/// events are not: the backlog's age is the exact figure).
 const OLDEST_PENDING: &str = "
     SELECT event_id, tenant_id, event_type, attempts, created_at
     FROM outbox
     WHERE status = 'pending' AND ($1::text IS NULL OR tenant_id = $1)
-    ORDER BY created_at, id
+    ORDER BY greatest(created_at, deliver_at), id
     LIMIT 1";
 
 const PARKED: &str = "
