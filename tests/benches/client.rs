@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use outbox_tests::alloc_count::{self, Counting};
-use outbox_tests::bench::{env_usize, seed, Stopwatch};
+use outbox_tests::bench::{self, env_usize, seed, Stopwatch};
 use outbox_tests::fault_proxy::FaultProxy;
 use outbox_tests::{dispatcher, TestDb};
 use pg_outbox::dispatcher::{DispatcherConfig, Target};
@@ -22,16 +22,7 @@ static ALLOC: Counting = Counting;
 const BATCH: i64 = 500;
 
 fn config() -> DispatcherConfig {
-    DispatcherConfig {
-        batch_size: BATCH,
-        max_in_flight: 50,
-        lease: Duration::from_secs(60),
-        max_attempts: 10,
-        backoff_base: Duration::from_millis(100),
-        backoff_cap: Duration::from_secs(5),
-        safety_margin: Duration::ZERO,
-        ..DispatcherConfig::default()
-    }
+    bench::drain_config(BATCH)
 }
 
 struct Run {

@@ -27,16 +27,7 @@ const DISPATCHERS: usize = 2;
 const BATCH: i64 = 500;
 
 fn config() -> DispatcherConfig {
-    DispatcherConfig {
-        batch_size: BATCH,
-        max_in_flight: 50,
-        lease: Duration::from_secs(60),
-        max_attempts: 10,
-        backoff_base: Duration::from_millis(100),
-        backoff_cap: Duration::from_secs(5),
-        safety_margin: Duration::ZERO,
-        ..DispatcherConfig::default()
-    }
+    bench::drain_config(BATCH)
 }
 
 /// 1: claim + mark published through the store, no bus, `DISPATCHERS` connections.

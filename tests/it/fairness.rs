@@ -252,14 +252,19 @@ impl Schedule {
         Ok(())
     }
 
-    async fn redrive(&mut self) -> Result<(), String> {
+    /// Up to three dead rows, at random: what an operator redrives or discards.
+    fn some_dead(&mut self) -> Vec<i64> {
         let dead = self
             .rows
             .iter()
             .filter(|r| r.state == State::Dead)
             .map(|r| r.id)
             .collect();
-        let ids = self.some(dead);
+        self.some(dead)
+    }
+
+    async fn redrive(&mut self) -> Result<(), String> {
+        let ids = self.some_dead();
         if ids.is_empty() {
             return Ok(());
         }
@@ -273,13 +278,7 @@ impl Schedule {
     }
 
     async fn discard(&mut self) -> Result<(), String> {
-        let dead = self
-            .rows
-            .iter()
-            .filter(|r| r.state == State::Dead)
-            .map(|r| r.id)
-            .collect();
-        let ids = self.some(dead);
+        let ids = self.some_dead();
         if ids.is_empty() {
             return Ok(());
         }

@@ -259,6 +259,21 @@ fn ticks(n: u64) -> Duration {
     Duration::from_millis(n * 1000 / TICKS_PER_SECOND)
 }
 
+/// The dispatchers' settings every drain benchmark uses (claims of `batch`), so their figures
+/// compare across benchmark binaries.
+pub fn drain_config(batch: i64) -> pg_outbox::dispatcher::DispatcherConfig {
+    pg_outbox::dispatcher::DispatcherConfig {
+        batch_size: batch,
+        max_in_flight: 50,
+        lease: Duration::from_secs(60),
+        max_attempts: 10,
+        backoff_base: Duration::from_millis(100),
+        backoff_cap: Duration::from_secs(5),
+        safety_margin: Duration::ZERO,
+        ..pg_outbox::dispatcher::DispatcherConfig::default()
+    }
+}
+
 /// CPU time of one thread of this process (`tid` as in `/proc/self/task`).
 pub fn thread_cpu(tid: &str) -> Option<Duration> {
     proc_stat(&format!("self/task/{tid}")).map(|(_, _, own, _)| ticks(own))

@@ -196,6 +196,15 @@ impl DispatchSummary {
 mod tests {
     use super::*;
 
+    /// Every gap between consecutive samples kept is the same.
+    fn assert_evenly_spaced(kept: &[Duration]) {
+        let gaps: std::collections::BTreeSet<u128> = kept
+            .windows(2)
+            .map(|w| w[1].as_millis() - w[0].as_millis())
+            .collect();
+        assert_eq!(gaps.len(), 1, "uneven gaps: {gaps:?}");
+    }
+
     #[test]
     fn the_commit_to_publish_sample_is_bounded_and_even() {
         // Tried: fewer than the bound (all kept), exactly the bound, and 100,000 offered in
@@ -234,11 +243,7 @@ mod tests {
             long.reported().iter().max(),
             Some(&Duration::from_millis(99_999))
         );
-        let gaps: std::collections::BTreeSet<u128> = kept
-            .windows(2)
-            .map(|w| w[1].as_millis() - w[0].as_millis())
-            .collect();
-        assert_eq!(gaps.len(), 1, "uneven gaps: {gaps:?}");
+        assert_evenly_spaced(kept);
         assert!(
             kept.last().unwrap().as_millis() >= 99_000,
             "{:?}",
@@ -267,11 +272,7 @@ mod tests {
             "{}",
             kept.len()
         );
-        let gaps: std::collections::BTreeSet<u128> = kept
-            .windows(2)
-            .map(|w| w[1].as_millis() - w[0].as_millis())
-            .collect();
-        assert_eq!(gaps.len(), 1, "uneven gaps: {gaps:?}");
+        assert_evenly_spaced(kept);
         assert_eq!(
             drain.commit_to_publish.reported().iter().max(),
             Some(&Duration::from_millis(next - 1))
