@@ -8,7 +8,7 @@
 //! own rotation), outcomes recorded (published, retried now or later, dead), rows coming due,
 //! the operator's redrives, discards and replays, and a third session holding rows while a claim
 //! runs. Before each claim the model says which rows are available (pending heads, due, not
-//! leased, not held; replays due whose aggregate has no earlier replay); after it, the claim is
+//! leased, not held; replays due whose aggregate has no earlier replay and none in flight); after it, the claim is
 //! checked:
 //! - *sound*: only available rows are taken, at most the batch;
 //! - *in order*: what a tenant gets is the first of its available rows in due order;
@@ -313,7 +313,8 @@ impl Schedule {
         Ok(())
     }
 
-    /// Replays a claim may take: due, not leased, no earlier replay of their aggregate.
+    /// Replays a claim may take: due, not leased, no earlier replay of their aggregate and none
+    /// of it in flight (V11).
     fn available_replays(&self) -> BTreeSet<i64> {
         self.rows
             .iter()
@@ -323,7 +324,7 @@ impl Schedule {
                     e.replay.is_some()
                         && e.tenant == r.tenant
                         && e.aggregate == r.aggregate
-                        && e.version < r.version
+                        && (e.version < r.version || (e.leased && e.id != r.id))
                 })
             })
             .map(|r| r.id)

@@ -25,7 +25,7 @@ const DATA_BEFORE_SPLIT: &str = include_str!("../fixtures/data-before-split.sql"
 /// Its `refinery_schema_history`, as the code before the split wrote it.
 const HISTORY_BEFORE_SPLIT: &str = include_str!("../fixtures/history-before-split.sql");
 
-const OUTBOX_NAMES: [&str; 10] = [
+const OUTBOX_NAMES: [&str; 11] = [
     "outbox/V1__outbox",
     "outbox/V2__inbox",
     "outbox/V3__operations",
@@ -36,12 +36,14 @@ const OUTBOX_NAMES: [&str; 10] = [
     "outbox/V8__tenant_fair_claim",
     "outbox/V9__record_reads_only_its_rows",
     "outbox/V10__delayed_events",
+    "outbox/V11__replays_one_at_a_time",
 ];
 /// The toolkit's migrations newer than the split: what a database migrated before it runs.
-const AFTER_SPLIT: [&str; 3] = [
+const AFTER_SPLIT: [&str; 4] = [
     "outbox/V8__tenant_fair_claim",
     "outbox/V9__record_reads_only_its_rows",
     "outbox/V10__delayed_events",
+    "outbox/V11__replays_one_at_a_time",
 ];
 const PAYMENTS_NAMES: [&str; 4] = [
     "payments/V1__payments",

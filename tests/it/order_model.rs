@@ -58,6 +58,8 @@ struct Row {
     status: String,
     is_head: bool,
     locked_by: Option<String>,
+    /// Its lease has not run out (`locked_until` after the database's now).
+    leased: bool,
     replay: bool,
 }
 
@@ -84,6 +86,7 @@ enum Kind {
     Stranded,
     VersionGap,
     OutOfOrder,
+    ReplaysOutOfOrder,
     LateOutcomeApplied,
     DeletedUnpublished,
     Lost,
@@ -278,7 +281,8 @@ impl Harness {
     async fn rows(&self) -> Vec<Row> {
         self.monitor
             .query(
-                "SELECT to_jsonb(o) FROM outbox o WHERE tenant_id = $1
+                "SELECT to_jsonb(o) || jsonb_build_object('leased', coalesce(o.locked_until > now(), false))
+                 FROM outbox o WHERE tenant_id = $1
                  ORDER BY aggregate_id, aggregate_version",
                 &[&TENANT],
             )
@@ -299,6 +303,7 @@ impl Harness {
                     status: v["status"].as_str().unwrap_or_default().to_owned(),
                     is_head: v["is_head"].as_bool().unwrap_or_default(),
                     locked_by: v["locked_by"].as_str().map(str::to_owned),
+                    leased: v["leased"].as_bool().unwrap_or_default(),
                     replay: v["replay"].as_bool().unwrap_or_default(),
                 }
             })
@@ -798,6 +803,29 @@ impl Schedule<'_> {
                     ));
                 }
             }
+            if sequential && replay {
+                // Replays of an aggregate go out one at a time, lowest version first: none of
+                // its other replays is in flight, and none of a lower version waits.
+                let before_it: Vec<&Row> = rows
+                    .iter()
+                    .filter(|r| {
+                        r.aggregate == event.aggregate_id
+                            && r.id != event.id
+                            && r.replay
+                            && (r.leased || r.version < event.aggregate_version)
+                    })
+                    .collect();
+                if !before_it.is_empty() {
+                    return Err(violation(
+                        Kind::ReplaysOutOfOrder,
+                        step,
+                        format!(
+                            "claimed the replay of v{} of {} beside {before_it:?}",
+                            event.aggregate_version, event.aggregate_id
+                        ),
+                    ));
+                }
+            }
             batch.rows.push((event.id, replay));
         }
         let text = format!(
@@ -1142,6 +1170,8 @@ impl Schedule<'_> {
                 )
                 .await
                 .expect("expire every lease");
+            // The state the claim starts from: every lease run out.
+            rows = self.h.rows().await;
             self.h.batches.clear();
             let step = format!("settle round {round}");
             let owner = format!("settle/{}", Uuid::new_v4().simple());

@@ -1,6 +1,6 @@
 //! Scenario tests for the operations of issue "order and delivery hold under every operation":
 //! capture independent of the writer's session, capture keys without collisions, discard, and
-//! capture refusing the outbox's own tables. (Replay, redrive, ON CONFLICT, explicit versions,
+//! capture refusing the outbox's own tables, replays of one aggregate one at a time. (Replay, redrive, ON CONFLICT, explicit versions,
 //! late outcomes and open producer transactions are covered by the order model.)
 
 use outbox_tests::TestDb;
@@ -197,4 +197,108 @@ async fn a_discarded_dead_event_is_kept_never_published_and_unparks_its_aggregat
         .await
         .expect_err("a pending event is never deleted");
     assert!(format!("{err:?}").contains("only published events are deleted"));
+}
+
+/// The versions `owner` claims now (the claim's own function, as the dispatcher calls it).
+async fn claim(client: &impl tokio_postgres::GenericClient, owner: &str) -> Vec<i64> {
+    client
+        .query(
+            "SELECT aggregate_version FROM outbox_claim(10, 30, $1, '') ORDER BY 1",
+            &[&owner],
+        )
+        .await
+        .expect("claim")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn replay(client: &tokio_postgres::Client, version: i64) {
+    client
+        .execute(
+            "SELECT outbox_replay(ARRAY(SELECT id FROM outbox WHERE aggregate_version = $1))",
+            &[&version],
+        )
+        .await
+        .expect("replay");
+}
+
+#[tokio::test]
+async fn a_replay_asked_for_while_a_later_one_is_in_flight_goes_after_it_never_beside_it() {
+    // Fault: the operator replays v2, a dispatcher claims it, then the operator replays v1. Before
+    // V11, a second dispatcher took v1 at once and both were published at the same time.
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
+                                 schema_version, payload)
+             SELECT gen_random_uuid(), 'acme', 'order', 'o1', 'order.changed', 1, '{}'
+             FROM generate_series(1, 2);
+             UPDATE outbox SET status = 'published', published_at = now(), is_head = false;",
+        )
+        .await
+        .unwrap();
+    replay(&client, 2).await;
+    assert_eq!(claim(&client, "d1").await, [2]);
+    replay(&client, 1).await;
+    assert_eq!(claim(&client, "d2").await, Vec::<i64>::new(), "v2 is in flight");
+    client
+        .execute(
+            "SELECT outbox_record('d1', ARRAY(SELECT id FROM outbox WHERE aggregate_version = 2),
+                                  '{}', '{}', '{}', '{}', '{}')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(claim(&client, "d2").await, [1], "v1 once v2 is delivered");
+}
+
+#[tokio::test]
+async fn a_replay_waits_for_a_claim_of_its_aggregate_still_committing() {
+    // Fault: a claim leases v2's replay and has not committed when the operator's replay of v1
+    // commits. A claim whose snapshot sees v1 marked but not v2's lease would take v1 beside it;
+    // so the replay waits for that claim to commit before it does.
+    let db = TestDb::create().await;
+    let mut claimer = db.client().await;
+    let operator = db.client().await;
+    let other = db.client().await;
+    operator
+        .batch_execute(
+            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
+                                 schema_version, payload)
+             SELECT gen_random_uuid(), 'acme', 'order', 'o1', 'order.changed', 1, '{}'
+             FROM generate_series(1, 2);
+             UPDATE outbox SET status = 'published', published_at = now(), is_head = false;",
+        )
+        .await
+        .unwrap();
+    replay(&operator, 2).await;
+    let open = claimer.transaction().await.unwrap();
+    assert_eq!(claim(&open, "d1").await, [2]);
+    let waiting = tokio::spawn(async move {
+        replay(&operator, 1).await;
+        operator
+    });
+    // The replay waits on the open claim's lock (and v1 is not marked meanwhile).
+    let mut waited = false;
+    for _ in 0..50 {
+        let n = db
+            .count(
+                &other,
+                "pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%outbox_replay%'",
+            )
+            .await;
+        if n == 1 {
+            waited = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(waited, "the replay of v1 did not wait for the claim of v2");
+    assert_eq!(claim(&other, "d2").await, Vec::<i64>::new());
+    open.commit().await.unwrap();
+    let operator = waiting.await.unwrap();
+    assert_eq!(db.count(&operator, "outbox WHERE replay").await, 2);
+    assert_eq!(claim(&other, "d2").await, Vec::<i64>::new(), "v2 is in flight");
 }
