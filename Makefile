@@ -1,5 +1,5 @@
 # The two commands a newcomer needs, and a few more for day-to-day work.
-.PHONY: demo test bench up down reset fmt lint sam-build
+.PHONY: demo test bench up down reset fmt lint sam-build schemas
 
 demo:   ## run the whole flow locally, end to end
 	scripts/demo
@@ -21,6 +21,9 @@ down:   ## stop it
 
 reset:  ## stop it and delete its data
 	scripts/dev-env reset
+
+schemas: ## regenerate schemas/ (the event contracts) from the Rust types
+	UPDATE_SCHEMAS=1 cargo nextest run -p outbox-tests the_committed_schemas_are_the_types
 
 fmt:
 	cargo fmt --all

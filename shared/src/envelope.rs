@@ -1,66 +1,221 @@
 //! The message every bus carries: one versioned envelope for SNS and EventBridge, laid out as a
 //! CloudEvents 1.0 JSON event (extension attribute names are lower-case alphanumerics, as the spec
 //! requires).
+//!
+//! Conformance to the spec's rules is kept here, for every channel and the feed alike:
+//! - `source` is a URI-reference: a source with characters a URI cannot hold (a captured table
+//!   `capture:Sales.Order Lines`, any text a SQL producer wrote) is sent percent-encoded
+//!   (`capture:Sales.Order%20Lines`); an empty one is refused (the event goes dead, clearly);
+//! - `aggregateversion` and `schemaversion` are CloudEvents Integers (signed 32-bit): a version
+//!   beyond that is refused (migration V12 refuses it at append);
+//! - a `traceparent` the W3C Trace Context calls invalid (version `ff`, an all-zero trace or
+//!   parent id, not lower-case hex, the wrong length) is dropped with its `tracestate`, never
+//!   forwarded ([`is_valid_traceparent`]); the dispatcher counts them (`TraceContextsDropped`).
+//!
+//! The JSON Schema of the envelope ([`crate::contract`]) is generated from [`EventEnvelope`].
+
+use std::borrow::Cow;
 
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// CloudEvents spec version the envelope follows.
 pub const SPEC_VERSION: &str = "1.0";
 
-/// A published event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The largest CloudEvents Integer: versions beyond it cannot be sent.
+pub const MAX_INTEGER: i64 = i32::MAX as i64;
+
+/// A W3C `traceparent` as the envelope schema states it (the all-zero ids and version `ff` are
+/// invalid too; [`is_valid_traceparent`] checks all of it).
+pub const TRACEPARENT_PATTERN: &str =
+    "^(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}(-.*)?$";
+
+/// A published event: a CloudEvents 1.0 event in the structured JSON format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(
+    title = "Outbox event envelope (CloudEvents 1.0, structured JSON)",
+    extend("additionalProperties" = false)
+)]
 pub struct EventEnvelope {
     /// Always `1.0`.
+    #[schemars(extend("const" = "1.0"))]
     pub specversion: String,
     /// The event id: stable across re-publishes, the key consumers dedupe on.
     pub id: Uuid,
-    /// The emitting service.
+    /// The emitting service, a URI-reference.
+    #[schemars(length(min = 1), extend("format" = "uri-reference"))]
     pub source: String,
     /// Event type, e.g. `order.placed`.
     #[serde(rename = "type")]
+    #[schemars(length(min = 1))]
     pub event_type: String,
     /// Schema version of `data`.
+    #[schemars(range(min = 1))]
     pub schemaversion: i32,
     /// `aggregate_type/aggregate_id`.
+    #[schemars(length(min = 1))]
     pub subject: String,
     /// When the event was recorded (the outbox row's creation time).
     pub time: DateTime<Utc>,
     /// Always `application/json`.
+    #[schemars(extend("const" = "application/json"))]
     pub datacontenttype: String,
     /// Owning tenant.
+    #[schemars(length(min = 1))]
     pub tenantid: String,
     /// Aggregate type, e.g. `order`.
+    #[schemars(length(min = 1))]
     pub aggregatetype: String,
     /// Aggregate id.
+    #[schemars(length(min = 1))]
     pub aggregateid: String,
-    /// Aggregate version after this event: orders one aggregate's events.
+    /// Aggregate version after this event: orders one aggregate's events (1, 2, 3, ...; a
+    /// CloudEvents Integer).
+    #[schemars(range(min = 1, max = 2147483647))]
     pub aggregateversion: i64,
     /// Correlation id of the business flow.
     pub correlationid: String,
-    /// What caused this event.
+    /// What caused this event (the HTTP API's request id for a command).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = not_null)]
     pub causationid: Option<String>,
-    /// W3C trace context (CloudEvents distributed tracing extension).
+    /// W3C trace context (CloudEvents distributed tracing extension); only a valid one is sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = not_null, regex(pattern = TRACEPARENT_PATTERN))]
     pub traceparent: Option<String>,
-    /// W3C trace state.
+    /// W3C trace state, only with a `traceparent`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = not_null)]
     pub tracestate: Option<String>,
-    /// The payload.
+    /// The payload: its schema is the event type's, at `schemaversion`.
     pub data: serde_json::Value,
+}
+
+/// An optional attribute is left out when it has no value, never sent as `null`.
+fn not_null(schema: &mut schemars::Schema) {
+    if let Some(types) = schema.get_mut("type") {
+        *types = serde_json::Value::from("string");
+    }
+}
+
+/// Why a row cannot be sent as a CloudEvent.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    /// The metadata is not the shape the command side writes (or the JSON could not be written).
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    /// The metadata's `source` is empty.
+    #[error("its source is empty (CloudEvents requires a non-empty URI-reference)")]
+    EmptySource,
+    /// The aggregate version is beyond a CloudEvents Integer.
+    #[error("aggregate version {0} is beyond CloudEvents' Integer range (at most {MAX_INTEGER})")]
+    VersionOutOfRange(i64),
+}
+
+/// Whether `value` is a `traceparent` the W3C Trace Context accepts: `version-traceid-parentid-
+/// flags` in lower-case hex, version not `ff` (version `00` exactly 55 characters; a later
+/// version may carry more after a `-`), neither id all zeros.
+pub fn is_valid_traceparent(value: &str) -> bool {
+    let b = value.as_bytes();
+    let hex =
+        |r: std::ops::Range<usize>| b[r].iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    let zero = |r: std::ops::Range<usize>| b[r].iter().all(|&c| c == b'0');
+    if b.len() < 55 || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
+        return false;
+    }
+    if !hex(0..2) || !hex(3..35) || !hex(36..52) || !hex(53..55) || &b[0..2] == b"ff" {
+        return false;
+    }
+    if zero(3..35) || zero(36..52) {
+        return false;
+    }
+    if &b[0..2] == b"00" {
+        b.len() == 55
+    } else {
+        b.len() == 55 || b[55] == b'-'
+    }
+}
+
+/// `source` as a URI-reference: unchanged when it is one, else with every byte a URI-reference
+/// cannot hold percent-encoded (`%` itself only when it does not start an escape).
+pub fn source_as_uri_reference(source: &str) -> Cow<'_, str> {
+    let b = source.as_bytes();
+    let allowed = |i: usize| -> bool {
+        let c = b[i];
+        c.is_ascii_alphanumeric()
+            || b"-._~!$&'()*+,;=:@/?#".contains(&c)
+            || (c == b'%'
+                && i + 2 < b.len()
+                && b[i + 1].is_ascii_hexdigit()
+                && b[i + 2].is_ascii_hexdigit())
+    };
+    // Only one '#': a second one cannot be part of a fragment.
+    let first_hash = source.find('#');
+    let ok_at = |i: usize| allowed(i) && !(b[i] == b'#' && Some(i) != first_hash);
+    if (0..b.len()).all(ok_at) {
+        return Cow::Borrowed(source);
+    }
+    let mut out = String::with_capacity(source.len() + 8);
+    for (i, &c) in b.iter().enumerate() {
+        if ok_at(i) {
+            out.push(c as char);
+        } else {
+            out.push_str(&format!("%{c:02X}"));
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// The attributes the spec constrains, as sent.
+struct Conformant<'a> {
+    source: Cow<'a, str>,
+    traceparent: Option<&'a str>,
+    tracestate: Option<&'a str>,
+}
+
+/// The attributes the spec constrains, checked and made conformant once for both builders.
+fn conformant<'a>(
+    row: &crate::outbox::ClaimedEvent,
+    source: &'a str,
+    traceparent: Option<&'a str>,
+    tracestate: Option<&'a str>,
+) -> Result<Conformant<'a>, EnvelopeError> {
+    if source.is_empty() {
+        return Err(EnvelopeError::EmptySource);
+    }
+    if row.aggregate_version > MAX_INTEGER {
+        return Err(EnvelopeError::VersionOutOfRange(row.aggregate_version));
+    }
+    let traceparent = traceparent.filter(|t| is_valid_traceparent(t));
+    let tracestate = tracestate.filter(|_| traceparent.is_some());
+    Ok(Conformant {
+        source: source_as_uri_reference(source),
+        traceparent,
+        tracestate,
+    })
 }
 
 impl EventEnvelope {
     /// The envelope of a claimed outbox row. Fails only when the row's metadata is not the shape
     /// the command side writes (then the row can never be published and goes dead).
-    pub fn from_row(row: &crate::outbox::ClaimedEvent) -> Result<Self, serde_json::Error> {
+    pub fn from_row(row: &crate::outbox::ClaimedEvent) -> Result<Self, EnvelopeError> {
         let metadata: crate::outbox::EventMetadata = serde_json::from_value(row.metadata.clone())?;
+        let Conformant {
+            source,
+            traceparent,
+            tracestate,
+        } = conformant(
+            row,
+            &metadata.source,
+            metadata.traceparent.as_deref(),
+            metadata.tracestate.as_deref(),
+        )?;
         Ok(Self {
             specversion: SPEC_VERSION.to_owned(),
             id: row.event_id,
-            source: metadata.source,
+            source: source.into_owned(),
             event_type: row.event_type.clone(),
             schemaversion: row.schema_version,
             subject: format!("{}/{}", row.aggregate_type, row.aggregate_id),
@@ -72,19 +227,37 @@ impl EventEnvelope {
             aggregateversion: row.aggregate_version,
             correlationid: metadata.correlation_id,
             causationid: metadata.causation_id,
-            traceparent: metadata.traceparent,
-            tracestate: metadata.tracestate,
+            traceparent: traceparent.map(str::to_owned),
+            tracestate: tracestate.map(str::to_owned),
             data: row.payload.clone(),
         })
+    }
+
+    /// Whether the row's metadata carries a `traceparent` its envelope leaves out as invalid.
+    pub fn drops_traceparent(row: &crate::outbox::ClaimedEvent) -> bool {
+        row.metadata
+            .get("traceparent")
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(|t| !is_valid_traceparent(t))
     }
 
     /// The JSON a bus carries for a claimed row: the same bytes as serializing
     /// [`EventEnvelope::from_row`]'s envelope, without copying the row's payload and metadata
     /// first (the dispatcher does this for every row it publishes).
-    pub fn body_of(row: &crate::outbox::ClaimedEvent) -> Result<String, serde_json::Error> {
+    pub fn body_of(row: &crate::outbox::ClaimedEvent) -> Result<String, EnvelopeError> {
         // The metadata's strings are borrowed from the row, the subject is written straight into
         // the body, and the body's buffer is sized once: no copy of anything but the body.
         let metadata = MetadataOfRow::deserialize(&row.metadata)?;
+        let Conformant {
+            source,
+            traceparent,
+            tracestate,
+        } = conformant(
+            row,
+            metadata.source,
+            metadata.traceparent,
+            metadata.tracestate,
+        )?;
         let strings = row.tenant_id.len()
             + 2 * (row.aggregate_type.len() + row.aggregate_id.len())
             + row.event_type.len();
@@ -94,7 +267,7 @@ impl EventEnvelope {
             &EnvelopeOfRow {
                 specversion: SPEC_VERSION,
                 id: row.event_id,
-                source: metadata.source,
+                source: &source,
                 event_type: &row.event_type,
                 schemaversion: row.schema_version,
                 subject: Subject(&row.aggregate_type, &row.aggregate_id),
@@ -106,11 +279,12 @@ impl EventEnvelope {
                 aggregateversion: row.aggregate_version,
                 correlationid: metadata.correlation_id,
                 causationid: metadata.causation_id,
-                traceparent: metadata.traceparent,
-                tracestate: metadata.tracestate,
+                traceparent,
+                tracestate,
                 data: &row.payload,
             },
-        )?;
+        )
+        .map_err(EnvelopeError::Json)?;
         // serde_json writes valid UTF-8 only.
         Ok(String::from_utf8(body).expect("JSON is UTF-8"))
     }
@@ -227,5 +401,64 @@ mod tests {
             assert!(EventEnvelope::from_row(&row).is_err());
             assert!(EventEnvelope::body_of(&row).is_err());
         }
+    }
+
+    #[test]
+    fn only_a_valid_w3c_traceparent_is_valid() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(is_valid_traceparent(good));
+        // A later version may carry more fields after a dash.
+        assert!(is_valid_traceparent(&format!("01{}-extra", &good[2..])));
+        // Tried: upper case, version ff, all-zero trace id, all-zero parent id, version 00 with
+        // more, no flags, a non-hex flag, garbage, empty.
+        for bad in [
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+            "garbage",
+            "",
+        ] {
+            assert!(!is_valid_traceparent(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_envelope_makes_the_source_a_uri_reference_and_drops_an_invalid_traceparent() {
+        let row = row(serde_json::json!({
+            "correlation_id": "c", "source": "capture:Sales.Order Lines#a#b%zz%41",
+            "traceparent": "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "tracestate": "k=v"
+        }));
+        let envelope = EventEnvelope::from_row(&row).unwrap();
+        assert_eq!(envelope.source, "capture:Sales.Order%20Lines#a%23b%25zz%41");
+        assert_eq!((envelope.traceparent, envelope.tracestate), (None, None));
+        assert!(EventEnvelope::drops_traceparent(&row));
+        let body: serde_json::Value =
+            serde_json::from_str(&EventEnvelope::body_of(&row).unwrap()).unwrap();
+        assert_eq!(body["source"], "capture:Sales.Order%20Lines#a%23b%25zz%41");
+        assert!(body.get("traceparent").is_none() && body.get("tracestate").is_none());
+        assert_eq!(source_as_uri_reference("orders"), "orders");
+        assert_eq!(
+            source_as_uri_reference("urn:svc:payments/eu-1?x=1"),
+            "urn:svc:payments/eu-1?x=1"
+        );
+    }
+
+    #[test]
+    fn what_cannot_be_a_cloudevent_is_refused_by_both_builders() {
+        let mut big = row(serde_json::json!({"correlation_id": "c", "source": "orders"}));
+        big.aggregate_version = MAX_INTEGER + 1;
+        let empty = row(serde_json::json!({"correlation_id": "c", "source": ""}));
+        for row in [big, empty] {
+            assert!(EventEnvelope::from_row(&row).is_err());
+            assert!(EventEnvelope::body_of(&row).is_err());
+        }
+        let mut last = row(serde_json::json!({"correlation_id": "c", "source": "orders"}));
+        last.aggregate_version = MAX_INTEGER;
+        assert!(EventEnvelope::body_of(&last).is_ok());
     }
 }

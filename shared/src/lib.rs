@@ -46,6 +46,7 @@
 pub mod aws;
 pub mod config;
 pub mod consumer;
+pub mod contract;
 pub mod dispatcher;
 pub mod envelope;
 pub mod failure;

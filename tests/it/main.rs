@@ -2,6 +2,7 @@
 
 mod capture;
 mod chaos;
+mod contracts;
 mod delayed;
 mod dispatcher;
 mod extending;

@@ -1158,7 +1158,7 @@ impl Schedule<'_> {
                     .expect("commit at the end");
             }
         }
-        let mut rows = self.h.check("producers committed").await?;
+        self.h.check("producers committed").await?;
         for round in 0..100 {
             self.h
                 .monitor
@@ -1171,7 +1171,7 @@ impl Schedule<'_> {
                 .await
                 .expect("expire every lease");
             // The state the claim starts from: every lease run out.
-            rows = self.h.rows().await;
+            let rows = self.h.rows().await;
             self.h.batches.clear();
             let step = format!("settle round {round}");
             let owner = format!("settle/{}", Uuid::new_v4().simple());
@@ -1200,7 +1200,7 @@ impl Schedule<'_> {
                 .map_err(|e| store_violation(&step, &e))?;
             self.after_record(&batch, &outcomes, &later, &leased, &step)
                 .await?;
-            rows = self.h.check(&step).await?;
+            self.h.check(&step).await?;
         }
         let rows = self.h.check("settled").await?;
         for row in &rows {

@@ -242,7 +242,11 @@ async fn a_replay_asked_for_while_a_later_one_is_in_flight_goes_after_it_never_b
     replay(&client, 2).await;
     assert_eq!(claim(&client, "d1").await, [2]);
     replay(&client, 1).await;
-    assert_eq!(claim(&client, "d2").await, Vec::<i64>::new(), "v2 is in flight");
+    assert_eq!(
+        claim(&client, "d2").await,
+        Vec::<i64>::new(),
+        "v2 is in flight"
+    );
     client
         .execute(
             "SELECT outbox_record('d1', ARRAY(SELECT id FROM outbox WHERE aggregate_version = 2),
@@ -300,5 +304,9 @@ async fn a_replay_waits_for_a_claim_of_its_aggregate_still_committing() {
     open.commit().await.unwrap();
     let operator = waiting.await.unwrap();
     assert_eq!(db.count(&operator, "outbox WHERE replay").await, 2);
-    assert_eq!(claim(&other, "d2").await, Vec::<i64>::new(), "v2 is in flight");
+    assert_eq!(
+        claim(&other, "d2").await,
+        Vec::<i64>::new(),
+        "v2 is in flight"
+    );
 }

@@ -465,13 +465,10 @@ fn is_token(value: &str, max: usize) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
-/// W3C `traceparent`: `00-<32 hex>-<16 hex>-<2 hex>`.
-fn is_traceparent(value: &str) -> bool {
-    let parts: Vec<&str> = value.split('-').collect();
-    matches!(parts.as_slice(), [v, t, p, f]
-    if [(v, 2), (t, 32), (p, 16), (f, 2)].iter().all(|(s, n)| {
-        s.len() == *n && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-    }))
+/// An API Gateway request id, whatever its characters (HTTP API ids end in `=`): printable ASCII,
+/// no spaces, at most 128 bytes.
+fn is_request_id(value: &str) -> bool {
+    !value.is_empty() && value.len() <= 128 && value.bytes().all(|b| b.is_ascii_graphic())
 }
 
 fn metadata(req: &ApiGatewayV2httpRequest, ctx: &Context, source: &str) -> EventMetadata {
@@ -479,14 +476,14 @@ fn metadata(req: &ApiGatewayV2httpRequest, ctx: &Context, source: &str) -> Event
         .request_context
         .request_id
         .clone()
-        .filter(|id| is_token(id, 128))
-        .or_else(|| Some(ctx.request_id.clone()).filter(|id| is_token(id, 128)))
+        .filter(|id| is_request_id(id))
+        .or_else(|| Some(ctx.request_id.clone()).filter(|id| is_request_id(id)))
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let correlation_id = header(&req.headers, "x-correlation-id")
         .filter(|id| is_token(id, 128))
         .map_or_else(|| request_id.clone(), str::to_owned);
     let traceparent = header(&req.headers, "traceparent")
-        .filter(|tp| is_traceparent(tp))
+        .filter(|tp| pg_outbox::envelope::is_valid_traceparent(tp))
         .map(str::to_owned);
     let tracestate = traceparent
         .as_ref()
@@ -557,17 +554,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn traceparent_format_is_checked() {
-        assert!(is_traceparent(
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-        ));
-        assert!(!is_traceparent(
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"
-        ));
-        assert!(!is_traceparent(
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"
-        ));
-        assert!(!is_traceparent("garbage"));
+    fn the_request_id_is_kept_whatever_its_characters() {
+        // API Gateway HTTP API ids end in `=`; REST API ids are UUIDs.
+        for id in [
+            "Jx1aAbCdEFAEMpQ=",
+            "c6af9ac6-7b61-11e6-9a41-93e8deadbeef",
+            "a+b/c==",
+        ] {
+            assert!(is_request_id(id), "{id}");
+        }
+        for id in ["", "a b", "tab\there", "é", &"x".repeat(129)] {
+            assert!(!is_request_id(id), "{id}");
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! change that breaks readers gets a new version, never an in-place edit.
 
 use chrono::{DateTime, Utc};
+use pg_outbox::contract::{Contract, JsonSchema};
 use serde::{Deserialize, Serialize};
 
 use super::Currency;
@@ -14,19 +15,35 @@ pub const PAYMENT_PAID: &str = "payment.paid";
 /// `payment.refunded`: a (partial) refund was recorded against a paid payment.
 pub const PAYMENT_REFUNDED: &str = "payment.refunded";
 
+/// A payment id as events carry it: the path's `paymentId`, a slug.
+const PAYMENT_ID_PATTERN: &str = "^[A-Za-z0-9._-]{1,64}$";
+
+/// The schemas of every payment event's `data` (`schemas/`, checked by the tests).
+pub fn contracts() -> Vec<Contract> {
+    vec![
+        Contract::of::<PaymentPaidV1>(PAYMENT_PAID, PaymentPaidV1::SCHEMA_VERSION),
+        Contract::of::<PaymentRefundedV1>(PAYMENT_REFUNDED, PaymentRefundedV1::SCHEMA_VERSION),
+    ]
+}
+
 /// Payload of `payment.paid`, schema version 1.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("additionalProperties" = false))]
 pub struct PaymentPaidV1 {
-    /// The payment.
+    /// The payment (the event's aggregate id).
+    #[schemars(regex(pattern = PAYMENT_ID_PATTERN))]
     pub payment_id: String,
     /// Amount paid, in minor units of `currency`.
+    #[schemars(range(min = 1, max = 1_000_000_000_000_000i64))]
     pub amount_minor: i64,
     /// ISO 4217 currency.
     pub currency: Currency,
     /// How the payment was verified.
+    #[schemars(extend("enum" = ["card_3ds", "card_avs", "bank_transfer", "manual_review"]))]
     pub verification_method: String,
     /// Who or what verified it.
+    #[schemars(length(min = 1, max = 128))]
     pub verified_by: String,
     /// When it was marked paid.
     pub paid_at: DateTime<Utc>,
@@ -38,20 +55,25 @@ impl PaymentPaidV1 {
 }
 
 /// Payload of `payment.refunded`, schema version 1.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("additionalProperties" = false))]
 pub struct PaymentRefundedV1 {
-    /// The payment.
+    /// The payment (the event's aggregate id).
+    #[schemars(regex(pattern = PAYMENT_ID_PATTERN))]
     pub payment_id: String,
     /// The refund.
     pub refund_id: uuid::Uuid,
     /// Amount of this refund, in minor units of `currency`.
+    #[schemars(range(min = 1, max = 1_000_000_000_000_000i64))]
     pub amount_minor: i64,
     /// ISO 4217 currency (the payment's).
     pub currency: Currency,
     /// Total refunded on the payment including this refund.
+    #[schemars(range(min = 1, max = 1_000_000_000_000_000i64))]
     pub refunded_total_minor: i64,
     /// What can still be refunded.
+    #[schemars(range(min = 0, max = 1_000_000_000_000_000i64))]
     pub remaining_minor: i64,
     /// When the refund was recorded.
     pub refunded_at: DateTime<Utc>,

@@ -29,6 +29,8 @@ pub(super) struct ClaimedBatch {
     pub(super) publish_latencies: Vec<Duration>,
     /// For each live event published, the time from its append to the bus's answer.
     pub(super) commit_to_publish: Vec<Duration>,
+    /// Invalid `traceparent`s left out of the envelopes.
+    pub(super) trace_contexts_dropped: usize,
 }
 
 impl ClaimedBatch {
@@ -43,6 +45,7 @@ impl ClaimedBatch {
             claim_latency: Some(claim.latency),
             publish_latencies: Vec::new(),
             commit_to_publish: Vec::new(),
+            trace_contexts_dropped: 0,
         }
     }
 
@@ -128,6 +131,7 @@ async fn record<S: OutboxStore>(
         claim_latency: None,
         publish_latencies: Vec::new(),
         commit_to_publish: Vec::new(),
+        trace_contexts_dropped: 0,
     });
     let summary = DispatchSummary {
         claimed: batch.claimed,
@@ -139,6 +143,7 @@ async fn record<S: OutboxStore>(
         claim_latencies: batch.claim_latency.into_iter().collect(),
         publish_latencies: batch.publish_latencies,
         commit_to_publish: LatencySample::all(batch.commit_to_publish),
+        trace_contexts_dropped: batch.trace_contexts_dropped,
         ..DispatchSummary::default()
     };
     Ok((summary, rest))

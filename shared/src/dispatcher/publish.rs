@@ -35,7 +35,16 @@ impl<P: Publisher + 'static> Bus<P> {
             claim_latency: Some(claim.latency),
             publish_latencies: Vec::new(),
             commit_to_publish: Vec::new(),
+            trace_contexts_dropped: 0,
         };
+        batch.trace_contexts_dropped = claim
+            .events
+            .iter()
+            .filter(|event| EventEnvelope::drops_traceparent(event))
+            .inspect(|event| {
+                tracing::warn!(event_id = %event.event_id, "invalid traceparent left out of the envelope")
+            })
+            .count();
         let (messages, rejected) = self.prepare(claim.events);
         for (event, reason) in rejected {
             self.note(&mut batch.outcomes, &event, PublishOutcome::Reject(reason));

@@ -38,6 +38,8 @@ pub struct DispatchSummary {
     /// Store operations that failed because the database was unavailable (restarting, failing
     /// over, refusing credentials, not answering); the drain paused and carried on after each.
     pub store_errors: usize,
+    /// Invalid W3C `traceparent`s left out of the envelopes (the events went out without one).
+    pub trace_contexts_dropped: usize,
     /// Wall time, milliseconds.
     pub duration_ms: u64,
     /// Why it stopped.
@@ -149,6 +151,7 @@ impl DispatchSummary {
         self.dead += batch.dead;
         self.publish_calls += batch.publish_calls;
         self.failed_publish_calls += batch.failed_publish_calls;
+        self.trace_contexts_dropped += batch.trace_contexts_dropped;
         self.claim_latencies.extend(batch.claim_latencies);
         self.publish_latencies.extend(batch.publish_latencies);
         self.commit_to_publish.absorb(&batch.commit_to_publish);
@@ -164,6 +167,7 @@ impl DispatchSummary {
             .count("Claimed", self.claimed)
             .count("Cleaned", self.cleaned as usize)
             .count("StoreErrors", self.store_errors)
+            .count("TraceContextsDropped", self.trace_contexts_dropped)
             .latencies("ClaimLatency", &self.claim_latencies)
             .latencies("PublishLatency", &self.publish_latencies)
             .latencies("CommitToPublishLatency", &self.commit_to_publish.reported());
