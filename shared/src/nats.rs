@@ -6,8 +6,9 @@
 //! On the wire: one subject per entity, `<prefix>.<aggregate type>.<aggregate id>.<event type>`,
 //! so a stream (and any consumer filtering on `<prefix>.order.o-1.>`) keeps each entity's
 //! order; `Nats-Msg-Id` = the event id, so JetStream drops a re-publish within the stream's
-//! duplicate window; the CloudEvents envelope as the body; event type, tenant and event id as
-//! headers. Every publish acknowledgment is awaited and read on its own: a missing one (timeout,
+//! duplicate window; the CloudEvents envelope as the body; event type, tenant and aggregate
+//! version as headers (`Outbox-Event-Type`, `Outbox-Tenant-Id`, `Outbox-Aggregate-Version`).
+//! Every publish acknowledgment is awaited and read on its own: a missing one (timeout,
 //! connection lost) or an error (stream full, no stream for the subject) is a retry for that row
 //! only, dead-lettered after `DISPATCH_MAX_ATTEMPTS` like any other.
 

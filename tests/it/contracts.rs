@@ -418,6 +418,14 @@ async fn every_envelope_on_every_channel_keeps_the_contract_and_the_spec() {
             .clone()
     };
     assert_eq!(of("o-2", 1)["source"], "capture:Sales.Order%20Lines");
+    // EventBridge's Source is the same text, so a rule on Source and one on detail.source agree.
+    let on_the_bus: Value = bodies
+        .iter()
+        .filter(|(name, _)| name.starts_with("eventbridge"))
+        .map(|(_, body)| serde_json::from_str::<Value>(body).unwrap())
+        .find(|event| event["detail"]["aggregateid"] == "o-2")
+        .unwrap();
+    assert_eq!(on_the_bus["source"], "capture:Sales.Order%20Lines");
     assert!(of("o-2", 1).get("traceparent").is_none() && of("o-2", 1).get("tracestate").is_none());
     assert!(of("pay_a", 1).get("traceparent").is_none());
     assert_eq!(of("pay_b", 1)["traceparent"], valid);

@@ -32,13 +32,18 @@ impl EventBridgePublisher {
     }
 }
 
-fn source(message: &OutgoingMessage) -> &str {
-    message
-        .event
-        .metadata
-        .get("source")
-        .and_then(|s| s.as_str())
-        .unwrap_or("outbox")
+/// The entry's `Source`: the envelope's `source` as it sends it (a URI-reference), so a rule on
+/// `Source` and one on `detail.source` see the same text. Only a row with a source is ever sent
+/// (the envelope refuses the others).
+fn source(message: &OutgoingMessage) -> std::borrow::Cow<'_, str> {
+    crate::envelope::source_as_uri_reference(
+        message
+            .event
+            .metadata
+            .get("source")
+            .and_then(|s| s.as_str())
+            .unwrap_or_default(),
+    )
 }
 
 impl Publisher for EventBridgePublisher {
