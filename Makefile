@@ -1,11 +1,14 @@
 # The two commands a newcomer needs, and a few more for day-to-day work.
-.PHONY: demo test bench up down reset fmt lint sam-build schemas
+.PHONY: demo test bench api up down reset fmt lint sam-build schemas
 
 demo:   ## run the whole flow locally, end to end
 	scripts/demo
 
 test:   ## run the whole test suite (brings PostgreSQL and moto up itself)
 	scripts/test
+
+api:    ## serve the HTTP API locally (the real function behind a stand-in for API Gateway)
+	scripts/api
 
 bench:  ## run the benchmarks against the local environment
 	scripts/bench
