@@ -44,6 +44,7 @@
 //!   of function failures, settings read at cold start, logs.
 
 pub mod aws;
+pub mod claim_check;
 pub mod config;
 pub mod consumer;
 pub mod contract;

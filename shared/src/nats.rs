@@ -189,6 +189,12 @@ impl NatsPublisher {
             HEADER_AGGREGATE_VERSION,
             event.aggregate_version.to_string().as_str(),
         );
+        if let Some(size) = message.extended_size {
+            headers.insert(
+                crate::claim_check::SIZE_ATTRIBUTE,
+                size.to_string().as_str(),
+            );
+        }
         headers
     }
 }
@@ -213,7 +219,10 @@ impl Publisher for NatsPublisher {
             + HEADER_TENANT.len()
             + event.tenant_id.len()
             + HEADER_AGGREGATE_VERSION.len()
-            + 20;
+            + 20
+            + message
+                .extended_size
+                .map_or(0, |_| crate::claim_check::SIZE_ATTRIBUTE.len() + 24);
         message.body.len() + headers
     }
 
@@ -353,10 +362,14 @@ pub async fn sink_consumer(
 /// `store`'s inbox as consumer `inbox_consumer`, in stream order, in one transaction; then acks
 /// each message whose outcome is final and naks the rest with `redeliver_after`. A message is
 /// acknowledged only after its effect committed, so a crash in between redelivers it and the
-/// inbox makes the second delivery a no-op.
+/// inbox makes the second delivery a no-op. A message carrying a claim check pointer is applied
+/// with the envelope read from `payloads`; one that cannot be read (S3 unavailable, no store) is
+/// redelivered after `redeliver_after`.
+#[allow(clippy::too_many_arguments)]
 pub async fn consume<S: crate::ports::ProjectionStore>(
     consumer: &consumer::Consumer<consumer::pull::Config>,
     store: &S,
+    payloads: Option<&crate::claim_check::S3PayloadStore>,
     inbox_consumer: &str,
     batch: usize,
     wait: Duration,
@@ -379,7 +392,19 @@ pub async fn consume<S: crate::ports::ProjectionStore>(
     let mut envelopes = Vec::with_capacity(received.len());
     let mut applied_messages = Vec::with_capacity(received.len());
     for message in &received {
-        match serde_json::from_slice::<crate::envelope::EventEnvelope>(&message.payload) {
+        let payload = String::from_utf8_lossy(&message.payload);
+        let payload = match crate::claim_check::resolve(payloads, &payload).await {
+            Ok(payload) => payload,
+            Err(error) => {
+                tracing::warn!(subject = %message.subject, %error, "stored envelope cannot be read; redelivered");
+                message
+                    .ack_with(AckKind::Nak(Some(redeliver_after)))
+                    .await?;
+                report.redelivered += 1;
+                continue;
+            }
+        };
+        match serde_json::from_str::<crate::envelope::EventEnvelope>(&payload) {
             Ok(envelope) => {
                 envelopes.push(envelope);
                 applied_messages.push(message);

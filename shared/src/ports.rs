@@ -153,8 +153,23 @@ pub trait OutboxStore: Send + Sync {
 pub struct OutgoingMessage {
     /// The claimed row.
     pub event: crate::outbox::ClaimedEvent,
-    /// The envelope as JSON: the SNS `Message` or the EventBridge `Detail`.
+    /// The envelope as JSON: the SNS `Message` or the EventBridge `Detail` (or, for an envelope
+    /// stored by the claim check, the pointer to it).
     pub body: String,
+    /// For a stored envelope sent as an extended-client pointer: the envelope's size, sent as
+    /// the `ExtendedPayloadSize` attribute (NATS: header).
+    pub extended_size: Option<usize>,
+}
+
+impl OutgoingMessage {
+    /// A message carrying its envelope.
+    pub fn new(event: crate::outbox::ClaimedEvent, body: String) -> Self {
+        Self {
+            event,
+            body,
+            extended_size: None,
+        }
+    }
 }
 
 /// What a bus said about one entry of a publish call.
@@ -186,6 +201,17 @@ pub trait Publisher: Send + Sync {
 
     /// Bytes `message` counts for against the limits.
     fn entry_size(&self, message: &OutgoingMessage) -> usize;
+
+    /// The message for an envelope the claim check stored at `pointer`: the body and the size
+    /// attribute to send. By default AWS's extended-client pointer with `ExtendedPayloadSize`.
+    fn pointer_body(
+        &self,
+        envelope: &str,
+        pointer: &crate::claim_check::S3Pointer,
+    ) -> Result<(String, Option<usize>), String> {
+        let _ = self;
+        Ok((pointer.body(), Some(envelope.len())))
+    }
 
     /// Publishes up to `limits().max_entries` messages in one call. Returns one outcome per
     /// message, in order: a call that fails as a whole is a `Retry` for each of them.

@@ -22,6 +22,7 @@ pub use lambda_runtime::Error as LambdaError;
 use lambda_runtime::LambdaEvent;
 use serde::Serialize;
 
+use crate::claim_check::{self, S3PayloadStore};
 use crate::consumer::{InboxRetention, Projections, Route};
 use crate::envelope::EventEnvelope;
 use crate::failure::{or_init_failed, FunctionError};
@@ -45,7 +46,12 @@ pub async fn run(
     let retention = or_init_failed(SERVICE, InboxRetention::from_env()).await?;
     let store = PgProjectionStore::new(db, projections);
     store.db().warm_up().await;
-    let sink = ProjectionSink::new(store, consumer).with_retention(retention);
+    let mut sink = ProjectionSink::new(store, consumer).with_retention(retention);
+    // Envelopes the dispatcher stored in S3 (claim check) are read back from the bucket.
+    if crate::config::optional_env("CLAIM_CHECK_BUCKET").is_some() {
+        let sdk = crate::aws::sdk_config().await;
+        sink = sink.with_claim_check(crate::claim_check::S3PayloadStore::new(&sdk));
+    }
     lambda_runtime::run(lambda_runtime::service_fn(|event| handle(&sink, event))).await
 }
 
@@ -63,6 +69,8 @@ pub struct SinkReport {
     pub unknown_types: usize,
     /// Messages reported as failures (redelivered by SQS).
     pub failures: usize,
+    /// Of them, messages whose envelope is stored in S3 (claim check) and could not be read.
+    pub claim_check_failures: usize,
     /// Inbox entries deleted by the retention cleanup during this batch.
     pub inbox_cleaned: u64,
     /// Why the whole batch could not be applied (the database), if it could not.
@@ -76,6 +84,7 @@ pub struct ProjectionSink<S> {
     consumer: String,
     retention: InboxRetention,
     next_cleanup: Mutex<Instant>,
+    payloads: Option<S3PayloadStore>,
 }
 
 impl<S: ProjectionStore> ProjectionSink<S> {
@@ -86,7 +95,15 @@ impl<S: ProjectionStore> ProjectionSink<S> {
             consumer: consumer.into(),
             retention: InboxRetention::default(),
             next_cleanup: Mutex::new(Instant::now()),
+            payloads: None,
         }
+    }
+
+    /// Reads envelopes the dispatcher's claim check stored from `payloads` (without it, a
+    /// delivery carrying a pointer fails, and is redelivered).
+    pub fn with_claim_check(mut self, payloads: S3PayloadStore) -> Self {
+        self.payloads = Some(payloads);
+        self
     }
 
     /// The same with another inbox retention.
@@ -111,7 +128,17 @@ impl<S: ProjectionStore> ProjectionSink<S> {
         for message in event.records {
             // Without a message id a failure could not be reported for it alone.
             let id = message.message_id.clone().unwrap_or_default();
-            let routed = parse_delivery(message.body.as_deref().unwrap_or_default())
+            let body = message.body.as_deref().unwrap_or_default();
+            let body = match claim_check::resolve(self.payloads.as_ref(), body).await {
+                Ok(body) => body,
+                Err(error) => {
+                    tracing::warn!(message_id = %id, %error, "stored envelope cannot be read; redelivered");
+                    report.claim_check_failures += 1;
+                    failed.push(id);
+                    continue;
+                }
+            };
+            let routed = parse_delivery(&body)
                 .and_then(|envelope| Ok((projections.route(&envelope)?, envelope)));
             match routed {
                 Ok((Route::Inbox { handled }, envelope)) => {
@@ -210,6 +237,7 @@ impl SinkReport {
             .count("StaleSkipped", self.stale)
             .count("UnknownTypes", self.unknown_types)
             .count("Failures", self.failures)
+            .count("ClaimCheckFailures", self.claim_check_failures)
             .count("InboxCleaned", self.inbox_cleaned as usize)
             .latencies("BatchLatency", &[apply_latency]);
         doc

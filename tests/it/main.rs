@@ -2,6 +2,7 @@
 
 mod capture;
 mod chaos;
+mod claim_check;
 mod contracts;
 mod delayed;
 mod dispatcher;

@@ -119,9 +119,9 @@ async fn a_republish_after_a_killed_dispatcher_is_dropped_by_jetstream() {
         .unwrap();
     let batch: Vec<OutgoingMessage> = claimed
         .into_iter()
-        .map(|event| OutgoingMessage {
-            body: serde_json::to_string(&EventEnvelope::from_row(&event).unwrap()).unwrap(),
-            event,
+        .map(|event| {
+            let body = serde_json::to_string(&EventEnvelope::from_row(&event).unwrap()).unwrap();
+            OutgoingMessage::new(event, body)
         })
         .collect();
     let outcomes = publisher.publish(&batch).await;
@@ -307,6 +307,7 @@ async fn the_sink_applies_a_stream_through_the_inbox_once_in_effect() {
         let report = pg_outbox::nats::consume(
             &consumer,
             &store,
+            None,
             "nats-sink",
             100,
             Duration::from_secs(1),

@@ -42,6 +42,22 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
+/// A bucket in moto's S3 (the claim check's).
+pub async fn create_bucket(config: &SdkConfig) -> String {
+    let bucket = unique("claims");
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(config)
+            .force_path_style(true)
+            .build(),
+    );
+    s3.create_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("create bucket");
+    bucket
+}
+
 /// A queue of moto's SQS.
 #[derive(Debug, Clone)]
 pub struct Queue {

@@ -62,6 +62,16 @@ impl Publisher for EventBridgePublisher {
                 .map_or(0, String::len)
     }
 
+    /// `Detail` must be a JSON object: the envelope without `data`, with the CloudEvents
+    /// `dataref` extension.
+    fn pointer_body(
+        &self,
+        envelope: &str,
+        pointer: &crate::claim_check::S3Pointer,
+    ) -> Result<(String, Option<usize>), String> {
+        Ok((crate::claim_check::dataref_body(envelope, pointer)?, None))
+    }
+
     #[tracing::instrument(skip_all, fields(entries = batch.len()))]
     async fn publish(&self, batch: &[OutgoingMessage]) -> Vec<PublishOutcome> {
         let entries: Vec<PutEventsRequestEntry> = batch

@@ -106,6 +106,18 @@ impl crate::ports::Publisher for BusPublisher {
         }
     }
 
+    fn pointer_body(
+        &self,
+        envelope: &str,
+        pointer: &crate::claim_check::S3Pointer,
+    ) -> Result<(String, Option<usize>), String> {
+        match self {
+            Self::Sns(p) => p.pointer_body(envelope, pointer),
+            Self::EventBridge(p) => p.pointer_body(envelope, pointer),
+            Self::Nats(p) => p.pointer_body(envelope, pointer),
+        }
+    }
+
     async fn publish(
         &self,
         batch: &[crate::ports::OutgoingMessage],

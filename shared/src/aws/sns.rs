@@ -85,6 +85,16 @@ impl SnsPublisher {
             .message_attributes(ATTRIBUTE_EVENT_TYPE, attribute(&event.event_type)?)
             .message_attributes(ATTRIBUTE_TENANT, attribute(&event.tenant_id)?)
             .message_attributes(ATTRIBUTE_EVENT_ID, attribute(&event.event_id.to_string())?);
+        if let Some(size) = message.extended_size {
+            entry = entry.message_attributes(
+                crate::claim_check::SIZE_ATTRIBUTE,
+                MessageAttributeValue::builder()
+                    .data_type("Number")
+                    .string_value(size.to_string())
+                    .build()
+                    .map_err(|e| e.to_string())?,
+            );
+        }
         if self.fifo {
             entry = entry
                 .message_group_id(message_group_id(&event.tenant_id, &event.aggregate_id))
@@ -121,7 +131,10 @@ impl Publisher for SnsPublisher {
         .iter()
         .map(|(name, value)| name.len() + "String".len() + value)
         .sum::<usize>();
-        message.body.len() + attributes
+        let extended = message.extended_size.map_or(0, |size| {
+            crate::claim_check::SIZE_ATTRIBUTE.len() + "Number".len() + size.to_string().len()
+        });
+        message.body.len() + attributes + extended
     }
 
     #[tracing::instrument(skip_all, fields(entries = batch.len()))]

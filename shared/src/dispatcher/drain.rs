@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::claim::{self, Claim, ClaimedBatch};
 use super::outage::Outage;
-use super::publish::{AbortOnDrop, Bus};
+use super::publish::{AbortOnDrop, Bus, ClaimCheck};
 use super::settings::{
     DispatcherConfig, CLEANUP_BUSY_PAUSE, CLEANUP_IDLE_PAUSE, HEARTBEAT_EVERY, HEARTBEAT_TTL,
 };
@@ -81,10 +81,19 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
                 publisher,
                 max_in_flight: config.max_in_flight,
                 retry: config.retry_policy(),
+                claim_check: None,
             }),
             config,
             worker_id: worker_id.into(),
         }
+    }
+
+    /// Sends envelopes over the claim check's threshold through S3 (a pointer on the bus).
+    pub fn with_claim_check(mut self, claim_check: ClaimCheck) -> Self {
+        if let Some(bus) = Arc::get_mut(&mut self.bus) {
+            bus.claim_check = Some(claim_check);
+        }
+        self
     }
 
     /// The store, for wiring.

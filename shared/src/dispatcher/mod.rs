@@ -26,6 +26,7 @@ pub mod summary;
 
 pub use drain::OutboxDispatcher;
 pub use outcome::{backoff_delay, Decision, RetryPolicy};
+pub use publish::ClaimCheck;
 pub use settings::{
     DispatcherConfig, Target, CLEANUP_BUSY_PAUSE, CLEANUP_IDLE_PAUSE, HEARTBEAT_EVERY,
     HEARTBEAT_TTL,

@@ -10,6 +10,7 @@ use futures_util::stream::{self, StreamExt};
 
 use super::claim::{Claim, ClaimedBatch};
 use super::outcome::{self, RetryPolicy};
+use crate::claim_check::{ClaimCheckSettings, PayloadStore, S3PayloadStore, S3Pointer};
 use crate::envelope::EventEnvelope;
 use crate::outbox::{ClaimedEvent, Outcomes};
 use crate::ports::{OutgoingMessage, PublishOutcome, Publisher};
@@ -19,6 +20,24 @@ pub(super) struct Bus<P> {
     pub(super) publisher: P,
     pub(super) max_in_flight: usize,
     pub(super) retry: RetryPolicy,
+    /// Where envelopes over the threshold go, when configured.
+    pub(super) claim_check: Option<ClaimCheck>,
+}
+
+/// The claim check's settings and its store.
+pub struct ClaimCheck {
+    /// Bucket, threshold, key prefix.
+    pub settings: ClaimCheckSettings,
+    /// The store (S3).
+    pub store: S3PayloadStore,
+}
+
+/// Why a message is not ready to go as it is.
+enum NotReady {
+    /// It can never go (unreadable metadata, too large with no claim check): dead.
+    Rejected(ClaimedEvent, String),
+    /// Over the threshold: its envelope goes to the claim check first.
+    ToStore(OutgoingMessage),
 }
 
 impl<P: Publisher + 'static> Bus<P> {
@@ -45,9 +64,17 @@ impl<P: Publisher + 'static> Bus<P> {
                 tracing::warn!(event_id = %event.event_id, "invalid traceparent left out of the envelope")
             })
             .count();
-        let (messages, rejected) = self.prepare(claim.events);
-        for (event, reason) in rejected {
-            self.note(&mut batch.outcomes, &event, PublishOutcome::Reject(reason));
+        let (mut messages, not_ready) = self.prepare(claim.events);
+        for item in not_ready {
+            match item {
+                NotReady::Rejected(event, reason) => {
+                    self.note(&mut batch.outcomes, &event, PublishOutcome::Reject(reason))
+                }
+                NotReady::ToStore(message) => match self.store(message).await {
+                    Ok(message) => messages.push(message),
+                    Err((event, outcome)) => self.note(&mut batch.outcomes, &event, outcome),
+                },
+            }
         }
         let calls = plan_calls(&self.publisher, messages);
         batch.publish_calls = calls.len();
@@ -99,38 +126,85 @@ impl<P: Publisher + 'static> Bus<P> {
         batch
     }
 
-    /// Serializes each row's envelope; rows that cannot be published at all (unreadable metadata,
-    /// larger than the bus takes) come back as rejected with the reason.
-    fn prepare(
-        &self,
-        claimed: Vec<ClaimedEvent>,
-    ) -> (Vec<OutgoingMessage>, Vec<(ClaimedEvent, String)>) {
+    /// Serializes each row's envelope. Rows that cannot be published at all (unreadable
+    /// metadata, larger than the bus takes with no claim check) come back rejected with the
+    /// reason; rows over the claim check's threshold come back to be stored first.
+    fn prepare(&self, claimed: Vec<ClaimedEvent>) -> (Vec<OutgoingMessage>, Vec<NotReady>) {
         let limit = self.publisher.limits().max_entry_bytes;
+        let threshold = self
+            .claim_check
+            .as_ref()
+            .map(|c| c.settings.threshold.unwrap_or(limit).min(limit));
         let mut ready = Vec::with_capacity(claimed.len());
-        let mut rejected = Vec::new();
+        let mut not_ready = Vec::new();
         for event in claimed {
             let body = match EventEnvelope::body_of(&event) {
                 Ok(body) => body,
                 Err(e) => {
-                    rejected.push((
+                    not_ready.push(NotReady::Rejected(
                         event,
                         format!("malformed event, cannot build its envelope: {e}"),
                     ));
                     continue;
                 }
             };
-            let message = OutgoingMessage { event, body };
+            let message = OutgoingMessage::new(event, body);
             let size = self.publisher.entry_size(&message);
-            if size > limit {
-                rejected.push((
+            match threshold {
+                Some(threshold) if size > threshold => not_ready.push(NotReady::ToStore(message)),
+                None if size > limit => not_ready.push(NotReady::Rejected(
                     message.event,
-                    format!("message too large: {size} bytes, the bus takes at most {limit}"),
-                ));
-            } else {
-                ready.push(message);
+                    format!("message too large: {size} bytes, the bus takes at most {limit} (set CLAIM_CHECK_BUCKET to send larger ones through S3)"),
+                )),
+                _ => ready.push(message),
             }
         }
-        (ready, rejected)
+        (ready, not_ready)
+    }
+
+    /// Stores a message's envelope in the claim check and makes the message its pointer. S3 not
+    /// answering is a retry of that row (nothing was sent); a pointer the bus would still
+    /// refuse is dead.
+    async fn store(
+        &self,
+        mut message: OutgoingMessage,
+    ) -> Result<OutgoingMessage, (ClaimedEvent, PublishOutcome)> {
+        let Some(claim_check) = &self.claim_check else {
+            return Err((
+                message.event,
+                PublishOutcome::Reject("no claim check".into()),
+            ));
+        };
+        let pointer = S3Pointer {
+            bucket: claim_check.settings.bucket.clone(),
+            key: claim_check
+                .settings
+                .key(&message.event.tenant_id, message.event.event_id),
+        };
+        if let Err(e) = claim_check.store.put(&pointer, &message.body).await {
+            tracing::warn!(event_id = %message.event.event_id, error = %e, "claim check unavailable");
+            return Err((message.event, PublishOutcome::Retry(e)));
+        }
+        match self.publisher.pointer_body(&message.body, &pointer) {
+            Ok((body, extended_size)) => {
+                message.body = body;
+                message.extended_size = extended_size;
+            }
+            Err(e) => return Err((message.event, PublishOutcome::Reject(e))),
+        }
+        let (size, limit) = (
+            self.publisher.entry_size(&message),
+            self.publisher.limits().max_entry_bytes,
+        );
+        if size > limit {
+            return Err((
+                message.event,
+                PublishOutcome::Reject(format!(
+                    "message too large even as a claim check pointer: {size} bytes, the bus takes at most {limit}"
+                )),
+            ));
+        }
+        Ok(message)
     }
 
     fn note(&self, outcomes: &mut Outcomes, event: &ClaimedEvent, answer: PublishOutcome) {

@@ -62,6 +62,13 @@ impl Consume {
         let deadline = self
             .for_seconds
             .map(|s| Instant::now() + Duration::from_secs(s));
+        // Envelopes the dispatcher stored in S3 (claim check) are read back from the bucket.
+        let payloads = match pg_outbox::config::optional_env("CLAIM_CHECK_BUCKET") {
+            Some(_) => Some(pg_outbox::claim_check::S3PayloadStore::new(
+                &pg_outbox::aws::sdk_config().await,
+            )),
+            None => None,
+        };
         let mut sums = ConsumeReport::default();
         loop {
             if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -70,6 +77,7 @@ impl Consume {
             let report = match pg_outbox::nats::consume(
                 &consumer,
                 &store,
+                payloads.as_ref(),
                 &self.inbox_consumer,
                 usize::from(self.batch),
                 Duration::from_secs(1),
