@@ -17,8 +17,7 @@
 //! other; nothing is acknowledged before it is read. The feed serves events from the database,
 //! in full.
 
-use std::future::Future;
-
+use futures_util::future::BoxFuture;
 use serde_json::Value;
 
 /// The pointer class AWS's extended clients write.
@@ -118,81 +117,18 @@ impl ClaimCheckSettings {
     }
 }
 
-/// Where envelopes are stored and read back.
+/// Where envelopes are stored and read back (S3: [`crate::aws::s3::S3PayloadStore`]). Boxed
+/// futures: the dispatcher and the consumers hold it as `dyn PayloadStore`, on a path taken by
+/// large events only.
 pub trait PayloadStore: Send + Sync {
     /// Stores `body` at `pointer`.
-    fn put(
-        &self,
-        pointer: &S3Pointer,
-        body: &str,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    fn put<'a>(
+        &'a self,
+        pointer: &'a S3Pointer,
+        body: &'a str,
+    ) -> BoxFuture<'a, Result<(), String>>;
     /// Reads what `pointer` points to.
-    fn get(&self, pointer: &S3Pointer) -> impl Future<Output = Result<String, String>> + Send;
-}
-
-/// Envelopes in S3.
-#[derive(Debug, Clone)]
-pub struct S3PayloadStore {
-    client: aws_sdk_s3::Client,
-}
-
-impl S3PayloadStore {
-    /// A store on `config` (path-style addressing when `AWS_ENDPOINT_URL` points elsewhere than
-    /// AWS, as emulators need).
-    pub fn new(config: &aws_config::SdkConfig) -> Self {
-        let s3 = aws_sdk_s3::config::Builder::from(config)
-            .force_path_style(std::env::var("AWS_ENDPOINT_URL").is_ok_and(|e| !e.is_empty()))
-            .build();
-        Self {
-            client: aws_sdk_s3::Client::from_conf(s3),
-        }
-    }
-}
-
-impl PayloadStore for S3PayloadStore {
-    async fn put(&self, pointer: &S3Pointer, body: &str) -> Result<(), String> {
-        self.client
-            .put_object()
-            .bucket(&pointer.bucket)
-            .key(&pointer.key)
-            .content_type("application/cloudevents+json")
-            .body(body.as_bytes().to_vec().into())
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| {
-                format!(
-                    "claim check: storing {}: {}",
-                    pointer.uri(),
-                    crate::aws::describe(&e)
-                )
-            })
-    }
-
-    async fn get(&self, pointer: &S3Pointer) -> Result<String, String> {
-        let object = self
-            .client
-            .get_object()
-            .bucket(&pointer.bucket)
-            .key(&pointer.key)
-            .send()
-            .await
-            .map_err(|e| {
-                format!(
-                    "claim check: reading {}: {}",
-                    pointer.uri(),
-                    crate::aws::describe(&e)
-                )
-            })?;
-        let bytes = object
-            .body
-            .collect()
-            .await
-            .map_err(|e| format!("claim check: reading {}: {e}", pointer.uri()))?
-            .into_bytes();
-        String::from_utf8(bytes.to_vec())
-            .map_err(|_| format!("claim check: {} is not UTF-8", pointer.uri()))
-    }
+    fn get<'a>(&'a self, pointer: &'a S3Pointer) -> BoxFuture<'a, Result<String, String>>;
 }
 
 /// Where a delivery's envelope is: in the message, or behind a pointer.
@@ -239,7 +175,7 @@ pub fn carried(body: &str) -> Carried {
 
 /// The envelope a delivery carries: `body` itself, or the stored envelope it points to (read
 /// from `store`). An error when it points and there is no store, or the store cannot read it.
-pub async fn resolve<S: PayloadStore>(store: Option<&S>, body: &str) -> Result<String, String> {
+pub async fn resolve(store: Option<&dyn PayloadStore>, body: &str) -> Result<String, String> {
     match carried(body) {
         Carried::Inline => Ok(body.to_owned()),
         Carried::Stored(pointer) => match store {

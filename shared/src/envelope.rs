@@ -1,3 +1,5 @@
+//! (Past 400 lines: the envelope, its two builders, the CloudEvents rules they share and their tests read best together.)
+//!
 //! The message every bus carries: one versioned envelope for SNS and EventBridge, laid out as a
 //! CloudEvents 1.0 JSON event (extension attribute names are lower-case alphanumerics, as the spec
 //! requires).

@@ -369,7 +369,7 @@ pub async fn sink_consumer(
 pub async fn consume<S: crate::ports::ProjectionStore>(
     consumer: &consumer::Consumer<consumer::pull::Config>,
     store: &S,
-    payloads: Option<&crate::claim_check::S3PayloadStore>,
+    payloads: Option<&dyn crate::claim_check::PayloadStore>,
     inbox_consumer: &str,
     batch: usize,
     wait: Duration,

@@ -10,7 +10,7 @@
 //! sends its successors to the queue's dead-letter queue after `maxReceiveCount`, from where they
 //! are re-driven once it is. An event older than what the projection holds changes nothing.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use aws_lambda_events::sqs::BatchItemFailure;
@@ -22,7 +22,7 @@ pub use lambda_runtime::Error as LambdaError;
 use lambda_runtime::LambdaEvent;
 use serde::Serialize;
 
-use crate::claim_check::{self, S3PayloadStore};
+use crate::claim_check::{self, PayloadStore};
 use crate::consumer::{InboxRetention, Projections, Route};
 use crate::envelope::EventEnvelope;
 use crate::failure::{or_init_failed, FunctionError};
@@ -50,7 +50,7 @@ pub async fn run(
     // Envelopes the dispatcher stored in S3 (claim check) are read back from the bucket.
     if crate::config::optional_env("CLAIM_CHECK_BUCKET").is_some() {
         let sdk = crate::aws::sdk_config().await;
-        sink = sink.with_claim_check(crate::claim_check::S3PayloadStore::new(&sdk));
+        sink = sink.with_claim_check(Arc::new(crate::aws::s3::S3PayloadStore::new(&sdk)));
     }
     lambda_runtime::run(lambda_runtime::service_fn(|event| handle(&sink, event))).await
 }
@@ -84,7 +84,7 @@ pub struct ProjectionSink<S> {
     consumer: String,
     retention: InboxRetention,
     next_cleanup: Mutex<Instant>,
-    payloads: Option<S3PayloadStore>,
+    payloads: Option<Arc<dyn PayloadStore>>,
 }
 
 impl<S: ProjectionStore> ProjectionSink<S> {
@@ -101,7 +101,7 @@ impl<S: ProjectionStore> ProjectionSink<S> {
 
     /// Reads envelopes the dispatcher's claim check stored from `payloads` (without it, a
     /// delivery carrying a pointer fails, and is redelivered).
-    pub fn with_claim_check(mut self, payloads: S3PayloadStore) -> Self {
+    pub fn with_claim_check(mut self, payloads: Arc<dyn PayloadStore>) -> Self {
         self.payloads = Some(payloads);
         self
     }
@@ -129,7 +129,7 @@ impl<S: ProjectionStore> ProjectionSink<S> {
             // Without a message id a failure could not be reported for it alone.
             let id = message.message_id.clone().unwrap_or_default();
             let body = message.body.as_deref().unwrap_or_default();
-            let body = match claim_check::resolve(self.payloads.as_ref(), body).await {
+            let body = match claim_check::resolve(self.payloads.as_deref(), body).await {
                 Ok(body) => body,
                 Err(error) => {
                     tracing::warn!(message_id = %id, %error, "stored envelope cannot be read; redelivered");

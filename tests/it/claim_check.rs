@@ -3,6 +3,7 @@
 //! the projection sink and on NATS; S3 unavailable is a clear, retried error on both sides, and
 //! nothing is lost.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
@@ -10,7 +11,8 @@ use outbox_tests::aws::{self, moto_endpoint, receive};
 use outbox_tests::nats::PrivateNats;
 use outbox_tests::sink_fixtures::sqs_event;
 use outbox_tests::{dispatcher, test_dispatcher_config, TestDb};
-use pg_outbox::claim_check::{ClaimCheckSettings, S3PayloadStore, SIZE_ATTRIBUTE};
+use pg_outbox::aws::s3::S3PayloadStore;
+use pg_outbox::claim_check::{ClaimCheckSettings, SIZE_ATTRIBUTE};
 use pg_outbox::consumer::{Projection, ProjectionError, Projections};
 use pg_outbox::dispatcher::{ClaimCheck, Target};
 use pg_outbox::envelope::EventEnvelope;
@@ -111,7 +113,7 @@ fn claim_check(config: &aws_config::SdkConfig, bucket: &str) -> ClaimCheck {
             threshold: None,
             prefix: "outbox/".into(),
         },
-        store: S3PayloadStore::new(config),
+        store: Arc::new(S3PayloadStore::new(config)),
     }
 }
 
@@ -231,7 +233,7 @@ async fn a_one_mib_event_goes_through_s3_to_amazons_extended_client_and_to_the_p
         .map(|(i, m)| (format!("m{i}"), m.body.clone()))
         .collect();
     let (response, report) = sink(&db)
-        .with_claim_check(S3PayloadStore::new(&config))
+        .with_claim_check(Arc::new(S3PayloadStore::new(&config)))
         .apply_batch(sqs_event(&records))
         .await;
     assert!(response.batch_item_failures.is_empty(), "{report:?}");
@@ -321,7 +323,7 @@ async fn s3_unavailable_is_a_clear_retried_error_on_both_sides_and_nothing_is_lo
     // A sink that cannot read S3 (or has no S3 access at all) fails that message alone, so SQS
     // delivers it again; nothing is applied.
     for sink in [
-        sink(&db).with_claim_check(S3PayloadStore::new(&nowhere)),
+        sink(&db).with_claim_check(Arc::new(S3PayloadStore::new(&nowhere))),
         sink(&db),
     ] {
         let (response, report) = sink.apply_batch(sqs_event(&records)).await;
@@ -335,7 +337,7 @@ async fn s3_unavailable_is_a_clear_retried_error_on_both_sides_and_nothing_is_lo
     assert_eq!(db.count(&client, "documents").await, 0);
     // The redelivery, with S3 back, applies it.
     let (response, report) = sink(&db)
-        .with_claim_check(S3PayloadStore::new(&config))
+        .with_claim_check(Arc::new(S3PayloadStore::new(&config)))
         .apply_batch(sqs_event(&records))
         .await;
     assert!(response.batch_item_failures.is_empty(), "{report:?}");
@@ -381,7 +383,7 @@ async fn eventbridge_and_nats_carry_a_pointer_the_consumers_resolve() {
         "{dataref}"
     );
     let (response, report) = sink(&db)
-        .with_claim_check(S3PayloadStore::new(&config))
+        .with_claim_check(Arc::new(S3PayloadStore::new(&config)))
         .apply_batch(sqs_event(&[("m1".into(), message.body)]))
         .await;
     assert!(response.batch_item_failures.is_empty(), "{report:?}");
@@ -425,7 +427,7 @@ async fn eventbridge_and_nats_carry_a_pointer_the_consumers_resolve() {
     let report = pg_outbox::nats::consume(
         &consumer,
         &store,
-        Some(&payloads),
+        Some(&payloads as &dyn pg_outbox::claim_check::PayloadStore),
         "docs",
         10,
         Duration::from_secs(1),

@@ -3,9 +3,10 @@
 
 use lambda_runtime::{run, service_fn, Error};
 use outbox_dispatcher::SERVICE;
+use pg_outbox::aws::s3::S3PayloadStore;
 use pg_outbox::aws::secrets::database_from_env;
 use pg_outbox::aws::{sdk_config, BusPublisher};
-use pg_outbox::claim_check::{ClaimCheckSettings, S3PayloadStore};
+use pg_outbox::claim_check::ClaimCheckSettings;
 use pg_outbox::dispatcher::{ClaimCheck, DispatcherConfig, OutboxDispatcher, Target};
 use pg_outbox::failure::or_init_failed;
 use pg_outbox::postgres::outbox::PgOutboxStore;
@@ -28,7 +29,7 @@ async fn main() -> Result<(), Error> {
     if let Some(settings) = claim_check {
         dispatcher = dispatcher.with_claim_check(ClaimCheck {
             settings,
-            store: S3PayloadStore::new(&sdk),
+            store: std::sync::Arc::new(S3PayloadStore::new(&sdk)),
         });
     }
     run(service_fn(|event| {

@@ -2,6 +2,7 @@
 //! [`crate::ports::Publisher`].
 
 pub mod eventbridge;
+pub mod s3;
 pub mod secrets;
 pub mod sns;
 pub mod wake;

@@ -10,7 +10,7 @@ use futures_util::stream::{self, StreamExt};
 
 use super::claim::{Claim, ClaimedBatch};
 use super::outcome::{self, RetryPolicy};
-use crate::claim_check::{ClaimCheckSettings, PayloadStore, S3PayloadStore, S3Pointer};
+use crate::claim_check::{ClaimCheckSettings, PayloadStore, S3Pointer};
 use crate::envelope::EventEnvelope;
 use crate::outbox::{ClaimedEvent, Outcomes};
 use crate::ports::{OutgoingMessage, PublishOutcome, Publisher};
@@ -28,8 +28,8 @@ pub(super) struct Bus<P> {
 pub struct ClaimCheck {
     /// Bucket, threshold, key prefix.
     pub settings: ClaimCheckSettings,
-    /// The store (S3).
-    pub store: S3PayloadStore,
+    /// The store (S3: `pg_outbox::aws::s3::S3PayloadStore`).
+    pub store: Arc<dyn PayloadStore>,
 }
 
 /// Why a message is not ready to go as it is.

@@ -64,7 +64,7 @@ impl Consume {
             .map(|s| Instant::now() + Duration::from_secs(s));
         // Envelopes the dispatcher stored in S3 (claim check) are read back from the bucket.
         let payloads = match pg_outbox::config::optional_env("CLAIM_CHECK_BUCKET") {
-            Some(_) => Some(pg_outbox::claim_check::S3PayloadStore::new(
+            Some(_) => Some(pg_outbox::aws::s3::S3PayloadStore::new(
                 &pg_outbox::aws::sdk_config().await,
             )),
             None => None,
@@ -77,7 +77,9 @@ impl Consume {
             let report = match pg_outbox::nats::consume(
                 &consumer,
                 &store,
-                payloads.as_ref(),
+                payloads
+                    .as_ref()
+                    .map(|p| p as &dyn pg_outbox::claim_check::PayloadStore),
                 &self.inbox_consumer,
                 usize::from(self.batch),
                 Duration::from_secs(1),
