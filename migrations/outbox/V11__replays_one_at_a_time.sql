@@ -6,14 +6,25 @@
 -- order. The order model found it (tests/it/order_model.rs, "replays in order").
 -- Now: a replay is claimable only while no other replay of its aggregate is leased, as well.
 -- The one in flight goes first (it was sent before v1 was asked for), then v1, then the rest in
--- version order. A lease that runs out frees the aggregate, as it frees the row.
+-- version order. A lease that runs out frees the aggregate, as it frees the row. A replay in
+-- flight is not marked again (outbox_replay returns it as held): marking clears the lease, which
+-- would free its aggregate while it is being published.
 --
 -- A claim decides on its snapshot: a claim running when the replay of v1 commits could still see
--- v2 unleased, if another claim leased v2 and had not committed yet. outbox_replay closes that
--- window: before it commits, it takes a KEY SHARE lock on the aggregate's other replays, which
--- waits for a claim that holds one of them (a claim is one short autocommitted statement) and
--- conflicts with nothing else that touches them (producers' FOR SHARE of a predecessor, records,
--- retention's reads). So any claim that sees v1 marked sees v2's lease too.
+-- v2 unleased, if another claim leased v2 and had not committed yet. A transaction-level
+-- advisory lock per aggregate (outbox_replay_lock_key) closes that window without anyone
+-- waiting on a claim's row locks:
+--   * a claim takes it, without waiting, for each replay it is about to lease, and leaves the
+--     replay when someone holds it (at most one replay per aggregate is a candidate, so at most
+--     a batch's worth of locks, held until the claim's autocommit);
+--   * outbox_replay takes it, waiting (its lock timeout), for each aggregate it marked, in key
+--     order (two replays never deadlock), after marking and before committing.
+-- So a claim that leased v2 commits before the replay of v1 does, or does not lease it: any
+-- claim that sees v1 marked sees v2's lease. Claims still never wait.
+
+CREATE FUNCTION outbox_replay_lock_key(p_tenant text, p_type text, p_id text) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN hashtextextended('outbox replay ' || p_tenant || '/' || p_type || '/' || p_id, 0);
 
 CREATE OR REPLACE FUNCTION outbox_claim(p_limit bigint, p_lease_secs float8, p_owner text, p_after text)
 RETURNS SETOF outbox LANGUAGE plpgsql SET jit = off AS $$
@@ -97,9 +108,14 @@ BEGIN
          ORDER BY o.next_attempt_at, o.id
          LIMIT p_limit
          FOR UPDATE OF o SKIP LOCKED
+    ), replays_free AS (
+        -- Only replays whose aggregate no replay of the operator's is committing right now.
+        SELECT r.id, r.next_attempt_at FROM replays r JOIN outbox o ON o.id = r.id
+        WHERE pg_try_advisory_xact_lock(
+                  outbox_replay_lock_key(o.tenant_id, o.aggregate_type, o.aggregate_id))
     ), candidates AS (
         -- Live events first, then replays.
-        SELECT * FROM live UNION ALL SELECT * FROM replays
+        SELECT * FROM live UNION ALL SELECT * FROM replays_free
     )
     UPDATE outbox o
     SET locked_until = now() + make_interval(secs => p_lease_secs),
@@ -113,7 +129,9 @@ CREATE OR REPLACE FUNCTION outbox_replay(p_ids bigint[], OUT changed bigint[], O
 LANGUAGE plpgsql AS $$
 BEGIN
     WITH locked AS (
+        -- A replay in flight (leased) is not marked again: held.
         SELECT id FROM outbox WHERE id = ANY (p_ids) AND status = 'published'
+          AND NOT (replay AND locked_until > now())
         ORDER BY id FOR UPDATE SKIP LOCKED
     ), marked AS (
         UPDATE outbox o
@@ -124,13 +142,11 @@ BEGIN
     SELECT coalesce(array_agg(id), '{}') INTO changed FROM marked;
     SELECT coalesce(array_agg(id), '{}') INTO held FROM outbox
     WHERE id = ANY (p_ids) AND status = 'published' AND NOT id = ANY (changed);
-    -- Wait for any claim of the aggregates' other replays to commit (see the top of the file).
-    PERFORM 1 FROM outbox e
-    WHERE e.replay AND NOT e.id = ANY (changed)
-      AND (e.tenant_id, e.aggregate_type, e.aggregate_id) IN (
-          SELECT tenant_id, aggregate_type, aggregate_id FROM outbox WHERE id = ANY (changed))
-    ORDER BY e.id
-    FOR KEY SHARE OF e;
+    -- Wait for any claim of these aggregates' replays to commit (see the top of the file).
+    PERFORM pg_advisory_xact_lock(k) FROM (
+        SELECT DISTINCT outbox_replay_lock_key(tenant_id, aggregate_type, aggregate_id) AS k
+        FROM outbox WHERE id = ANY (changed)
+        ORDER BY 1) keys;
 END $$;
 
 -- CREATE OR REPLACE keeps no SET clause: the replay's lock timeout (V7) and every function's
@@ -141,5 +157,7 @@ BEGIN
     EXECUTE format('ALTER FUNCTION outbox_claim(bigint, float8, text, text) SET search_path = %I, pg_catalog',
                    current_schema());
     EXECUTE format('ALTER FUNCTION outbox_replay(bigint[]) SET search_path = %I, pg_catalog',
+                   current_schema());
+    EXECUTE format('ALTER FUNCTION outbox_replay_lock_key(text, text, text) SET search_path = %I, pg_catalog',
                    current_schema());
 END $$;

@@ -112,8 +112,22 @@ impl ClaimCheckSettings {
     }
 
     /// The key of an event's envelope.
+    /// The tenant is percent-encoded but for letters, digits, `-`, `_` and `.` (a SQL producer's
+    /// tenant may hold `/` or control characters, and a key is at most 1,024 bytes: a longer
+    /// tenant is cut to 256 bytes of encoding, the event id keeps the key unique).
     pub fn key(&self, tenant_id: &str, event_id: uuid::Uuid) -> String {
-        format!("{}{tenant_id}/{event_id}.json", self.prefix)
+        let mut tenant = String::with_capacity(tenant_id.len());
+        for b in tenant_id.bytes() {
+            if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
+                tenant.push(b as char);
+            } else {
+                tenant.push_str(&format!("%{b:02X}"));
+            }
+            if tenant.len() >= 256 {
+                break;
+            }
+        }
+        format!("{}{tenant}/{event_id}.json", self.prefix)
     }
 }
 
@@ -121,6 +135,11 @@ impl ClaimCheckSettings {
 /// futures: the dispatcher and the consumers hold it as `dyn PayloadStore`, on a path taken by
 /// large events only.
 pub trait PayloadStore: Send + Sync {
+    /// Whether it reads what `pointer` points to (by default, anything).
+    fn accepts(&self, pointer: &S3Pointer) -> bool {
+        let _ = pointer;
+        true
+    }
     /// Stores `body` at `pointer`.
     fn put<'a>(
         &'a self,
@@ -179,6 +198,10 @@ pub async fn resolve(store: Option<&dyn PayloadStore>, body: &str) -> Result<Str
     match carried(body) {
         Carried::Inline => Ok(body.to_owned()),
         Carried::Stored(pointer) => match store {
+            Some(store) if !store.accepts(&pointer) => Err(format!(
+                "claim check: the pointer names {}, outside this consumer's bucket and prefix; refused",
+                pointer.uri()
+            )),
             Some(store) => store.get(&pointer).await,
             None => Err(format!(
                 "claim check: the envelope is stored at {} and this consumer has no S3 access (set CLAIM_CHECK_BUCKET)",

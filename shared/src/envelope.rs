@@ -29,10 +29,10 @@ pub const SPEC_VERSION: &str = "1.0";
 /// The largest CloudEvents Integer: versions beyond it cannot be sent.
 pub const MAX_INTEGER: i64 = i32::MAX as i64;
 
-/// A W3C `traceparent` as the envelope schema states it (the all-zero ids and version `ff` are
-/// invalid too; [`is_valid_traceparent`] checks all of it).
-pub const TRACEPARENT_PATTERN: &str =
-    "^(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}(-.*)?$";
+/// A W3C `traceparent` as the envelope schema states it, in a pattern any validator compiles
+/// (no lookahead, for RE2-based ones): version `ff` and the all-zero ids are invalid too, which
+/// [`is_valid_traceparent`] checks and the schema's description says.
+pub const TRACEPARENT_PATTERN: &str = "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-.*)?$";
 
 /// A published event: a CloudEvents 1.0 event in the structured JSON format.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -83,7 +83,8 @@ pub struct EventEnvelope {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(transform = not_null)]
     pub causationid: Option<String>,
-    /// W3C trace context (CloudEvents distributed tracing extension); only a valid one is sent.
+    /// W3C trace context (CloudEvents distributed tracing extension); only a valid one is sent
+    /// (never version `ff`, never an all-zero trace or parent id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(transform = not_null, regex(pattern = TRACEPARENT_PATTERN))]
     pub traceparent: Option<String>,

@@ -392,8 +392,13 @@ pub async fn consume<S: crate::ports::ProjectionStore>(
     let mut envelopes = Vec::with_capacity(received.len());
     let mut applied_messages = Vec::with_capacity(received.len());
     for message in &received {
-        let payload = String::from_utf8_lossy(&message.payload);
-        let payload = match crate::claim_check::resolve(payloads, &payload).await {
+        let Ok(payload) = std::str::from_utf8(&message.payload) else {
+            tracing::error!(subject = %message.subject, "not UTF-8, so not an event envelope; terminated");
+            message.ack_with(AckKind::Term).await?;
+            report.terminated += 1;
+            continue;
+        };
+        let payload = match crate::claim_check::resolve(payloads, payload).await {
             Ok(payload) => payload,
             Err(error) => {
                 tracing::warn!(subject = %message.subject, %error, "stored envelope cannot be read; redelivered");

@@ -111,6 +111,17 @@ pub enum ApplyOutcome {
 }
 
 impl ApplyOutcome {
+    /// Its name in logs and spans.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Duplicate => "duplicate",
+            Self::Stale => "stale",
+            Self::Gap => "gap",
+            Self::Failed(_) => "failed",
+        }
+    }
+
     /// Whether the message may be deleted from the queue.
     pub fn is_done(&self) -> bool {
         matches!(self, Self::Applied | Self::Duplicate | Self::Stale)

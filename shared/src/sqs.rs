@@ -48,9 +48,13 @@ pub async fn run(
     store.db().warm_up().await;
     let mut sink = ProjectionSink::new(store, consumer).with_retention(retention);
     // Envelopes the dispatcher stored in S3 (claim check) are read back from the bucket.
-    if crate::config::optional_env("CLAIM_CHECK_BUCKET").is_some() {
+    if let Some(settings) =
+        or_init_failed(SERVICE, crate::claim_check::ClaimCheckSettings::from_env()).await?
+    {
         let sdk = crate::aws::sdk_config().await;
-        sink = sink.with_claim_check(Arc::new(crate::aws::s3::S3PayloadStore::new(&sdk)));
+        sink = sink.with_claim_check(Arc::new(
+            crate::aws::s3::S3PayloadStore::new(&sdk).only(&settings),
+        ));
     }
     lambda_runtime::run(lambda_runtime::service_fn(|event| handle(&sink, event))).await
 }
@@ -124,10 +128,13 @@ impl<S: ProjectionStore> ProjectionSink<S> {
         let mut events: Vec<EventEnvelope> = Vec::new();
         // Per event sent to the inbox: its message id, and whether a projection handles its type.
         let mut sent: Vec<(String, bool)> = Vec::new();
+        // Per event sent to the inbox: its span, a child of the producer's (one trace).
+        let mut spans: Vec<tracing::Span> = Vec::new();
         let projections = self.store.projections();
         for message in event.records {
             // Without a message id a failure could not be reported for it alone.
             let id = message.message_id.clone().unwrap_or_default();
+            let xray = message.attributes.get("AWSTraceHeader").cloned();
             let body = message.body.as_deref().unwrap_or_default();
             let body = match claim_check::resolve(self.payloads.as_deref(), body).await {
                 Ok(body) => body,
@@ -142,6 +149,26 @@ impl<S: ProjectionStore> ProjectionSink<S> {
                 .and_then(|envelope| Ok((projections.route(&envelope)?, envelope)));
             match routed {
                 Ok((Route::Inbox { handled }, envelope)) => {
+                    let span = tracing::info_span!(
+                        "apply_event",
+                        otel.name = "apply event",
+                        otel.kind = "consumer",
+                        event_id = %envelope.id,
+                        event_type = %envelope.event_type,
+                        subject = %envelope.subject,
+                        aggregate_version = envelope.aggregateversion,
+                        message_id = %id,
+                        aws.xray.trace_header = xray.as_deref(),
+                        trace_id = tracing::field::Empty,
+                        span_id = tracing::field::Empty,
+                        outcome = tracing::field::Empty,
+                    );
+                    crate::telemetry::continue_trace(
+                        &span,
+                        envelope.traceparent.as_deref(),
+                        envelope.tracestate.as_deref(),
+                    );
+                    spans.push(span);
                     events.push(envelope);
                     sent.push((id, handled));
                 }
@@ -164,7 +191,12 @@ impl<S: ProjectionStore> ProjectionSink<S> {
                 vec![ApplyOutcome::Failed(reason); events.len()]
             }
         };
-        for ((event, (id, handled)), outcome) in events.iter().zip(sent).zip(outcomes) {
+        for (((event, (id, handled)), outcome), span) in
+            events.iter().zip(sent).zip(outcomes).zip(spans)
+        {
+            let _in_its_span = span.enter();
+            span.record("outcome", outcome.name());
+            tracing::debug!(event_id = %event.id, outcome = outcome.name(), "event done");
             match outcome {
                 ApplyOutcome::Applied if handled => report.applied += 1,
                 ApplyOutcome::Applied => {
@@ -254,6 +286,7 @@ pub async fn handle<S: ProjectionStore>(
     let started = std::time::Instant::now();
     let (response, report) = sink.apply_batch(event.payload).await;
     report.metrics(started.elapsed()).emit();
+    crate::telemetry::flush_traces().await;
     if let Some(error) = report.store_failure {
         error.record(SERVICE);
         return Err(error);

@@ -320,11 +320,18 @@ async fn s3_unavailable_is_a_clear_retried_error_on_both_sides_and_nothing_is_lo
     .remove(0);
     let records = [("m1".to_owned(), message.body.clone())];
 
-    // A sink that cannot read S3 (or has no S3 access at all) fails that message alone, so SQS
+    // A sink that cannot read S3, has no S3 access at all, or reads only another bucket (a
+    // pointer anyone able to send to the queue could write) fails that message alone, so SQS
     // delivers it again; nothing is applied.
+    let elsewhere = ClaimCheckSettings {
+        bucket: "another-bucket".into(),
+        threshold: None,
+        prefix: "outbox/".into(),
+    };
     for sink in [
         sink(&db).with_claim_check(Arc::new(S3PayloadStore::new(&nowhere))),
         sink(&db),
+        sink(&db).with_claim_check(Arc::new(S3PayloadStore::new(&config).only(&elsewhere))),
     ] {
         let (response, report) = sink.apply_batch(sqs_event(&records)).await;
         assert_eq!(response.batch_item_failures.len(), 1, "{report:?}");
@@ -335,9 +342,14 @@ async fn s3_unavailable_is_a_clear_retried_error_on_both_sides_and_nothing_is_lo
         );
     }
     assert_eq!(db.count(&client, "documents").await, 0);
-    // The redelivery, with S3 back, applies it.
+    // The redelivery, with S3 back, applies it (reading only its own bucket).
+    let own = ClaimCheckSettings {
+        bucket: bucket.clone(),
+        threshold: None,
+        prefix: "outbox/".into(),
+    };
     let (response, report) = sink(&db)
-        .with_claim_check(Arc::new(S3PayloadStore::new(&config)))
+        .with_claim_check(Arc::new(S3PayloadStore::new(&config).only(&own)))
         .apply_batch(sqs_event(&records))
         .await;
     assert!(response.batch_item_failures.is_empty(), "{report:?}");

@@ -472,15 +472,18 @@ fn every_sample_delivery_of_the_sink_keeps_the_contract_but_the_malformed_ones()
 }
 
 #[tokio::test]
-async fn what_cannot_be_a_cloudevent_is_refused_at_append() {
-    // Migration V12: a version beyond CloudEvents' Integer, an empty source.
+async fn what_cannot_be_a_cloudevent_is_refused_at_append_and_a_stored_one_goes_dead_alone() {
+    // Migration V12: a version beyond CloudEvents' Integer, an empty source; refused by a trigger
+    // that fires in a replica-role session too. A row stored before V12 (here: with the trigger
+    // disabled) goes dead with its reason when claimed, and the claim, the record and the other
+    // aggregates' events go on.
     let db = TestDb::create().await;
     let client = db.client().await;
-    let insert = |version: &str, source: &str| {
+    let insert = |aggregate: &str, version: &str, source: &str| {
         format!(
             "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
                                  schema_version, payload, metadata {})
-             VALUES (gen_random_uuid(), 'acme', 'order', 'o-9', 'order.placed', 1, '{{}}',
+             VALUES (gen_random_uuid(), 'acme', 'order', '{aggregate}', 'order.placed', 1, '{{}}',
                      '{{\"correlation_id\": \"c\", \"source\": \"{source}\"}}' {})",
             if version.is_empty() {
                 ""
@@ -494,29 +497,78 @@ async fn what_cannot_be_a_cloudevent_is_refused_at_append() {
             },
         )
     };
-    let err = client.batch_execute(&insert("", "")).await.unwrap_err();
+    let err = client
+        .batch_execute(&insert("o-1", "", ""))
+        .await
+        .unwrap_err();
     assert!(
-        format!("{err:?}").contains("outbox_source_is_not_empty"),
+        format!("{err:?}").contains("metadata source is empty"),
         "{err:?}"
     );
-    // The append trigger refuses any version but the next; a session that skips triggers
-    // (session_replication_role = replica, as a restore or a replication apply does) meets the
-    // constraint.
+    // The append trigger refuses any version but the next; a session that skips ordinary
+    // triggers (as a restore does) still meets this one.
     let err = client
         .batch_execute(&format!(
             "SET session_replication_role = replica; {}",
-            insert("2147483648", "orders")
+            insert("o-1", "2147483648", "orders")
         ))
         .await
         .unwrap_err();
+    assert!(format!("{err:?}").contains("beyond CloudEvents"), "{err:?}");
     client
         .batch_execute("RESET session_replication_role")
         .await
         .unwrap();
-    assert!(
-        format!("{err:?}").contains("outbox_version_is_a_cloudevents_integer"),
-        "{err:?}"
-    );
-    client.batch_execute(&insert("", "orders")).await.unwrap();
-    assert_eq!(db.count(&client, "outbox").await, 1, "only the valid row");
+    assert_eq!(db.count(&client, "outbox").await, 0, "nothing was written");
+
+    for sql in [
+        "ALTER TABLE outbox DISABLE TRIGGER outbox_is_a_cloudevent".to_owned(),
+        insert("o-legacy", "", ""),
+        insert("o-legacy", "", "orders"),
+        "ALTER TABLE outbox ENABLE ALWAYS TRIGGER outbox_is_a_cloudevent".to_owned(),
+        insert("o-2", "", "orders"),
+    ] {
+        client.batch_execute(&sql).await.unwrap();
+    }
+    let config = aws::sdk_config_for(&moto_endpoint()).await;
+    let topic_arn = aws::create_topic(&config, false).await;
+    let d = dispatcher(
+        &db,
+        &moto_endpoint(),
+        Target::Sns { topic_arn },
+        test_dispatcher_config(),
+    )
+    .await;
+    let summary = d
+        .drain(Instant::now() + Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!((summary.published, summary.dead), (1, 1), "{summary:?}");
+    let dead: String = client
+        .query_one("SELECT last_error FROM outbox WHERE status = 'dead'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(dead.contains("source is empty"), "{dead}");
+    // Its successor waits behind it, as behind any dead event; it is still an update away from
+    // being claimable (a discard), which the trigger does not refuse.
+    let parked = db
+        .count(
+            &client,
+            "outbox WHERE aggregate_id = 'o-legacy' AND status = 'pending'",
+        )
+        .await;
+    assert_eq!(parked, 1);
+    client
+        .execute(
+            "SELECT outbox_discard(ARRAY(SELECT id FROM outbox WHERE status = 'dead'), 'no source')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let summary = d
+        .drain(Instant::now() + Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!((summary.published, summary.dead), (1, 0), "{summary:?}");
 }

@@ -24,3 +24,4 @@ mod secrets;
 mod sink;
 mod statements;
 mod tls;
+mod trace;

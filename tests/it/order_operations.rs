@@ -262,7 +262,8 @@ async fn a_replay_asked_for_while_a_later_one_is_in_flight_goes_after_it_never_b
 async fn a_replay_waits_for_a_claim_of_its_aggregate_still_committing() {
     // Fault: a claim leases v2's replay and has not committed when the operator's replay of v1
     // commits. A claim whose snapshot sees v1 marked but not v2's lease would take v1 beside it;
-    // so the replay waits for that claim to commit before it does.
+    // so the replay waits for that claim to commit before it does (the aggregate's advisory
+    // lock, V11).
     let db = TestDb::create().await;
     let mut claimer = db.client().await;
     let operator = db.client().await;
@@ -290,7 +291,8 @@ async fn a_replay_waits_for_a_claim_of_its_aggregate_still_committing() {
         let n = db
             .count(
                 &other,
-                "pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%outbox_replay%'",
+                "pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'
+                   AND query LIKE '%outbox_replay%'",
             )
             .await;
         if n == 1 {
@@ -308,5 +310,39 @@ async fn a_replay_waits_for_a_claim_of_its_aggregate_still_committing() {
         claim(&other, "d2").await,
         Vec::<i64>::new(),
         "v2 is in flight"
+    );
+}
+
+#[tokio::test]
+async fn a_replay_in_flight_is_not_marked_again_so_its_aggregate_stays_held() {
+    // Fault: v2's replay is in flight when the operator replays the aggregate again (v1 and v2).
+    // Marking v2 again would clear its lease, and the next claim would take v1 beside it.
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
+                                 schema_version, payload)
+             SELECT gen_random_uuid(), 'acme', 'order', 'o1', 'order.changed', 1, '{}'
+             FROM generate_series(1, 2);
+             UPDATE outbox SET status = 'published', published_at = now(), is_head = false;",
+        )
+        .await
+        .unwrap();
+    replay(&client, 2).await;
+    assert_eq!(claim(&client, "d1").await, [2]);
+    let (changed, held): (Vec<i64>, Vec<i64>) = client
+        .query_one(
+            "SELECT changed, held FROM outbox_replay(ARRAY(SELECT id FROM outbox ORDER BY id))",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((changed.len(), held.len()), (1, 1), "v1 marked, v2 held");
+    assert_eq!(
+        claim(&client, "d2").await,
+        Vec::<i64>::new(),
+        "v2 is still in flight"
     );
 }

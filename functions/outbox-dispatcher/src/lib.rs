@@ -69,6 +69,7 @@ pub async fn handle<S: OutboxStore, P: Publisher + 'static>(
         Err(_) => tracing::warn!("backlog not measured: no time left before the deadline"),
     }
     summary.metrics(SERVICE).emit();
+    pg_outbox::telemetry::flush_traces().await;
     if summary.publish_calls > 0
         && summary.failed_publish_calls == summary.publish_calls
         && summary.published == 0

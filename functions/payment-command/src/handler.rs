@@ -10,6 +10,7 @@ use aws_lambda_events::http::{HeaderMap, HeaderName, HeaderValue};
 use lambda_runtime::{Context, LambdaEvent};
 use serde::Serialize;
 use serde_json::json;
+use tracing::Instrument;
 
 use std::time::{Duration, Instant};
 
@@ -143,12 +144,33 @@ impl<S: PaymentCommandStore + EventFeedStore, W: WakeDispatcher> PaymentCommandH
         event: LambdaEvent<ApiGatewayV2httpRequest>,
     ) -> Result<ApiGatewayV2httpResponse, lambda_runtime::Error> {
         let (request, context) = event.into_parts();
-        let response = self.respond(&request, &context).await;
-        tracing::info!(
-            status = response.status_code,
-            request_id = request.request_context.request_id.as_deref().unwrap_or(""),
-            "request handled"
+        // The command's span continues the caller's trace; the events it appends carry this
+        // span as their producer (EventMetadata.traceparent), so the sink's spans are its children.
+        let span = tracing::info_span!(
+            "command",
+            otel.name = request.route_key.as_deref().unwrap_or("command"),
+            otel.kind = "server",
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
         );
+        pg_outbox::telemetry::continue_trace(
+            &span,
+            header(&request.headers, "traceparent"),
+            header(&request.headers, "tracestate"),
+        );
+        let response = self
+            .respond(&request, &context)
+            .instrument(span.clone())
+            .await;
+        span.in_scope(|| {
+            tracing::info!(
+                status = response.status_code,
+                request_id = request.request_context.request_id.as_deref().unwrap_or(""),
+                "request handled"
+            )
+        });
+        drop(span);
+        pg_outbox::telemetry::flush_traces().await;
         Ok(response)
     }
 
@@ -482,9 +504,12 @@ fn metadata(req: &ApiGatewayV2httpRequest, ctx: &Context, source: &str) -> Event
     let correlation_id = header(&req.headers, "x-correlation-id")
         .filter(|id| is_token(id, 128))
         .map_or_else(|| request_id.clone(), str::to_owned);
-    let traceparent = header(&req.headers, "traceparent")
-        .filter(|tp| pg_outbox::envelope::is_valid_traceparent(tp))
-        .map(str::to_owned);
+    // The command's own span when spans are exported, else the caller's context as it came.
+    let traceparent = pg_outbox::telemetry::current_traceparent().or_else(|| {
+        header(&req.headers, "traceparent")
+            .filter(|tp| pg_outbox::envelope::is_valid_traceparent(tp))
+            .map(str::to_owned)
+    });
     let tracestate = traceparent
         .as_ref()
         .and(header(&req.headers, "tracestate"))

@@ -8,6 +8,9 @@ use crate::claim_check::{PayloadStore, S3Pointer};
 #[derive(Debug, Clone)]
 pub struct S3PayloadStore {
     client: aws_sdk_s3::Client,
+    /// Where pointers may point (a consumer's: its claim check's bucket and prefix); `None`
+    /// accepts any.
+    only: Option<(String, String)>,
 }
 
 impl S3PayloadStore {
@@ -19,11 +22,25 @@ impl S3PayloadStore {
             .build();
         Self {
             client: aws_sdk_s3::Client::from_conf(s3),
+            only: None,
         }
+    }
+
+    /// The same, reading only what `settings` stores (a pointer elsewhere, which anyone able to
+    /// send to the queue could write, is refused rather than fetched with the consumer's rights).
+    pub fn only(mut self, settings: &crate::claim_check::ClaimCheckSettings) -> Self {
+        self.only = Some((settings.bucket.clone(), settings.prefix.clone()));
+        self
     }
 }
 
 impl PayloadStore for S3PayloadStore {
+    fn accepts(&self, pointer: &S3Pointer) -> bool {
+        self.only.as_ref().is_none_or(|(bucket, prefix)| {
+            pointer.bucket == *bucket && pointer.key.starts_with(prefix.as_str())
+        })
+    }
+
     fn put<'a>(
         &'a self,
         pointer: &'a S3Pointer,

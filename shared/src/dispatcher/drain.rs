@@ -89,10 +89,11 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
     }
 
     /// Sends envelopes over the claim check's threshold through S3 (a pointer on the bus).
+    /// Called while building, before any drain shares the bus.
     pub fn with_claim_check(mut self, claim_check: ClaimCheck) -> Self {
-        if let Some(bus) = Arc::get_mut(&mut self.bus) {
-            bus.claim_check = Some(claim_check);
-        }
+        Arc::get_mut(&mut self.bus)
+            .expect("with_claim_check is called while building the dispatcher")
+            .claim_check = Some(claim_check);
         self
     }
 

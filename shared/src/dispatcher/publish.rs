@@ -59,21 +59,32 @@ impl<P: Publisher + 'static> Bus<P> {
         batch.trace_contexts_dropped = claim
             .events
             .iter()
-            .filter(|event| EventEnvelope::drops_traceparent(event))
+            // Once per event: on its first attempt, not on each retry.
+            .filter(|event| event.attempts <= 1 && EventEnvelope::drops_traceparent(event))
             .inspect(|event| {
                 tracing::warn!(event_id = %event.event_id, "invalid traceparent left out of the envelope")
             })
             .count();
         let (mut messages, not_ready) = self.prepare(claim.events);
+        let mut to_store = Vec::new();
         for item in not_ready {
             match item {
                 NotReady::Rejected(event, reason) => {
                     self.note(&mut batch.outcomes, &event, PublishOutcome::Reject(reason))
                 }
-                NotReady::ToStore(message) => match self.store(message).await {
-                    Ok(message) => messages.push(message),
-                    Err((event, outcome)) => self.note(&mut batch.outcomes, &event, outcome),
-                },
+                NotReady::ToStore(message) => to_store.push(message),
+            }
+        }
+        // Large envelopes go to the claim check first, as many at once as publish calls may be.
+        let stored: Vec<_> = stream::iter(to_store)
+            .map(|message| self.store(message))
+            .buffer_unordered(self.max_in_flight.max(1))
+            .collect()
+            .await;
+        for result in stored {
+            match result {
+                Ok(message) => messages.push(message),
+                Err((event, outcome)) => self.note(&mut batch.outcomes, &event, outcome),
             }
         }
         let calls = plan_calls(&self.publisher, messages);

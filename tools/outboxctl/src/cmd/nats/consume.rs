@@ -63,10 +63,13 @@ impl Consume {
             .for_seconds
             .map(|s| Instant::now() + Duration::from_secs(s));
         // Envelopes the dispatcher stored in S3 (claim check) are read back from the bucket.
-        let payloads = match pg_outbox::config::optional_env("CLAIM_CHECK_BUCKET") {
-            Some(_) => Some(pg_outbox::aws::s3::S3PayloadStore::new(
-                &pg_outbox::aws::sdk_config().await,
-            )),
+        let payloads = match pg_outbox::claim_check::ClaimCheckSettings::from_env()
+            .map_err(|e| e.to_string())?
+        {
+            Some(settings) => Some(
+                pg_outbox::aws::s3::S3PayloadStore::new(&pg_outbox::aws::sdk_config().await)
+                    .only(&settings),
+            ),
             None => None,
         };
         let mut sums = ConsumeReport::default();
