@@ -86,9 +86,14 @@ def claims_of(authorization):
     expected = hmac.new(secret(), f"{parts[0]}.{parts[1]}".encode(), hashlib.sha256).digest()
     if not hmac.compare_digest(signature, expected):
         return None
-    if not isinstance(claims.get("exp"), int) or claims["exp"] < time.time():
+    now = time.time()
+    if not isinstance(claims.get("exp"), int) or claims["exp"] < now:
         return None
-    if claims.get("iss") != ISSUER or claims.get("aud") != AUDIENCE:
+    if isinstance(claims.get("nbf"), int) and claims["nbf"] > now:
+        return None
+    audience = claims.get("aud")
+    audiences = audience if isinstance(audience, list) else [audience]
+    if claims.get("iss") != ISSUER or AUDIENCE not in audiences:
         return None
     return claims
 

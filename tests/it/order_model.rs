@@ -317,6 +317,21 @@ impl Harness {
         for row in &rows {
             by_aggregate.entry(&row.aggregate).or_default().push(row);
         }
+        // Replays in flight, whatever ran concurrently: at most one per aggregate at any time.
+        for (aggregate, group) in &by_aggregate {
+            let in_flight: Vec<i64> = group
+                .iter()
+                .filter(|r| r.replay && r.leased)
+                .map(|r| r.version)
+                .collect();
+            if in_flight.len() > 1 {
+                return Err(violation(
+                    Kind::ReplaysOutOfOrder,
+                    step,
+                    format!("replays of {aggregate} in flight together: {in_flight:?}"),
+                ));
+            }
+        }
         // Deleted rows: seen before, gone now. Retention deletes published rows only.
         let present: HashSet<(String, i64)> = rows
             .iter()

@@ -35,7 +35,7 @@ pub struct PaymentPaidV1 {
     #[schemars(regex(pattern = PAYMENT_ID_PATTERN))]
     pub payment_id: String,
     /// Amount paid, in minor units of `currency`.
-    #[schemars(range(min = 1, max = 1_000_000_000_000_000i64))]
+    #[schemars(range(min = 1, max = super::payment::MAX_AMOUNT_MINOR))]
     pub amount_minor: i64,
     /// ISO 4217 currency.
     pub currency: Currency,
@@ -65,15 +65,15 @@ pub struct PaymentRefundedV1 {
     /// The refund.
     pub refund_id: uuid::Uuid,
     /// Amount of this refund, in minor units of `currency`.
-    #[schemars(range(min = 1, max = 1_000_000_000_000_000i64))]
+    #[schemars(range(min = 1, max = super::payment::MAX_AMOUNT_MINOR))]
     pub amount_minor: i64,
     /// ISO 4217 currency (the payment's).
     pub currency: Currency,
     /// Total refunded on the payment including this refund.
-    #[schemars(range(min = 1, max = 1_000_000_000_000_000i64))]
+    #[schemars(range(min = 1, max = super::payment::MAX_AMOUNT_MINOR))]
     pub refunded_total_minor: i64,
     /// What can still be refunded.
-    #[schemars(range(min = 0, max = 1_000_000_000_000_000i64))]
+    #[schemars(range(min = 0, max = super::payment::MAX_AMOUNT_MINOR))]
     pub remaining_minor: i64,
     /// When the refund was recorded.
     pub refunded_at: DateTime<Utc>,
