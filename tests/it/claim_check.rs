@@ -250,6 +250,26 @@ async fn a_one_mib_event_goes_through_s3_to_amazons_extended_client_and_to_the_p
         sizes,
         [("big".to_owned(), MIB as i64), ("small".to_owned(), 100)]
     );
+
+    // The feed serves it from the database, in full.
+    let page = pg_outbox::postgres::feed::page(
+        &client,
+        &pg_outbox::feed::FeedQuery {
+            tenant: pg_outbox::ids::TenantId::parse("acme").unwrap(),
+            after: pg_outbox::feed::FeedCursor { position: 0 },
+            limit: 10,
+            event_type: None,
+            aggregate_id: Some("big".into()),
+            created_from: None,
+            created_to: None,
+            consumer: None,
+            exclude_acknowledged: false,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(page.events.len(), 1);
+    assert_eq!(page.events[0].data["content"].as_str().unwrap().len(), MIB);
 }
 
 #[tokio::test]
