@@ -1,3 +1,5 @@
+//! (Past 400 lines: the large-event fixtures (a projection, its events, the extended-client reader) and the three end-to-end tests share them.)
+//!
 //! Claim check (`shared/src/claim_check.rs`): an event larger than the bus takes goes through S3
 //! (moto) end to end, read by AWS's own extended client (PyPI `amazon-sqs-extended-client`), by
 //! the projection sink and on NATS; S3 unavailable is a clear, retried error on both sides, and

@@ -1,3 +1,5 @@
+//! (Past 400 lines: the checker harness, its refusal cases and the channel, sample and append tests share one set of fixtures.)
+//!
 //! Event contracts: the committed schemas (`schemas/`) are the Rust types', and every event a
 //! consumer gets, on every channel, keeps them and the CloudEvents rules. The envelopes are
 //! checked by a standard validator and the CloudEvents SDK (`tests/contracts/check_events.py`:

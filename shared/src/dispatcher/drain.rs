@@ -1,3 +1,5 @@
+//! (Past 400 lines: the drain loop, its phases and the builder that wires the bus read best together.)
+//!
 //! Drain: the loop and its deadline. Each step claims the next batch while the bus takes the one
 //! before and the store records the one before that ([`claim`](super::claim),
 //! [`publish`](super::publish)); the loop decides only when to claim again, when to pause and

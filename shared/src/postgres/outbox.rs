@@ -1,3 +1,5 @@
+//! (Past 400 lines: the dispatcher-side SQL of the outbox, one statement per port method, with its row mapping.)
+//!
 //! SQL of the `outbox` table on the dispatcher's side: the claim, the record of its outcomes
 //! (`outbox_record`, migration V7), heartbeats, the backlog and retention. Appending is
 //! [`crate::producer::append`].
