@@ -95,7 +95,8 @@ BEGIN
         ORDER BY turn, tenant_id COLLATE "C" <= p_after COLLATE "C", tenant_id COLLATE "C"
         LIMIT p_limit
     ), replays AS (
-        SELECT o.id, o.next_attempt_at
+        SELECT o.id, o.next_attempt_at,
+               outbox_replay_lock_key(o.tenant_id, o.aggregate_type, o.aggregate_id) AS lock_key
          FROM outbox o
          WHERE o.replay
            AND o.next_attempt_at <= now()
@@ -110,9 +111,7 @@ BEGIN
          FOR UPDATE OF o SKIP LOCKED
     ), replays_free AS (
         -- Only replays whose aggregate no replay of the operator's is committing right now.
-        SELECT r.id, r.next_attempt_at FROM replays r JOIN outbox o ON o.id = r.id
-        WHERE pg_try_advisory_xact_lock(
-                  outbox_replay_lock_key(o.tenant_id, o.aggregate_type, o.aggregate_id))
+        SELECT id, next_attempt_at FROM replays WHERE pg_try_advisory_xact_lock(lock_key)
     ), candidates AS (
         -- Live events first, then replays.
         SELECT * FROM live UNION ALL SELECT * FROM replays_free

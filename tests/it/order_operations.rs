@@ -213,6 +213,20 @@ async fn claim(client: &impl tokio_postgres::GenericClient, owner: &str) -> Vec<
         .collect()
 }
 
+/// Aggregate order/o1 of tenant acme at versions 1 and 2, both published.
+async fn published_aggregate(client: &tokio_postgres::Client) {
+    client
+        .batch_execute(
+            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
+                                 schema_version, payload)
+             SELECT gen_random_uuid(), 'acme', 'order', 'o1', 'order.changed', 1, '{}'
+             FROM generate_series(1, 2);
+             UPDATE outbox SET status = 'published', published_at = now(), is_head = false;",
+        )
+        .await
+        .unwrap();
+}
+
 async fn replay(client: &tokio_postgres::Client, version: i64) {
     client
         .execute(
@@ -229,16 +243,7 @@ async fn a_replay_asked_for_while_a_later_one_is_in_flight_goes_after_it_never_b
     // V11, a second dispatcher took v1 at once and both were published at the same time.
     let db = TestDb::create().await;
     let client = db.client().await;
-    client
-        .batch_execute(
-            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
-                                 schema_version, payload)
-             SELECT gen_random_uuid(), 'acme', 'order', 'o1', 'order.changed', 1, '{}'
-             FROM generate_series(1, 2);
-             UPDATE outbox SET status = 'published', published_at = now(), is_head = false;",
-        )
-        .await
-        .unwrap();
+    published_aggregate(&client).await;
     replay(&client, 2).await;
     assert_eq!(claim(&client, "d1").await, [2]);
     replay(&client, 1).await;
@@ -268,16 +273,7 @@ async fn a_replay_waits_for_a_claim_of_its_aggregate_still_committing() {
     let mut claimer = db.client().await;
     let operator = db.client().await;
     let other = db.client().await;
-    operator
-        .batch_execute(
-            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
-                                 schema_version, payload)
-             SELECT gen_random_uuid(), 'acme', 'order', 'o1', 'order.changed', 1, '{}'
-             FROM generate_series(1, 2);
-             UPDATE outbox SET status = 'published', published_at = now(), is_head = false;",
-        )
-        .await
-        .unwrap();
+    published_aggregate(&operator).await;
     replay(&operator, 2).await;
     let open = claimer.transaction().await.unwrap();
     assert_eq!(claim(&open, "d1").await, [2]);
@@ -319,16 +315,7 @@ async fn a_replay_in_flight_is_not_marked_again_so_its_aggregate_stays_held() {
     // Marking v2 again would clear its lease, and the next claim would take v1 beside it.
     let db = TestDb::create().await;
     let client = db.client().await;
-    client
-        .batch_execute(
-            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
-                                 schema_version, payload)
-             SELECT gen_random_uuid(), 'acme', 'order', 'o1', 'order.changed', 1, '{}'
-             FROM generate_series(1, 2);
-             UPDATE outbox SET status = 'published', published_at = now(), is_head = false;",
-        )
-        .await
-        .unwrap();
+    published_aggregate(&client).await;
     replay(&client, 2).await;
     assert_eq!(claim(&client, "d1").await, [2]);
     let (changed, held): (Vec<i64>, Vec<i64>) = client
