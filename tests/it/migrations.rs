@@ -25,7 +25,7 @@ const DATA_BEFORE_SPLIT: &str = include_str!("../fixtures/data-before-split.sql"
 /// Its `refinery_schema_history`, as the code before the split wrote it.
 const HISTORY_BEFORE_SPLIT: &str = include_str!("../fixtures/history-before-split.sql");
 
-const OUTBOX_NAMES: [&str; 12] = [
+const OUTBOX_NAMES: [&str; 13] = [
     "outbox/V1__outbox",
     "outbox/V2__inbox",
     "outbox/V3__operations",
@@ -38,14 +38,16 @@ const OUTBOX_NAMES: [&str; 12] = [
     "outbox/V10__delayed_events",
     "outbox/V11__replays_one_at_a_time",
     "outbox/V12__cloudevents_ranges",
+    "outbox/V13__append_by_index",
 ];
 /// The toolkit's migrations newer than the split: what a database migrated before it runs.
-const AFTER_SPLIT: [&str; 5] = [
+const AFTER_SPLIT: [&str; 6] = [
     "outbox/V8__tenant_fair_claim",
     "outbox/V9__record_reads_only_its_rows",
     "outbox/V10__delayed_events",
     "outbox/V11__replays_one_at_a_time",
     "outbox/V12__cloudevents_ranges",
+    "outbox/V13__append_by_index",
 ];
 const PAYMENTS_NAMES: [&str; 4] = [
     "payments/V1__payments",
