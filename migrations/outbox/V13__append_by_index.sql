@@ -1,5 +1,5 @@
--- The append reads by index whatever PostgreSQL's statistics say, and locks its aggregate
--- without writing a new version of the aggregate's row.
+-- The append reads by index whatever PostgreSQL's statistics say, and writes its aggregate's
+-- row once per transaction instead of once per event.
 --
 -- The fault: the append trigger (outbox_append_order) and the commit-time trigger
 -- (outbox_settle_head) look rows up by key. PL/pgSQL plans those lookups once per session and
@@ -12,19 +12,21 @@
 -- serves in a few page reads (tests/it/statements.rs,
 -- appends_look_rows_up_by_index_whatever_the_statistics).
 --
--- The cost: the aggregate's lock was an `INSERT ... ON CONFLICT DO UPDATE` that wrote a new
--- version of the aggregate's row on every append (20 versions of one row in a bulk append of
--- 20 events per aggregate, each lookup walking that chain), then two reads of the version
--- index (the latest version, then the predecessor's status). Now: `SELECT ... FOR NO KEY
--- UPDATE` (the same lock mode the upsert took: retention's SKIP LOCKED still skips the
--- aggregate), an insert only for an aggregate's first event, and one read of the latest row,
--- which is the predecessor. Measured (pg_stat_user_functions, 100,000 events over 5,000
--- aggregates in one INSERT ... SELECT): the trigger's time 50 -> 28-33 µs per event.
+-- The cost: the aggregate's lock is an `INSERT ... ON CONFLICT DO UPDATE` that wrote a new
+-- version of the aggregate's row on every append: 20 versions of one row in a bulk append of 20
+-- events per aggregate, each conflict check walking that chain. Then two reads of the version
+-- index (the latest version, then the predecessor's status). Now the row is written once per
+-- transaction and aggregate, and locked only after that (the lock mode is the upsert's:
+-- retention's SKIP LOCKED still skips an aggregate being appended to); the latest row is read
+-- once, and it is the predecessor. Measured, 100,000 events over 5,000 aggregates in one
+-- INSERT ... SELECT: the trigger's own time 50 -> 28-33 µs per event (pg_stat_user_functions),
+-- the whole statement 0.6-0.8x (docs/benchmarks.md).
 --
--- Isolation: under REPEATABLE READ or SERIALIZABLE an aggregate row another transaction
--- created after the producer's snapshot makes the insert fail with serialization_failure, as
--- the upsert did; in READ COMMITTED the second lookup sees it. Nothing else changes: versions,
--- heads, errors and their codes are V7's.
+-- Unchanged: versions, heads, errors and their codes, and the isolation behaviour: a producer
+-- in REPEATABLE READ behind another producer's committed append to the same aggregate gets a
+-- serialization failure, which it retries (with a lock alone it was a duplicate-version error,
+-- which reads as "already appended": tests/it/order.rs,
+-- a_snapshot_producer_behind_another_append_gets_a_serialization_failure_and_its_retry_goes_on).
 CREATE OR REPLACE FUNCTION outbox_append_order() RETURNS trigger
 LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
@@ -43,28 +45,21 @@ BEGIN
             'source', coalesce(nullif(current_setting('outbox.source', true), ''), 'database'))
             || NEW.metadata;
     END IF;
-    -- Locks the aggregate until this transaction ends: the row's lock, taken without writing a
-    -- new version of it (a transaction appending many events to one aggregate locks it once).
-    SELECT a.last_version INTO last FROM outbox_aggregates a
-    WHERE a.tenant_id = NEW.tenant_id AND a.aggregate_type = NEW.aggregate_type
-      AND a.aggregate_id = NEW.aggregate_id
-    FOR NO KEY UPDATE;
+    -- Locks the aggregate until this transaction ends: the first append of a transaction to
+    -- an aggregate writes a new version of its row (V7's no-op upsert), later ones of the same
+    -- transaction only lock the row they wrote (the update's WHERE is false, the row is locked
+    -- all the same). Each producer writing the row is what makes a producer whose snapshot is
+    -- older (REPEATABLE READ, SERIALIZABLE) fail with a serialization failure instead of taking
+    -- a version it cannot see is taken.
+    INSERT INTO outbox_aggregates AS a (tenant_id, aggregate_type, aggregate_id, last_version)
+    VALUES (NEW.tenant_id, NEW.aggregate_type, NEW.aggregate_id, 0)
+    ON CONFLICT (tenant_id, aggregate_type, aggregate_id) DO UPDATE SET last_version = a.last_version
+        WHERE a.xmin <> pg_current_xact_id()::xid
+    RETURNING a.last_version INTO last;
     IF NOT FOUND THEN
-        INSERT INTO outbox_aggregates (tenant_id, aggregate_type, aggregate_id, last_version)
-        VALUES (NEW.tenant_id, NEW.aggregate_type, NEW.aggregate_id, 0)
-        ON CONFLICT (tenant_id, aggregate_type, aggregate_id) DO NOTHING
-        RETURNING last_version INTO last;
-        IF NOT FOUND THEN
-            SELECT a.last_version INTO last FROM outbox_aggregates a
-            WHERE a.tenant_id = NEW.tenant_id AND a.aggregate_type = NEW.aggregate_type
-              AND a.aggregate_id = NEW.aggregate_id
-            FOR NO KEY UPDATE;
-            IF NOT FOUND THEN
-                RAISE EXCEPTION 'could not serialize access due to concurrent append to aggregate %/%/%',
-                    NEW.tenant_id, NEW.aggregate_type, NEW.aggregate_id
-                    USING ERRCODE = 'serialization_failure';
-            END IF;
-        END IF;
+        SELECT a.last_version INTO last FROM outbox_aggregates a
+        WHERE a.tenant_id = NEW.tenant_id AND a.aggregate_type = NEW.aggregate_type
+          AND a.aggregate_id = NEW.aggregate_id;
     END IF;
     -- ORDER BY ... LIMIT 1, not max(): the plan PL/pgSQL caches for max() read every version of
     -- the aggregate (measured: 20,000 versions, 200 appends/s instead of 1,800).

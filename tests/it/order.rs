@@ -192,6 +192,74 @@ async fn an_aggregates_next_version_waits_for_the_previous_ones_commit() {
 }
 
 #[tokio::test]
+async fn a_snapshot_producer_behind_another_append_gets_a_serialization_failure_and_its_retry_goes_on() {
+    // A producer in REPEATABLE READ (or SERIALIZABLE) whose snapshot is older than another
+    // producer's committed append to the same aggregate cannot see the version that append took.
+    // It must fail as a serialization failure (40001, which a producer's framework retries), not
+    // as a duplicate version (23505, which reads as "already appended"), whether the aggregate
+    // is new or had events before. Then its retry takes the next version.
+    let db = TestDb::create().await;
+    let mut late = db.client().await;
+    let other = db.client().await;
+    append(&other, "known", "v1").await;
+    for aggregate in ["known", "new"] {
+        let tx = late
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .await
+            .unwrap();
+        tx.query_one("SELECT 1", &[]).await.unwrap(); // the snapshot
+        append(&other, aggregate, "the other producer's").await;
+        let err = tx
+            .execute(
+                "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
+                                     schema_version, payload)
+                 VALUES (gen_random_uuid(), 'acme', 'customer', $1, 'customer.renamed', 1, '{}')",
+                &[&aggregate],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE),
+            "{aggregate}: {err:?}"
+        );
+        tx.rollback().await.unwrap();
+        let retry = late
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .await
+            .unwrap();
+        append(&retry, aggregate, "the retry").await;
+        retry.commit().await.unwrap();
+    }
+    let versions: Vec<(String, i64, String)> = late
+        .query(
+            "SELECT aggregate_id, aggregate_version, payload->>'marker' FROM outbox
+             ORDER BY aggregate_id, aggregate_version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let expected: Vec<(String, i64, String)> = [
+        ("known", 1, "v1"),
+        ("known", 2, "the other producer's"),
+        ("known", 3, "the retry"),
+        ("new", 1, "the other producer's"),
+        ("new", 2, "the retry"),
+    ]
+    .iter()
+    .map(|(a, v, m)| (a.to_string(), *v, m.to_string()))
+    .collect();
+    assert_eq!(versions, expected);
+}
+
+#[tokio::test]
 async fn an_explicit_version_at_or_below_the_last_is_refused_as_a_duplicate() {
     let db = TestDb::create().await;
     let client = db.client().await;
