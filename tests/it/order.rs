@@ -192,7 +192,8 @@ async fn an_aggregates_next_version_waits_for_the_previous_ones_commit() {
 }
 
 #[tokio::test]
-async fn a_snapshot_producer_behind_another_append_gets_a_serialization_failure_and_its_retry_goes_on() {
+async fn a_snapshot_producer_behind_another_append_gets_a_serialization_failure_and_its_retry_goes_on(
+) {
     // A producer in REPEATABLE READ (or SERIALIZABLE) whose snapshot is older than another
     // producer's committed append to the same aggregate cannot see the version that append took.
     // It must fail as a serialization failure (40001, which a producer's framework retries), not

@@ -185,80 +185,98 @@ async fn recording_a_claim_reads_only_its_rows_however_many_wait() {
 }
 
 #[tokio::test]
-async fn appends_look_rows_up_by_index_whatever_the_statistics() {
+async fn appends_look_rows_up_by_index_after_an_analyze_of_a_small_outbox() {
     // The fault (migration V7's triggers): PL/pgSQL plans the append's key lookups once per
     // session, from the statistics of the moment. After an ANALYZE of a nearly empty outbox (a
     // new deployment, a table emptied by retention) those plans were sequential scans, kept
     // while the table grew: a bulk append of 30,000 events over 5,000 aggregates ran past 60 s
-    // instead of 2 s, a long-lived producer session stayed slow until the next ANALYZE. Here
-    // the outbox holds 3 events when it is analyzed, then 300 events over 30 aggregates are
-    // appended in one statement (the first plans, then the generic ones PL/pgSQL switches to)
-    // and one at a time with generic plans forced: no statement inside the append's triggers,
-    // at append or at commit, may scan a table.
+    // instead of 2 s. Here the outbox is analyzed with 3 rows, then 300 events over 30
+    // aggregates are appended in one statement (the first plans, then the generic ones PL/pgSQL
+    // switches to) and 8 one at a time with generic plans forced: every statement inside the
+    // append's triggers, at append or at commit, must read by the index of its key.
+    // Not covered, because V13 does not fix it: an outbox analyzed while it held only dead rows
+    // (statistics of 0 rows) gets plain scans of the idempotency index, which leads with
+    // tenant_id too (migration V13's header).
     let db = TestDb::create().await;
     let client = db.client().await;
-    seed_outbox(&client, "acme", &aggregates("early", 3), 1, "{}").await;
-    client
-        .batch_execute("ANALYZE outbox; ANALYZE outbox_aggregates")
-        .await
-        .unwrap();
     let bulk = "INSERT INTO outbox (tenant_id, aggregate_type, aggregate_id, event_type, schema_version, payload)
                 SELECT 'acme', 'order', 'bulk' || (n % 30), 'order.changed', 1, '{}'
                 FROM generate_series(0, 299) n";
     let single = "INSERT INTO outbox (tenant_id, aggregate_type, aggregate_id, event_type, schema_version, payload)
                   VALUES ('acme', 'order', 'bulk7', 'order.changed', 1, '{}')";
-    for (plan_cache_mode, statements) in [
-        ("auto", vec![bulk]),
-        ("force_generic_plan", vec![single; 8]),
-    ] {
-        let setting = format!("SET plan_cache_mode = {plan_cache_mode}");
-        let plans = logged_plans(&db, &[&setting], false, &statements);
-        let inner: Vec<&String> = plans
-            .iter()
-            .filter(|p| !p.contains("Query Text: INSERT INTO outbox (tenant_id, aggregate_type"))
-            .collect();
-        for lookup in ["outbox_aggregates", "FROM outbox o"] {
+    let key_indexes = [
+        "outbox_tenant_id_aggregate_type_aggregate_id_aggregate_vers_key on outbox o",
+        "outbox_pkey on outbox",
+        "outbox_aggregates_pkey on outbox_aggregates",
+    ];
+    {
+        let state = "3 rows";
+        seed_outbox(&client, "acme", &aggregates("early", 3), 1, "{}").await;
+        client
+            .batch_execute("ANALYZE outbox; ANALYZE outbox_aggregates")
+            .await
+            .unwrap();
+        for (plan_cache_mode, statements) in [
+            ("auto", vec![bulk]),
+            ("force_generic_plan", vec![single; 8]),
+        ] {
+            let setting = format!("SET plan_cache_mode = {plan_cache_mode}");
+            let plans = logged_plans(&db, &[&setting], false, &statements);
+            let inner: Vec<&String> = plans
+                .iter()
+                .filter(|p| {
+                    !p.contains("Query Text: INSERT INTO outbox (tenant_id, aggregate_type")
+                })
+                .collect();
+            for lookup in ["outbox_aggregates", "FROM outbox o"] {
+                assert!(
+                    inner.iter().any(|p| p.contains(lookup)),
+                    "{state}, {plan_cache_mode}: the triggers' lookups ({lookup}) were not logged: {plans:?}"
+                );
+            }
+            let astray: Vec<&&String> = inner
+                .iter()
+                .filter(|p| {
+                    p.lines().any(|line| {
+                        (line.contains("Scan") && !line.contains("Result"))
+                            && !key_indexes.iter().any(|k| line.contains(k))
+                    })
+                })
+                .collect();
             assert!(
-                inner.iter().any(|p| p.contains(lookup)),
-                "{plan_cache_mode}: the triggers' lookups ({lookup}) were not logged: {plans:?}"
+                astray.is_empty(),
+                "{state}, {plan_cache_mode}: {} statements of the append read past their key's index, e.g. {:?}",
+                astray.len(),
+                astray.first()
             );
         }
-        let scans: Vec<&&String> = inner
-            .iter()
-            .filter(|p| p.contains("Seq Scan on outbox"))
-            .collect();
-        assert!(
-            scans.is_empty(),
-            "{plan_cache_mode}: {} statements of the append scanned a table, e.g. {:?}",
-            scans.len(),
-            scans.first()
+        // And the append did its job: bulk7 has 10 events from the bulk, then 8; the other
+        // aggregates 10; each aggregate's first event is its head.
+        assert_eq!(
+            db.count(
+                &client,
+                "outbox WHERE aggregate_id = 'bulk7' AND aggregate_version BETWEEN 1 AND 18"
+            )
+            .await,
+            18,
+            "{state}"
+        );
+        assert_eq!(
+            db.count(&client, "outbox WHERE aggregate_id LIKE 'bulk%'")
+                .await,
+            308,
+            "{state}"
+        );
+        assert_eq!(
+            db.count(
+                &client,
+                "outbox WHERE is_head AND aggregate_id LIKE 'bulk%'"
+            )
+            .await,
+            30,
+            "{state}"
         );
     }
-    // And the append did its job: versions 1..18 for bulk7 (10 in bulk, then 8), 1..10 for the
-    // others, each aggregate's first event its head.
-    assert_eq!(
-        db.count(
-            &client,
-            "outbox WHERE aggregate_id = 'bulk7' AND aggregate_version BETWEEN 1 AND 18"
-        )
-        .await,
-        18
-    );
-    assert_eq!(
-        db.count(&client, "outbox WHERE aggregate_id LIKE 'bulk%'")
-            .await,
-        308
-    );
-    assert_eq!(
-        db.count(&client, "outbox WHERE is_head AND aggregate_id LIKE 'bulk%'")
-            .await,
-        30
-    );
-    assert_eq!(
-        db.count(&client, "outbox WHERE is_head AND aggregate_version = 1")
-            .await,
-        33
-    );
 }
 
 #[test]
