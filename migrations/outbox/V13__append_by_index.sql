@@ -27,13 +27,17 @@
 -- retention's SKIP LOCKED still skips an aggregate being appended to); the latest row is read
 -- once, and it is the predecessor. Measured, 100,000 events over 5,000 aggregates in one
 -- INSERT ... SELECT: the trigger's own time 50 -> 28-33 µs per event (pg_stat_user_functions),
--- the whole statement 0.6-0.8x (docs/benchmarks.md).
+-- PostgreSQL's CPU for the statement 0.77x over three runs (docs/benchmarks.md).
 --
 -- Unchanged: versions, heads, errors and their codes, and the isolation behaviour: a producer
 -- in REPEATABLE READ behind another producer's committed append to the same aggregate gets a
 -- serialization failure, which it retries (with a lock alone it was a duplicate-version error,
 -- which reads as "already appended": tests/it/order.rs,
 -- a_snapshot_producer_behind_another_append_gets_a_serialization_failure_and_its_retry_goes_on).
+-- The transaction that last wrote the aggregate's row at append (NULL for rows no append has
+-- written since V13; retention's update of last_version leaves it as it is).
+ALTER TABLE outbox_aggregates ADD COLUMN writer xid8;
+
 CREATE OR REPLACE FUNCTION outbox_append_order() RETURNS trigger
 LANGUAGE plpgsql SET enable_seqscan = off SET enable_bitmapscan = off AS $$
 DECLARE
@@ -53,15 +57,21 @@ BEGIN
             || NEW.metadata;
     END IF;
     -- Locks the aggregate until this transaction ends: the first append of a transaction to
-    -- an aggregate writes a new version of its row (V7's no-op upsert), later ones of the same
-    -- transaction only lock the row they wrote (the update's WHERE is false, the row is locked
-    -- all the same). Each producer writing the row is what makes a producer whose snapshot is
-    -- older (REPEATABLE READ, SERIALIZABLE) fail with a serialization failure instead of taking
-    -- a version it cannot see is taken.
-    INSERT INTO outbox_aggregates AS a (tenant_id, aggregate_type, aggregate_id, last_version)
-    VALUES (NEW.tenant_id, NEW.aggregate_type, NEW.aggregate_id, 0)
-    ON CONFLICT (tenant_id, aggregate_type, aggregate_id) DO UPDATE SET last_version = a.last_version
-        WHERE a.xmin <> pg_current_xact_id()::xid
+    -- an aggregate writes a new version of its row (V7's no-op upsert, now recording the
+    -- writer), later ones of the same transaction only lock the row they wrote (the update's
+    -- WHERE is false, the row is locked all the same). Each producer writing the row is what
+    -- makes a producer whose snapshot is older (REPEATABLE READ, SERIALIZABLE) fail with a
+    -- serialization failure instead of taking a version it cannot see is taken. The writer is
+    -- compared as a 64-bit transaction id: the row's 32-bit xmin comes round again after 2^32
+    -- transactions, and a transaction that matched an old row's xmin would skip its write.
+    -- A row written inside a savepoint counts as the transaction's (the writer is the
+    -- top-level id); if the savepoint rolls back, its write goes with it and the next append
+    -- writes the row again.
+    INSERT INTO outbox_aggregates AS a (tenant_id, aggregate_type, aggregate_id, last_version, writer)
+    VALUES (NEW.tenant_id, NEW.aggregate_type, NEW.aggregate_id, 0, pg_current_xact_id())
+    ON CONFLICT (tenant_id, aggregate_type, aggregate_id)
+        DO UPDATE SET last_version = a.last_version, writer = excluded.writer
+        WHERE a.writer IS DISTINCT FROM excluded.writer
     RETURNING a.last_version INTO last;
     IF NOT FOUND THEN
         SELECT a.last_version INTO last FROM outbox_aggregates a
