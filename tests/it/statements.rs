@@ -209,74 +209,70 @@ async fn appends_look_rows_up_by_index_after_an_analyze_of_a_small_outbox() {
         "outbox_pkey on outbox",
         "outbox_aggregates_pkey on outbox_aggregates",
     ];
-    {
-        let state = "3 rows";
-        seed_outbox(&client, "acme", &aggregates("early", 3), 1, "{}").await;
-        client
-            .batch_execute("ANALYZE outbox; ANALYZE outbox_aggregates")
-            .await
-            .unwrap();
-        for (plan_cache_mode, statements) in [
-            ("auto", vec![bulk]),
-            ("force_generic_plan", vec![single; 8]),
-        ] {
-            let setting = format!("SET plan_cache_mode = {plan_cache_mode}");
-            let plans = logged_plans(&db, &[&setting], false, &statements);
-            let inner: Vec<&String> = plans
-                .iter()
-                .filter(|p| {
-                    !p.contains("Query Text: INSERT INTO outbox (tenant_id, aggregate_type")
-                })
-                .collect();
-            for lookup in ["outbox_aggregates", "FROM outbox o"] {
-                assert!(
-                    inner.iter().any(|p| p.contains(lookup)),
-                    "{state}, {plan_cache_mode}: the triggers' lookups ({lookup}) were not logged: {plans:?}"
-                );
-            }
-            let astray: Vec<&&String> = inner
-                .iter()
-                .filter(|p| {
-                    p.lines().any(|line| {
-                        (line.contains("Scan") && !line.contains("Result"))
-                            && !key_indexes.iter().any(|k| line.contains(k))
-                    })
-                })
-                .collect();
+    let state = "3 rows";
+    seed_outbox(&client, "acme", &aggregates("early", 3), 1, "{}").await;
+    client
+        .batch_execute("ANALYZE outbox; ANALYZE outbox_aggregates")
+        .await
+        .unwrap();
+    for (plan_cache_mode, statements) in [
+        ("auto", vec![bulk]),
+        ("force_generic_plan", vec![single; 8]),
+    ] {
+        let setting = format!("SET plan_cache_mode = {plan_cache_mode}");
+        let plans = logged_plans(&db, &[&setting], false, &statements);
+        let inner: Vec<&String> = plans
+            .iter()
+            .filter(|p| !p.contains("Query Text: INSERT INTO outbox (tenant_id, aggregate_type"))
+            .collect();
+        for lookup in ["outbox_aggregates", "FROM outbox o"] {
             assert!(
-                astray.is_empty(),
-                "{state}, {plan_cache_mode}: {} statements of the append read past their key's index, e.g. {:?}",
-                astray.len(),
-                astray.first()
+                inner.iter().any(|p| p.contains(lookup)),
+                "{state}, {plan_cache_mode}: the triggers' lookups ({lookup}) were not logged: {plans:?}"
             );
         }
-        // And the append did its job: bulk7 has 10 events from the bulk, then 8; the other
-        // aggregates 10; each aggregate's first event is its head.
-        assert_eq!(
-            db.count(
-                &client,
-                "outbox WHERE aggregate_id = 'bulk7' AND aggregate_version BETWEEN 1 AND 18"
-            )
-            .await,
-            18,
-            "{state}"
-        );
-        assert_eq!(
-            db.count(&client, "outbox WHERE aggregate_id LIKE 'bulk%'")
-                .await,
-            308,
-            "{state}"
-        );
-        assert_eq!(
-            db.count(
-                &client,
-                "outbox WHERE is_head AND aggregate_id LIKE 'bulk%'"
-            )
-            .await,
-            30,
-            "{state}"
+        let astray: Vec<&&String> = inner
+            .iter()
+            .filter(|p| {
+                p.lines().any(|line| {
+                    (line.contains("Scan") && !line.contains("Result"))
+                        && !key_indexes.iter().any(|k| line.contains(k))
+                })
+            })
+            .collect();
+        assert!(
+            astray.is_empty(),
+            "{state}, {plan_cache_mode}: {} statements of the append read past their key's index, e.g. {:?}",
+            astray.len(),
+            astray.first()
         );
     }
+    // And the append did its job: bulk7 has 10 events from the bulk, then 8; the other
+    // aggregates 10; each aggregate's first event is its head.
+    assert_eq!(
+        db.count(
+            &client,
+            "outbox WHERE aggregate_id = 'bulk7' AND aggregate_version BETWEEN 1 AND 18"
+        )
+        .await,
+        18,
+        "{state}"
+    );
+    assert_eq!(
+        db.count(&client, "outbox WHERE aggregate_id LIKE 'bulk%'")
+            .await,
+        308,
+        "{state}"
+    );
+    assert_eq!(
+        db.count(
+            &client,
+            "outbox WHERE is_head AND aggregate_id LIKE 'bulk%'"
+        )
+        .await,
+        30,
+        "{state}"
+    );
 }
 
 #[test]
