@@ -1,7 +1,8 @@
 //! What the claim, the record and the append ask of PostgreSQL, read from the plans of the
 //! statements they run inside (auto_explain, nested statements logged): no JIT compilation, a
 //! record that examines only the rows it records, however many others are waiting, and an append
-//! that looks rows up by index whatever the table's statistics say.
+//! that looks rows up by index whatever the table's statistics say; and a claim whose leases add
+//! no index entries.
 
 use outbox_tests::{seed_outbox, TestDb};
 
@@ -273,6 +274,72 @@ async fn appends_look_rows_up_by_index_after_an_analyze_of_a_small_outbox() {
         30,
         "{state}"
     );
+}
+
+#[tokio::test]
+async fn a_claim_writes_every_lease_on_the_rows_own_page() {
+    // A lease changes no indexed column, so it can be a HOT update (no index entry written)
+    // when the row's page has room for its new version. With V1's fillfactor of 70, 2 leases
+    // in 5 were HOT and the others wrote an entry into every index of the outbox; V14's
+    // fillfactor (45) leaves room for every row's lease. Inputs tried: events of 14 payload
+    // sizes, from an empty note (rows of ~230 bytes) to 4,000 characters of incompressible
+    // text (~4.2 kB rows), 300 events each, every one claimed once in claims of 100; the count
+    // of updates and HOT updates is the transaction's own (pg_stat_xact_user_tables).
+    let db = TestDb::create().await;
+    let mut client = db.client().await;
+    let sizes = [
+        0, 50, 100, 200, 300, 450, 600, 800, 1000, 1400, 1800, 2400, 3000, 4000,
+    ];
+    let mut tried = 0;
+    for (round, size) in sizes.into_iter().enumerate() {
+        client
+            .execute(
+                "INSERT INTO outbox (tenant_id, aggregate_type, aggregate_id, event_type,
+                                     schema_version, payload, metadata)
+                 SELECT 'acme', 'payment', 'p' || $1::int || '-' || g, 'payment.paid', 1,
+                        jsonb_build_object('note', (
+                            SELECT coalesce(string_agg(md5(g::text || '/' || i::text), ''), '')
+                            FROM generate_series(1, $2::int / 32) i)),
+                        '{\"correlation_id\":\"seed\",\"source\":\"payments\"}'
+                 FROM generate_series(1, 300) g",
+                &[&(round as i32), &size],
+            )
+            .await
+            .unwrap();
+        // The backend's counts not yet flushed to the shared statistics, which no flush changes
+        // inside a transaction: the difference is the claims'.
+        const COUNTS: &str = "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables
+                              WHERE relname = 'outbox'";
+        let tx = client.transaction().await.unwrap();
+        let before = tx.query_one(COUNTS, &[]).await.unwrap();
+        let mut claimed = 0;
+        for _ in 0..3 {
+            claimed += tx
+                .query("SELECT id FROM outbox_claim(100, 600, 'hot', '')", &[])
+                .await
+                .unwrap()
+                .len();
+        }
+        let after = tx.query_one(COUNTS, &[]).await.unwrap();
+        let updates = after.get::<_, i64>(0) - before.get::<_, i64>(0);
+        let hot = after.get::<_, i64>(1) - before.get::<_, i64>(1);
+        tx.commit().await.unwrap();
+        assert_eq!(claimed, 300, "a note of {size} characters");
+        assert_eq!(updates, 300, "a note of {size} characters");
+        assert_eq!(
+            hot, updates,
+            "a note of {size} characters: {hot} of {updates} leases were HOT"
+        );
+        tried += 1;
+    }
+    assert_eq!(tried, sizes.len());
+    let fillfactor = db
+        .count(
+            &client,
+            "pg_class WHERE relname = 'outbox' AND 'fillfactor=45' = ANY (reloptions)",
+        )
+        .await;
+    assert_eq!(fillfactor, 1);
 }
 
 #[test]
