@@ -124,11 +124,20 @@ pub fn pct(sorted: &[Duration], p: f64) -> f64 {
 
 /// Records every claimed row as published (the "mark" half of the SQL floor).
 pub async fn mark_published(store: &PgOutboxStore, owner: &str, claimed: &[ClaimedEvent]) {
-    let outcomes = Outcomes {
+    let mut outcomes = Outcomes {
         published: claimed.iter().map(|c| c.id).collect(),
         ..Outcomes::default()
     };
-    store.record_outcomes(owner, &outcomes).await.expect("mark");
+    // What someone held at that moment comes back deferred (another claim's statement still
+    // holding a row it examined and passed over, a successor being promoted): recorded again,
+    // as the drain does, so no event is left leased.
+    loop {
+        outcomes = store.record_outcomes(owner, &outcomes).await.expect("mark");
+        if outcomes.published.is_empty() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Sorted latencies from each event's `committed` column (a timestamptz of the outbox) to its
