@@ -1,4 +1,5 @@
--- Room on every page for each row's lease, and an event id default that costs what its body does.
+-- Room on every page for each row's next version (the outbox's lease, the aggregate's writer), and
+-- an event id default that costs what its body does.
 --
 -- 1. The lease stays on its page. A claim writes each row's lease (locked_until, locked_by,
 -- attempts): no indexed column changes, so it can be a HOT update, which adds no index entry,
@@ -17,6 +18,14 @@
 -- existing pages keep what they hold (no rewrite, and only a moment's SHARE UPDATE EXCLUSIVE
 -- lock: appends, claims and records go on).
 ALTER TABLE outbox SET (fillfactor = 45);
+
+-- The aggregate's row (V13) is written once by every transaction that appends to the aggregate
+-- (its writer changes; no indexed column does). At the default fillfactor (100) no page had room
+-- for the new version: 0 of 50,000 such writes were HOT, each added an entry to the aggregates'
+-- key index and put the row at the table's end. At 45 all 50,000 were HOT, and an
+-- `INSERT ... SELECT` of 50,000 second events took 2.51-2.55 s instead of 2.78-2.79 s (0.91x, two
+-- rounds each, alternating); the table came out 7.6 MB instead of 6.7 MB.
+ALTER TABLE outbox_aggregates SET (fillfactor = 45);
 
 -- 2. The event id default is inlined. outbox_uuid_v7() (V5) is the outbox's default event id, so
 -- every plain-SQL and captured append calls it. V7 pinned every toolkit function's search_path,

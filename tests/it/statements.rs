@@ -342,6 +342,50 @@ async fn a_claim_writes_every_lease_on_the_rows_own_page() {
     assert_eq!(fillfactor, 1);
 }
 
+#[tokio::test]
+async fn a_second_append_writes_its_aggregates_row_on_the_same_page() {
+    // Every transaction that appends to an aggregate writes the aggregate's row (its writer,
+    // V13): no indexed column changes, so with room on the page (V14's fillfactor of 45) it is
+    // a HOT update; at the default of 100, none was. 300 aggregates with an event each, then a
+    // second event each in one transaction.
+    let db = TestDb::create().await;
+    let mut client = db.client().await;
+    const COUNTS: &str = "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables
+                          WHERE relname = 'outbox_aggregates'";
+    seed_outbox(&client, "acme", &aggregates("agg", 300), 1, "{}").await;
+    let tx = client.transaction().await.unwrap();
+    let before = tx.query_one(COUNTS, &[]).await.unwrap();
+    tx.execute(
+        "INSERT INTO outbox (tenant_id, aggregate_type, aggregate_id, event_type, schema_version,
+                             payload, metadata)
+         SELECT 'acme', 'payment', 'agg' || g, 'payment.refunded', 1, '{}',
+                '{\"correlation_id\":\"seed\",\"source\":\"payments\"}'
+         FROM generate_series(0, 299) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    let after = tx.query_one(COUNTS, &[]).await.unwrap();
+    tx.commit().await.unwrap();
+    let updates = after.get::<_, i64>(0) - before.get::<_, i64>(0);
+    let hot = after.get::<_, i64>(1) - before.get::<_, i64>(1);
+    assert_eq!(updates, 300, "one write of each aggregate's row");
+    assert_eq!(hot, updates, "{hot} of {updates} aggregate writes were HOT");
+    assert_eq!(
+        db.count(&client, "outbox WHERE aggregate_version = 2")
+            .await,
+        300
+    );
+    assert_eq!(
+        db.count(
+            &client,
+            "pg_class WHERE relname = 'outbox_aggregates' AND 'fillfactor=45' = ANY (reloptions)"
+        )
+        .await,
+        1
+    );
+}
+
 #[test]
 fn thrown_away_rows_count_every_loop() {
     let plan = "Nested Loop  (cost=0.1..2.0 rows=5 width=8) (actual time=0.1..0.2 rows=5 loops=1)
