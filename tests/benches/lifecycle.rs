@@ -27,7 +27,7 @@ use outbox_tests::TestDb;
 use pg_outbox::outbox::EventMetadata;
 use pg_outbox::ports::OutboxStore;
 use pg_outbox::postgres::outbox::PgOutboxStore;
-use pg_outbox::postgres::Db;
+use pg_outbox::postgres::{DatabaseSettings, Db};
 use pg_outbox::producer::{append, OutboxEvent};
 use tokio_postgres::types::Type;
 
@@ -132,50 +132,64 @@ async fn settle(db: &TestDb) {
         .expect("checkpoint");
 }
 
-/// Autovacuum off for `table` during the run: its work would land in whichever phase it
-/// happened to run in; each phase ends with a `VACUUM`, measured with it, instead.
-async fn without_autovacuum(db: &TestDb, table: &str) {
-    // The table name is one of two constants of this file.
-    db.client()
-        .await
-        .batch_execute(&format!(
-            "ALTER TABLE {table} SET (autovacuum_enabled = false)"
-        ))
-        .await
-        .expect("autovacuum off");
-}
-
-/// The phase's own vacuum of `tables` (one or more constants of this file), measured with it (autovacuum is off for the run, so each phase pays
+/// The phase's own vacuum, measured with it (autovacuum is off for the run, so each phase pays
 /// for the dead rows it leaves, whenever a real autovacuum would have come).
-async fn vacuum(db: &TestDb, tables: &str) {
+async fn vacuum(db: &TestDb, outbox: Outbox) {
     db.client()
         .await
-        .batch_execute(&format!("VACUUM {tables}"))
+        .batch_execute(outbox.vacuum())
         .await
         .expect("vacuum");
 }
 
-async fn minimal_life(events: usize) -> Life {
-    let db = TestDb::create().await;
-    db.client()
-        .await
-        .batch_execute(MINIMAL)
-        .await
-        .expect("minimal outbox");
-    without_autovacuum(&db, "minimal_outbox").await;
-    settle(&db).await;
+/// The two outboxes measured.
+#[derive(Debug, Clone, Copy)]
+enum Outbox {
+    /// The minimal lease queue, in plain statements.
+    Minimal,
+    /// This project, through its API and store; the fillfactor of its outbox when not the
+    /// migrations' (70 measures the outbox as V13 left it).
+    Project(Option<u32>),
+}
 
-    let watch = Stopwatch::start();
-    let workers: Vec<_> = shares(events)
-        .into_iter()
-        .map(|share| {
-            let db = db.settings.clone();
-            tokio::spawn(async move {
-                let mut client = db.connect().await.expect("connect");
-                for chunk in share.chunks(PER_TRANSACTION) {
-                    let tx = client.transaction().await.expect("begin");
-                    for &n in chunk {
-                        let e = event(n, events);
+impl Outbox {
+    /// Its tables' vacuum (the project's appends write `outbox_aggregates` too).
+    fn vacuum(self) -> &'static str {
+        match self {
+            Self::Minimal => "VACUUM minimal_outbox",
+            Self::Project(_) => "VACUUM outbox, outbox_aggregates",
+        }
+    }
+
+    /// Creates or adjusts its tables in `db`, autovacuum off.
+    async fn prepare(self, db: &TestDb) {
+        let client = db.client().await;
+        let sql = match self {
+            Self::Minimal => {
+                format!("{MINIMAL}; ALTER TABLE minimal_outbox SET (autovacuum_enabled = false)")
+            }
+            Self::Project(fillfactor) => format!(
+                "ALTER TABLE outbox SET (autovacuum_enabled = false{});
+                 ALTER TABLE outbox_aggregates SET (autovacuum_enabled = false)",
+                fillfactor.map_or(String::new(), |f| format!(", fillfactor = {f}"))
+            ),
+        };
+        client
+            .batch_execute(&sql)
+            .await
+            .expect("prepare the outbox");
+    }
+
+    /// Appends `events` (these of the run's `total`) in transactions of [`PER_TRANSACTION`].
+    async fn append(self, db: DatabaseSettings, events: Vec<usize>, total: usize) {
+        let mut client = db.connect().await.expect("connect");
+        let metadata = EventMetadata::new("payments", "bench");
+        for chunk in events.chunks(PER_TRANSACTION) {
+            let tx = client.transaction().await.expect("begin");
+            for &n in chunk {
+                let e = event(n, total);
+                match self {
+                    Self::Minimal => {
                         let payload = serde_json::to_value(&e).expect("payload");
                         tx.query_typed(
                             MINIMAL_INSERT,
@@ -189,155 +203,107 @@ async fn minimal_life(events: usize) -> Life {
                         .await
                         .expect("insert");
                     }
-                    tx.commit().await.expect("commit");
+                    Self::Project(_) => {
+                        append(&tx, &e, &metadata).await.expect("append");
+                    }
                 }
-            })
-        })
-        .collect();
-    for w in workers {
-        w.await.expect("appender");
+            }
+            tx.commit().await.expect("commit");
+        }
     }
-    vacuum(&db, "minimal_outbox").await;
-    let append = watch.stop(events);
 
-    settle(&db).await;
-    let watch = Stopwatch::start();
-    let workers: Vec<_> = (0..CONNECTIONS)
-        .map(|_| {
-            let db = db.settings.clone();
-            tokio::spawn(async move {
-                let client = db.connect().await.expect("connect");
-                let mut done = 0;
-                loop {
+    /// Claims and records until nothing is left for it; how many it claimed.
+    async fn drain(self, db: DatabaseSettings, worker: usize) -> usize {
+        let client = db.connect().await.expect("connect");
+        let store = PgOutboxStore::new(Db::new(db));
+        let owner = format!("life-{worker}");
+        let mut done = 0;
+        let mut empty_claims = 0;
+        // An aggregate's second event becomes claimable when the first is recorded, maybe by
+        // the other connection: a connection stops after two empty claims in a row with a
+        // pause between.
+        while empty_claims < 2 {
+            let claimed = match self {
+                Self::Minimal => {
                     let rows = client
                         .query_typed(MINIMAL_CLAIM, &[(&BATCH, Type::INT8)])
                         .await
                         .expect("claim");
-                    if rows.is_empty() {
-                        return done;
-                    }
                     let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-                    client
-                        .query_typed(MINIMAL_MARK, &[(&ids, Type::INT8_ARRAY)])
-                        .await
-                        .expect("mark");
-                    done += ids.len();
-                }
-            })
-        })
-        .collect();
-    let mut drained = 0;
-    for w in workers {
-        drained += w.await.expect("drainer");
-    }
-    assert_eq!(drained, events);
-    vacuum(&db, "minimal_outbox").await;
-    let drain = watch.stop(events);
-
-    settle(&db).await;
-    let client = db.client().await;
-    let watch = Stopwatch::start();
-    let mut deleted = 0;
-    loop {
-        let n = client
-            .execute(MINIMAL_DELETE, &[&i64::from(RETENTION_BATCH)])
-            .await
-            .expect("delete");
-        if n == 0 {
-            break;
-        }
-        deleted += n as usize;
-    }
-    assert_eq!(deleted, events);
-    vacuum(&db, "minimal_outbox").await;
-    let retention = watch.stop(events);
-    drop(client);
-    db.drop_database().await;
-    Life {
-        append,
-        drain,
-        retention,
-    }
-}
-
-/// `fillfactor`: the outbox's, when not the migrations' (70 measures the outbox as V13 left it).
-async fn project_life(events: usize, fillfactor: Option<u32>) -> Life {
-    let db = TestDb::create().await;
-    if let Some(fillfactor) = fillfactor {
-        db.client()
-            .await
-            .batch_execute(&format!(
-                "ALTER TABLE outbox SET (fillfactor = {fillfactor})"
-            ))
-            .await
-            .expect("fillfactor");
-    }
-    without_autovacuum(&db, "outbox").await;
-    without_autovacuum(&db, "outbox_aggregates").await;
-    settle(&db).await;
-
-    let watch = Stopwatch::start();
-    let workers: Vec<_> = shares(events)
-        .into_iter()
-        .map(|share| {
-            let db = db.settings.clone();
-            tokio::spawn(async move {
-                let mut client = db.connect().await.expect("connect");
-                let metadata = EventMetadata::new("payments", "bench");
-                for chunk in share.chunks(PER_TRANSACTION) {
-                    let tx = client.transaction().await.expect("begin");
-                    for &n in chunk {
-                        append(&tx, &event(n, events), &metadata)
+                    if !ids.is_empty() {
+                        client
+                            .query_typed(MINIMAL_MARK, &[(&ids, Type::INT8_ARRAY)])
                             .await
-                            .expect("append");
+                            .expect("mark");
                     }
-                    tx.commit().await.expect("commit");
+                    ids.len()
                 }
-            })
-        })
-        .collect();
-    for w in workers {
-        w.await.expect("appender");
-    }
-    vacuum(&db, "outbox, outbox_aggregates").await;
-    let append = watch.stop(events);
-
-    settle(&db).await;
-    let watch = Stopwatch::start();
-    let workers: Vec<_> = (0..CONNECTIONS)
-        .map(|w| {
-            let store = PgOutboxStore::new(Db::new(db.settings.clone()));
-            tokio::spawn(async move {
-                let owner = format!("life-{w}");
-                let mut done = 0;
-                let mut empty_claims = 0;
-                // An aggregate's second event becomes claimable when the first is recorded,
-                // maybe by the other connection: a connection stops after two empty claims
-                // in a row with a pause between.
-                while empty_claims < 2 {
+                Self::Project(_) => {
                     let claimed = store
                         .claim_batch(BATCH, Duration::from_secs(60), &owner)
                         .await
                         .expect("claim");
-                    if claimed.is_empty() {
-                        empty_claims += 1;
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                    empty_claims = 0;
-                    done += claimed.len();
                     mark_published(&store, &owner, &claimed).await;
+                    claimed.len()
                 }
-                done
-            })
-        })
+            };
+            if claimed == 0 {
+                empty_claims += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            } else {
+                empty_claims = 0;
+                done += claimed;
+            }
+        }
+        done
+    }
+
+    /// One retention statement; how many rows it deleted.
+    async fn delete_published(self, client: &tokio_postgres::Client) -> usize {
+        match self {
+            Self::Minimal => client
+                .execute(MINIMAL_DELETE, &[&i64::from(RETENTION_BATCH)])
+                .await
+                .expect("delete") as usize,
+            Self::Project(_) => pg_outbox::postgres::admin::delete_published(
+                client,
+                Duration::ZERO,
+                RETENTION_BATCH,
+            )
+            .await
+            .expect("retention") as usize,
+        }
+    }
+}
+
+/// The three phases of `events` in `outbox`, each with its vacuum, on a database of its own.
+async fn life(outbox: Outbox, events: usize) -> Life {
+    let db = TestDb::create().await;
+    outbox.prepare(&db).await;
+
+    settle(&db).await;
+    let watch = Stopwatch::start();
+    let appenders: Vec<_> = shares(events)
+        .into_iter()
+        .map(|share| tokio::spawn(outbox.append(db.settings.clone(), share, events)))
+        .collect();
+    for a in appenders {
+        a.await.expect("appender");
+    }
+    vacuum(&db, outbox).await;
+    let append = watch.stop(events);
+
+    settle(&db).await;
+    let watch = Stopwatch::start();
+    let drainers: Vec<_> = (0..CONNECTIONS)
+        .map(|w| tokio::spawn(outbox.drain(db.settings.clone(), w)))
         .collect();
     let mut drained = 0;
-    for w in workers {
-        drained += w.await.expect("drainer");
+    for d in drainers {
+        drained += d.await.expect("drainer");
     }
-    assert_eq!(drained, events, "every event claimed and recorded once");
-    vacuum(&db, "outbox, outbox_aggregates").await;
+    assert_eq!(drained, events, "{outbox:?}: every event claimed once");
+    vacuum(&db, outbox).await;
     let drain = watch.stop(events);
 
     settle(&db).await;
@@ -345,17 +311,14 @@ async fn project_life(events: usize, fillfactor: Option<u32>) -> Life {
     let watch = Stopwatch::start();
     let mut deleted = 0;
     loop {
-        let n =
-            pg_outbox::postgres::admin::delete_published(&client, Duration::ZERO, RETENTION_BATCH)
-                .await
-                .expect("retention");
+        let n = outbox.delete_published(&client).await;
         if n == 0 {
             break;
         }
-        deleted += n as usize;
+        deleted += n;
     }
-    assert_eq!(deleted, events, "retention deleted every published event");
-    vacuum(&db, "outbox, outbox_aggregates").await;
+    assert_eq!(deleted, events, "{outbox:?}: retention deleted every event");
+    vacuum(&db, outbox).await;
     let retention = watch.stop(events);
     drop(client);
     db.drop_database().await;
@@ -369,9 +332,9 @@ async fn project_life(events: usize, fillfactor: Option<u32>) -> Life {
 #[tokio::main]
 async fn main() {
     let events = env_usize("BENCH_LIFE_EVENTS", 100_000);
-    let minimal = minimal_life(events).await;
-    let project = project_life(events, None).await;
-    let before = project_life(events, Some(70)).await;
+    let minimal = life(Outbox::Minimal, events).await;
+    let project = life(Outbox::Project(None), events).await;
+    let before = life(Outbox::Project(Some(70)), events).await;
     println!(
         "## An event's whole life: PostgreSQL CPU per event ({events} events over {} aggregates, \
          {CONNECTIONS} connections, appends in transactions of {PER_TRANSACTION}, claims of \

@@ -1,3 +1,5 @@
+//! (Past 400 lines: the benchmarks' shared seeding, measuring and reporting, which every bench binary imports from one place.)
+//!
 //! Helpers shared by the benchmarks: seeding the outbox in bulk, percentiles, settings from the
 //! environment.
 
