@@ -3,29 +3,33 @@
 --
 -- 1. The lease stays on its page. A claim writes each row's lease (locked_until, locked_by,
 -- attempts): no indexed column changes, so it can be a HOT update, which adds no index entry,
--- but only when the row's page has room for the new version. With V1's fillfactor of 70 a page
--- of ~600-byte events holds 9 rows and room for 4 more versions: measured, 20,000 of 50,000
--- leases were HOT, and each of the others wrote a new entry into every index of the outbox
--- (the four unique ones and the claim indexes). At 50 a page has room for about one new version
--- of each row on it, but not always (a lease version is a few bytes longer than the row, and
--- 1 lease in 300 was not HOT at several row sizes); at 45, every lease was HOT for rows of 234
--- to 4,234 bytes (tests/it/statements.rs, `a_claim_writes_every_lease_on_the_rows_own_page`).
--- A claim + record of 50,000 events in one session took 0.74x the time (docs/benchmarks.md).
--- The price is space: retained published rows fill their pages to 45% instead of 70% (the
--- publish update is never HOT: its new version goes to a page with room under the
--- fillfactor), so the heap of a retained history is up to 1.55x larger; the indexes, which the
--- claim and the record read, are not. Only pages written from now on are filled to 45%;
+-- but only when the row's page has room for the new version, which is longer than the row by
+-- the lease itself (the dispatcher's lease owner is its log stream's name and a 32-digit id, about
+-- 85 bytes). With V1's fillfactor of 70, 15,000 of 50,000 leases were HOT (events of ~600 bytes,
+-- an 85-byte owner), and each of the others wrote a new entry into every index of the outbox (the
+-- four unique ones and the claim indexes). At 45, 1 lease in 8 still found no room for rows of
+-- ~350 and of ~2,100 bytes; at 40 every lease was HOT for rows of ~350 to ~2,000 bytes (the size
+-- they keep on the page; larger payloads go to TOAST), which
+-- tests/it/statements.rs `a_claim_writes_every_lease_on_the_rows_own_page` checks. A claim +
+-- record of 50,000 events in one session took 1.78-1.94 s instead of 2.53 s (0.70-0.77x, two
+-- rounds each, alternating; docs/benchmarks.md).
+-- The price is space: retained published rows fill their pages to 40% instead of 70% (the
+-- publish update is never HOT, and its new version moves to a page with room under the
+-- fillfactor whenever its own page has none), so the heap of a retained history grows up to
+-- 1.75x, and with it the pages retention's DELETE and VACUUM visit; the indexes, which the claim
+-- and the record read, do not change. Only pages written from now on are filled to 40%;
 -- existing pages keep what they hold (no rewrite, and only a moment's SHARE UPDATE EXCLUSIVE
 -- lock: appends, claims and records go on).
-ALTER TABLE outbox SET (fillfactor = 45);
+ALTER TABLE outbox SET (fillfactor = 40);
 
 -- The aggregate's row (V13) is written once by every transaction that appends to the aggregate
--- (its writer changes; no indexed column does). At the default fillfactor (100) no page had room
--- for the new version: 0 of 50,000 such writes were HOT, each added an entry to the aggregates'
--- key index and put the row at the table's end. At 45 all 50,000 were HOT, and an
--- `INSERT ... SELECT` of 50,000 second events took 2.51-2.55 s instead of 2.78-2.79 s (0.91x, two
--- rounds each, alternating); the table came out 7.6 MB instead of 6.7 MB.
-ALTER TABLE outbox_aggregates SET (fillfactor = 45);
+-- (its writer changes; no indexed column does). At the default fillfactor (100) a new page has
+-- no room for the new version: with transactions of 10 aggregates each, 2,575 of 3,000 such
+-- writes were HOT at 100, 2,889 at 90, all 3,000 at 70 (the others each added an entry to the
+-- aggregates' key index and put the row at the table's end). A single transaction writing
+-- 50,000 of them is the worst case (0 HOT at 100, 22,300 at 70). The table holds a row per
+-- aggregate ever appended to, so 70 keeps its growth to at most 1.43x.
+ALTER TABLE outbox_aggregates SET (fillfactor = 70);
 
 -- 2. The event id default is inlined. outbox_uuid_v7() (V5) is the outbox's default event id, so
 -- every plain-SQL and captured append calls it. V7 pinned every toolkit function's search_path,
@@ -46,4 +50,6 @@ CREATE OR REPLACE FUNCTION outbox_uuid_v7() RETURNS uuid LANGUAGE sql VOLATILE A
             52, 1), 53, 1),
         'hex')::pg_catalog.uuid
 $$;
-ALTER FUNCTION outbox_uuid_v7() RESET search_path;
+-- CREATE OR REPLACE has dropped the pinned search_path. A later migration that pins every
+-- toolkit function again (as V7 and V9 do) must leave this one out, or it is no longer inlined
+-- (tests/it/migrations.rs, every_toolkit_function_resolves_names_in_its_own_schema).

@@ -10,13 +10,14 @@
 //! outbox and, for the project, of `outbox_aggregates`, which its appends write). The project
 //! appends through its public API (`pg_outbox::producer::append`), claims and records through
 //! its store (`PgOutboxStore`), and deletes with its retention function
-//! (`outbox_delete_published`); the minimal outbox (9
-//! columns, a primary key and one partial index) runs the plain statements of a lease queue:
+//! (`outbox_delete_published`); the minimal outbox (9 columns, a primary key and one partial
+//! index, the project's fillfactor of 40) runs the plain statements of a lease queue:
 //! `INSERT`, `UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING`, an
 //! `UPDATE` of the status, and `DELETE`. No bus: this is the database's share.
 //!
-//! The project runs twice: as migrated, and with the outbox's fillfactor set back to V13's 70
-//! (what V14 changed for the claim and the record), so V14's effect is a ratio of one run too.
+//! The project runs twice: as migrated, and with the fillfactors set back to V13's (70 for the
+//! outbox, the default for `outbox_aggregates`), so V14's effect is a ratio of one run too. The
+//! order is fixed (minimal, project, project as V13); autovacuum being off, autoanalyze is too.
 //!
 //! Run: `cargo bench -p outbox-tests --bench lifecycle` with `.local/env` sourced.
 
@@ -148,7 +149,7 @@ enum Outbox {
     /// The minimal lease queue, in plain statements.
     Minimal,
     /// This project, through its API and store; the fillfactor of its outbox when not the
-    /// migrations' (70 measures the outbox as V13 left it).
+    /// migrations' (70 measures the outbox and `outbox_aggregates` as V13 left them).
     Project(Option<u32>),
 }
 
@@ -161,17 +162,22 @@ impl Outbox {
         }
     }
 
-    /// Creates or adjusts its tables in `db`, autovacuum off.
+    /// Creates or adjusts its tables in `db`, autovacuum off. The minimal outbox gets the
+    /// project's fillfactor (40), so both claims' leases stay on their pages; the project at
+    /// V13's fillfactor gets V13's for `outbox_aggregates` too.
     async fn prepare(self, db: &TestDb) {
         let client = db.client().await;
         let sql = match self {
-            Self::Minimal => {
-                format!("{MINIMAL}; ALTER TABLE minimal_outbox SET (autovacuum_enabled = false)")
-            }
-            Self::Project(fillfactor) => format!(
-                "ALTER TABLE outbox SET (autovacuum_enabled = false{});
-                 ALTER TABLE outbox_aggregates SET (autovacuum_enabled = false)",
-                fillfactor.map_or(String::new(), |f| format!(", fillfactor = {f}"))
+            Self::Minimal => format!(
+                "{MINIMAL}; ALTER TABLE minimal_outbox SET (autovacuum_enabled = false, fillfactor = 40)"
+            ),
+            Self::Project(None) => "ALTER TABLE outbox SET (autovacuum_enabled = false);
+                 ALTER TABLE outbox_aggregates SET (autovacuum_enabled = false)"
+                .to_owned(),
+            Self::Project(Some(fillfactor)) => format!(
+                "ALTER TABLE outbox SET (autovacuum_enabled = false, fillfactor = {fillfactor});
+                 ALTER TABLE outbox_aggregates SET (autovacuum_enabled = false);
+                 ALTER TABLE outbox_aggregates RESET (fillfactor)"
             ),
         };
         client

@@ -582,41 +582,48 @@ async fn every_toolkit_function_resolves_names_in_its_own_schema() {
     // One exception (V14): the event id default names only pg_catalog, so it needs no pin, and
     // a pinned SQL function is never inlined (every SQL append paid for the setting's change).
     assert_eq!(unpinned, ["outbox_uuid_v7()"], "unpinned");
-    let uuid_v7_body: String = client
-        .query_one(
-            "SELECT prosrc FROM pg_proc WHERE oid = 'outbox_uuid_v7()'::regprocedure",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    for name in [
-        "encode(",
-        "set_bit(",
-        "uuid_send(",
-        "gen_random_uuid(",
-        "int8send(",
-        "floor(",
-        "clock_timestamp(",
-    ] {
-        assert!(
-            uuid_v7_body.contains(&format!("pg_catalog.{name}")),
-            "outbox_uuid_v7 calls {name} unqualified: {uuid_v7_body}"
-        );
-    }
-    // Inlined: the plan shows the body's expression, not a call of the function, and the
-    // default is a v7 id.
+    // Inlined where it is used, the outbox's default: the plan of an append shows the body's
+    // expression, not a call of the function.
     let plan = db
-        .texts(&client, "EXPLAIN (VERBOSE) SELECT outbox_uuid_v7()")
+        .texts(
+            &client,
+            "EXPLAIN (VERBOSE) INSERT INTO outbox (tenant_id, aggregate_type, aggregate_id,
+                 event_type, schema_version, payload) VALUES ('acme', 'a', 'b', 'c', 1, '{}')",
+        )
         .await
         .join("\n");
     assert!(
         !plan.contains("outbox_uuid_v7") && plan.contains("gen_random_uuid()"),
         "{plan}"
     );
-    // Called from a session whose search_path has no toolkit schema in it.
+    // And it resolves nothing through the caller's search_path: a schema ahead of pg_catalog
+    // whose look-alikes of every function, the operator and the type of its body fail.
     client
-        .batch_execute("SET search_path = pg_temp")
+        .batch_execute(
+            "CREATE SCHEMA hostile;
+             CREATE FUNCTION hostile.fail() RETURNS void LANGUAGE plpgsql AS
+                 $$ BEGIN RAISE EXCEPTION 'resolved through the search_path'; END $$;
+             CREATE FUNCTION hostile.encode(bytea, text) RETURNS text LANGUAGE sql
+                 AS 'SELECT hostile.fail()::text';
+             CREATE FUNCTION hostile.set_bit(bytea, bigint, integer) RETURNS bytea LANGUAGE sql
+                 AS 'SELECT hostile.fail()::text::bytea';
+             CREATE FUNCTION hostile.uuid_send(uuid) RETURNS bytea LANGUAGE sql
+                 AS 'SELECT hostile.fail()::text::bytea';
+             CREATE FUNCTION hostile.gen_random_uuid() RETURNS uuid LANGUAGE sql
+                 AS 'SELECT hostile.fail()::text::uuid';
+             CREATE FUNCTION hostile.int8send(bigint) RETURNS bytea LANGUAGE sql
+                 AS 'SELECT hostile.fail()::text::bytea';
+             CREATE FUNCTION hostile.floor(numeric) RETURNS numeric LANGUAGE sql
+                 AS 'SELECT hostile.fail()::text::numeric';
+             CREATE FUNCTION hostile.clock_timestamp() RETURNS timestamptz LANGUAGE sql
+                 AS 'SELECT hostile.fail()::text::timestamptz';
+             CREATE FUNCTION hostile.times(numeric, integer) RETURNS numeric LANGUAGE sql
+                 AS 'SELECT hostile.fail()::text::numeric';
+             CREATE OPERATOR hostile.* (LEFTARG = numeric, RIGHTARG = integer,
+                                        FUNCTION = hostile.times);
+             CREATE DOMAIN hostile.uuid AS text CHECK (hostile.fail() IS NULL);
+             SET search_path = hostile, pg_catalog, public",
+        )
         .await
         .unwrap();
     let id: uuid::Uuid = client
@@ -624,8 +631,22 @@ async fn every_toolkit_function_resolves_names_in_its_own_schema() {
         .await
         .unwrap()
         .get(0);
-    client.batch_execute("RESET search_path").await.unwrap();
     assert_eq!(id.get_version_num(), 7, "{id}");
+    let appended: uuid::Uuid = client
+        .query_one(
+            "INSERT INTO public.outbox (tenant_id, aggregate_type, aggregate_id, event_type,
+                                        schema_version, payload)
+             VALUES ('acme', 'hostile', 'h-1', 'h.created', 1, '{}') RETURNING event_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(appended.get_version_num(), 7, "{appended}");
+    client
+        .batch_execute("RESET search_path; DROP SCHEMA hostile CASCADE")
+        .await
+        .unwrap();
     let pinned = db
         .count(
             &client,

@@ -278,20 +278,39 @@ async fn appends_look_rows_up_by_index_after_an_analyze_of_a_small_outbox() {
     );
 }
 
+/// The backend's update counts not yet flushed to the shared statistics for `table`, as
+/// (updates, HOT updates). No flush happens while the backend is busy (inside a transaction, or
+/// a `DO` block that commits), so the difference of two readings in one is the work between them.
+async fn update_counts(client: &impl tokio_postgres::GenericClient, table: &str) -> (i64, i64) {
+    let row = client
+        .query_one(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables WHERE relname = $1",
+            &[&table],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
 #[tokio::test]
 async fn a_claim_writes_every_lease_on_the_rows_own_page() {
     // A lease changes no indexed column, so it can be a HOT update (no index entry written)
-    // when the row's page has room for its new version. With V1's fillfactor of 70, 2 leases
-    // in 5 were HOT and the others wrote an entry into every index of the outbox; V14's
-    // fillfactor (45) leaves room for every row's lease. Inputs tried: events of 14 payload
-    // sizes, from an empty note (rows of ~230 bytes) to 4,000 characters of incompressible
-    // text (~4.2 kB rows), 300 events each, every one claimed once in claims of 100; the count
-    // of updates and HOT updates is the transaction's own (pg_stat_xact_user_tables).
+    // when the row's page has room for its new version, which is longer than the row by the
+    // lease owner the dispatcher writes (its log stream's name, '/', a 32-digit id: ~85 bytes).
+    // With V1's fillfactor of 70, 2 leases in 5 were HOT and the others wrote an entry into
+    // every index of the outbox; V14's fillfactor (40) leaves room for every row's lease.
+    // Inputs tried: events of 12 payload sizes, from an empty note to 1,700 characters of
+    // incompressible text (rows of ~260 to ~2,000 bytes, all kept on the page: larger ones go
+    // to TOAST and leave a small row), 300 events each, every one claimed once in claims of
+    // 100 under a lease owner as long as the dispatcher's.
     let db = TestDb::create().await;
     let mut client = db.client().await;
-    let sizes = [
-        0, 50, 100, 200, 300, 450, 600, 800, 1000, 1400, 1800, 2400, 3000, 4000,
-    ];
+    let owner = format!(
+        "2026/12/06/[$LATEST]{}/{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let sizes = [0, 50, 100, 200, 300, 450, 600, 800, 1000, 1200, 1400, 1700];
     let mut tried = 0;
     for (round, size) in sizes.into_iter().enumerate() {
         client
@@ -302,30 +321,35 @@ async fn a_claim_writes_every_lease_on_the_rows_own_page() {
                         jsonb_build_object('note', (
                             SELECT coalesce(string_agg(md5(g::text || '/' || i::text), ''), '')
                             FROM generate_series(1, $2::int / 32) i)),
-                        '{\"correlation_id\":\"seed\",\"source\":\"payments\"}'
+                        '{\"source\":\"payments\"}'
                  FROM generate_series(1, 300) g",
                 &[&(round as i32), &size],
             )
             .await
             .unwrap();
-        // The backend's counts not yet flushed to the shared statistics, which no flush changes
-        // inside a transaction: the difference is the claims'.
-        const COUNTS: &str = "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables
-                              WHERE relname = 'outbox'";
+        let inline = db
+            .count(
+                &client,
+                &format!(
+                    "outbox WHERE aggregate_id LIKE 'p{round}-%'
+                       AND pg_column_size(payload) > length(payload ->> 'note')"
+                ),
+            )
+            .await;
+        assert_eq!(inline, 300, "a note of {size} characters stays on the page");
         let tx = client.transaction().await.unwrap();
-        let before = tx.query_one(COUNTS, &[]).await.unwrap();
+        let before = update_counts(&tx, "outbox").await;
         let mut claimed = 0;
         for _ in 0..3 {
             claimed += tx
-                .query("SELECT id FROM outbox_claim(100, 600, 'hot', '')", &[])
+                .query("SELECT id FROM outbox_claim(100, 600, $1, '')", &[&owner])
                 .await
                 .unwrap()
                 .len();
         }
-        let after = tx.query_one(COUNTS, &[]).await.unwrap();
-        let updates = after.get::<_, i64>(0) - before.get::<_, i64>(0);
-        let hot = after.get::<_, i64>(1) - before.get::<_, i64>(1);
+        let after = update_counts(&tx, "outbox").await;
         tx.commit().await.unwrap();
+        let (updates, hot) = (after.0 - before.0, after.1 - before.1);
         assert_eq!(claimed, 300, "a note of {size} characters");
         assert_eq!(updates, 300, "a note of {size} characters");
         assert_eq!(
@@ -338,50 +362,63 @@ async fn a_claim_writes_every_lease_on_the_rows_own_page() {
     let fillfactor = db
         .count(
             &client,
-            "pg_class WHERE relname = 'outbox' AND 'fillfactor=45' = ANY (reloptions)",
+            "pg_class WHERE relname = 'outbox' AND 'fillfactor=40' = ANY (reloptions)",
         )
         .await;
     assert_eq!(fillfactor, 1);
 }
 
 #[tokio::test]
-async fn a_second_append_writes_its_aggregates_row_on_the_same_page() {
+async fn an_appending_transaction_writes_its_aggregates_row_on_the_same_page() {
     // Every transaction that appends to an aggregate writes the aggregate's row (its writer,
-    // V13): no indexed column changes, so with room on the page (V14's fillfactor of 45) it is
-    // a HOT update; at the default of 100, none was. 300 aggregates with an event each, then a
-    // second event each in one transaction.
+    // V13): no indexed column changes, so with room on the page (V14's fillfactor of 70) it is
+    // a HOT update; at the default of 100, 1 in 7 was not. 3,000 aggregates with an event each,
+    // then a second event each, in 300 transactions of 10 aggregates.
     let db = TestDb::create().await;
-    let mut client = db.client().await;
-    const COUNTS: &str = "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables
-                          WHERE relname = 'outbox_aggregates'";
-    seed_outbox(&client, "acme", &aggregates("agg", 300), 1, "{}").await;
-    let tx = client.transaction().await.unwrap();
-    let before = tx.query_one(COUNTS, &[]).await.unwrap();
-    tx.execute(
-        "INSERT INTO outbox (tenant_id, aggregate_type, aggregate_id, event_type, schema_version,
-                             payload, metadata)
-         SELECT 'acme', 'payment', 'agg' || g, 'payment.refunded', 1, '{}',
-                '{\"correlation_id\":\"seed\",\"source\":\"payments\"}'
-         FROM generate_series(0, 299) g",
-        &[],
-    )
-    .await
-    .unwrap();
-    let after = tx.query_one(COUNTS, &[]).await.unwrap();
-    tx.commit().await.unwrap();
-    let updates = after.get::<_, i64>(0) - before.get::<_, i64>(0);
-    let hot = after.get::<_, i64>(1) - before.get::<_, i64>(1);
-    assert_eq!(updates, 300, "one write of each aggregate's row");
-    assert_eq!(hot, updates, "{hot} of {updates} aggregate writes were HOT");
+    let client = db.client().await;
+    seed_outbox(&client, "acme", &aggregates("agg", 3_000), 1, "{}").await;
+    // A write that changes no indexed column stays on its page exactly when it is HOT (the new
+    // version fits beside the old one); one that finds no room moves to another page. So each
+    // row's page before and after says it, whatever the statistics collector has flushed.
+    const PAGES: &str = "SELECT aggregate_id, (ctid::text::point)[0] FROM outbox_aggregates";
+    let pages = |rows: Vec<tokio_postgres::Row>| {
+        rows.iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, f64>(1)))
+            .collect::<std::collections::HashMap<_, _>>()
+    };
+    let before = pages(client.query(PAGES, &[]).await.unwrap());
+    client
+        .batch_execute(
+            "DO $$ BEGIN FOR k IN 0..299 LOOP
+                 INSERT INTO outbox (tenant_id, aggregate_type, aggregate_id, event_type,
+                                     schema_version, payload, metadata)
+                 SELECT 'acme', 'payment', 'agg' || g, 'payment.refunded', 1, '{}',
+                        '{\"correlation_id\":\"seed\",\"source\":\"payments\"}'
+                 FROM generate_series(k * 10, k * 10 + 9) g;
+                 COMMIT;
+             END LOOP; END $$",
+        )
+        .await
+        .unwrap();
+    let after = pages(client.query(PAGES, &[]).await.unwrap());
+    assert_eq!(before.len(), 3_000);
+    let moved = before
+        .iter()
+        .filter(|(aggregate, page)| after[*aggregate] != **page)
+        .count();
+    assert_eq!(
+        moved, 0,
+        "{moved} of 3000 aggregate writes found no room on their page"
+    );
     assert_eq!(
         db.count(&client, "outbox WHERE aggregate_version = 2")
             .await,
-        300
+        3_000
     );
     assert_eq!(
         db.count(
             &client,
-            "pg_class WHERE relname = 'outbox_aggregates' AND 'fillfactor=45' = ANY (reloptions)"
+            "pg_class WHERE relname = 'outbox_aggregates' AND 'fillfactor=70' = ANY (reloptions)"
         )
         .await,
         1

@@ -126,19 +126,28 @@ pub fn pct(sorted: &[Duration], p: f64) -> f64 {
 
 /// Records every claimed row as published (the "mark" half of the SQL floor).
 pub async fn mark_published(store: &PgOutboxStore, owner: &str, claimed: &[ClaimedEvent]) {
+    if claimed.is_empty() {
+        return;
+    }
     let mut outcomes = Outcomes {
         published: claimed.iter().map(|c| c.id).collect(),
         ..Outcomes::default()
     };
     // What someone held at that moment comes back deferred (another claim's statement still
-    // holding a row it examined and passed over, a successor being promoted): recorded again,
-    // as the drain does, so no event is left leased.
+    // holding a row it examined and passed over, a successor being promoted): recorded again
+    // after a pause, as the drain does, so no event is left leased.
+    let started = std::time::Instant::now();
     loop {
         outcomes = store.record_outcomes(owner, &outcomes).await.expect("mark");
         if outcomes.published.is_empty() {
             return;
         }
-        tokio::task::yield_now().await;
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "still held after 30 s: {:?}",
+            outcomes.published
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
