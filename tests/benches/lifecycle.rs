@@ -349,7 +349,7 @@ async fn main() {
     );
     println!(
         "| phase | minimal outbox µs/event (events/s) | this project µs/event (events/s) | ratio | \
-         this project at V13's fillfactor (70) µs/event (events/s) | V14 / fillfactor 70 |"
+         this project with V13's fillfactors µs/event (events/s) | V14 / V13's fillfactors |"
     );
     println!("|---|---|---|---|---|---|");
     let phases = [
