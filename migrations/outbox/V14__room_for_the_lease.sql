@@ -1,5 +1,4 @@
--- Room on every page for each row's next version (the outbox's lease, the aggregate's writer), and
--- an event id default that costs what its body does.
+-- Room on every page for each row's lease, and an event id default that costs what its body does.
 --
 -- 1. The lease stays on its page. A claim writes each row's lease (locked_until, locked_by,
 -- attempts): no indexed column changes, so it can be a HOT update, which adds no index entry,
@@ -7,9 +6,9 @@
 -- the lease itself (the dispatcher's lease owner is its log stream's name and a 32-digit id, about
 -- 85 bytes). With V1's fillfactor of 70, 15,000 of 50,000 leases were HOT (events of ~600 bytes,
 -- an 85-byte owner), and each of the others wrote a new entry into every index of the outbox (the
--- four unique ones and the claim indexes). At 45, 1 lease in 8 still found no room for rows of
--- ~350 and of ~2,100 bytes; at 40 every lease was HOT for rows of ~350 to ~2,000 bytes (the size
--- they keep on the page; larger payloads go to TOAST), which
+-- four unique ones and the claim indexes). At 45, 1 lease in 8 still found no room for the
+-- smallest rows (~260 bytes); at 40 every lease was HOT for rows of ~260 to ~1,650 bytes (as
+-- they sit on the page; larger payloads go to TOAST), which
 -- tests/it/statements.rs `a_claim_writes_every_lease_on_the_rows_own_page` checks. A claim +
 -- record of 50,000 events in one session took 1.78-1.94 s instead of 2.53 s (0.70-0.77x, two
 -- rounds each, alternating; docs/benchmarks.md).
@@ -21,15 +20,6 @@
 -- existing pages keep what they hold (no rewrite, and only a moment's SHARE UPDATE EXCLUSIVE
 -- lock: appends, claims and records go on).
 ALTER TABLE outbox SET (fillfactor = 40);
-
--- The aggregate's row (V13) is written once by every transaction that appends to the aggregate
--- (its writer changes; no indexed column does). At the default fillfactor (100) a new page has
--- no room for the new version: with transactions of 10 aggregates each, 2,575 of 3,000 such
--- writes were HOT at 100, 2,889 at 90, all 3,000 at 70 (the others each added an entry to the
--- aggregates' key index and put the row at the table's end). A single transaction writing
--- 50,000 of them is the worst case (0 HOT at 100, 22,300 at 70). The table holds a row per
--- aggregate ever appended to, so 70 keeps its growth to at most 1.43x.
-ALTER TABLE outbox_aggregates SET (fillfactor = 70);
 
 -- 2. The event id default is inlined. outbox_uuid_v7() (V5) is the outbox's default event id, so
 -- every plain-SQL and captured append calls it. V7 pinned every toolkit function's search_path,
