@@ -1,5 +1,3 @@
-//! (Past 400 lines: every test here reads what PostgreSQL does inside the toolkit's functions, with one set of plan and statistics helpers.)
-//!
 //! What the claim, the record and the append ask of PostgreSQL, read from the plans of the
 //! statements they run inside (auto_explain, nested statements logged): no JIT compilation, a
 //! record that examines only the rows it records, however many others are waiting, and an append
