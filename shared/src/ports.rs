@@ -114,6 +114,18 @@ pub trait OutboxStore: Send + Sync {
         lease_owner: &str,
     ) -> impl Future<Output = Result<Vec<crate::outbox::ClaimedEvent>, StoreError>> + Send;
 
+    /// The drain's lane ([`crate::dispatcher`]): leases up to `limit` due aggregate heads of every
+    /// tenant but those in `skip` (the ones being drained in bulk), shared between them, no
+    /// replays, under the same rules as [`OutboxStore::claim_batch`]. Does not move the main
+    /// claim's rotation between tenants.
+    fn claim_waiting(
+        &self,
+        limit: i64,
+        lease: std::time::Duration,
+        lease_owner: &str,
+        skip: &[String],
+    ) -> impl Future<Output = Result<Vec<crate::outbox::ClaimedEvent>, StoreError>> + Send;
+
     /// Records what became of rows claimed by `lease_owner`, in one transaction, and makes the
     /// successor of each published row its aggregate's head. A retry or a dead-lettering only
     /// applies while the row is still leased to `lease_owner`. Returns the outcomes not recorded

@@ -25,7 +25,7 @@ const DATA_BEFORE_SPLIT: &str = include_str!("../fixtures/data-before-split.sql"
 /// Its `refinery_schema_history`, as the code before the split wrote it.
 const HISTORY_BEFORE_SPLIT: &str = include_str!("../fixtures/history-before-split.sql");
 
-const OUTBOX_NAMES: [&str; 14] = [
+const OUTBOX_NAMES: [&str; 15] = [
     "outbox/V1__outbox",
     "outbox/V2__inbox",
     "outbox/V3__operations",
@@ -40,9 +40,10 @@ const OUTBOX_NAMES: [&str; 14] = [
     "outbox/V12__cloudevents_ranges",
     "outbox/V13__append_by_index",
     "outbox/V14__room_for_the_lease",
+    "outbox/V15__a_lane_for_the_waiting",
 ];
 /// The toolkit's migrations newer than the split: what a database migrated before it runs.
-const AFTER_SPLIT: [&str; 7] = [
+const AFTER_SPLIT: [&str; 8] = [
     "outbox/V8__tenant_fair_claim",
     "outbox/V9__record_reads_only_its_rows",
     "outbox/V10__delayed_events",
@@ -50,6 +51,7 @@ const AFTER_SPLIT: [&str; 7] = [
     "outbox/V12__cloudevents_ranges",
     "outbox/V13__append_by_index",
     "outbox/V14__room_for_the_lease",
+    "outbox/V15__a_lane_for_the_waiting",
 ];
 const PAYMENTS_NAMES: [&str; 4] = [
     "payments/V1__payments",

@@ -13,7 +13,61 @@ use crate::ports::{OutboxStore, StoreError};
 pub(super) struct Claim {
     pub(super) lease_owner: String,
     pub(super) events: Vec<ClaimedEvent>,
-    pub(super) latency: Duration,
+    /// How long its claim statement took; `None` for the part of a claim split off (the
+    /// statement is counted with the rest, [`Claim::split`]).
+    pub(super) latency: Option<Duration>,
+}
+
+impl Claim {
+    /// Splits a claim of `limit` rows into the rows of the tenants drained in bulk, and those of
+    /// every other tenant (the lane's, to publish at once), if any. The tenants drained in bulk
+    /// are those with the most rows in a full claim: they had more due than their share, so
+    /// the next claim takes more of theirs. A claim that is not full stays whole: the pipeline
+    /// is not loaded. Returns (ahead, at once).
+    pub(super) fn split(self, limit: i64) -> (Claim, Option<Claim>) {
+        let mut rows: std::collections::HashMap<&str, usize> = Default::default();
+        for event in &self.events {
+            *rows.entry(event.tenant_id.as_str()).or_default() += 1;
+        }
+        let most = rows.values().copied().max().unwrap_or(0);
+        if (self.events.len() as i64) < limit {
+            return (self, None);
+        }
+        let bulk: HashSet<String> = rows
+            .into_iter()
+            .filter(|(_, n)| *n == most)
+            .map(|(tenant, _)| tenant.to_owned())
+            .collect();
+        let (ahead, now): (Vec<_>, Vec<_>) = self
+            .events
+            .into_iter()
+            .partition(|e| bulk.contains(&e.tenant_id));
+        // The statement's latency is counted once: with the rows published at once, if any.
+        let (ahead_latency, now_latency) = if now.is_empty() {
+            (self.latency, None)
+        } else {
+            (None, self.latency)
+        };
+        let now = (!now.is_empty()).then(|| Claim {
+            lease_owner: self.lease_owner.clone(),
+            events: now,
+            latency: now_latency,
+        });
+        let ahead = Claim {
+            lease_owner: self.lease_owner,
+            events: ahead,
+            latency: ahead_latency,
+        };
+        (ahead, now)
+    }
+
+    /// The tenants whose rows it holds (sorted, once each).
+    pub(super) fn tenants(&self) -> Vec<String> {
+        let mut tenants: Vec<String> = self.events.iter().map(|e| e.tenant_id.clone()).collect();
+        tenants.sort();
+        tenants.dedup();
+        tenants
+    }
 }
 
 /// A claim that was published but whose outcomes are not recorded yet.
@@ -42,7 +96,7 @@ impl ClaimedBatch {
             outcomes: Outcomes::default(),
             publish_calls: 0,
             failed_publish_calls: 0,
-            claim_latency: Some(claim.latency),
+            claim_latency: claim.latency,
             publish_latencies: Vec::new(),
             commit_to_publish: Vec::new(),
             trace_contexts_dropped: 0,
@@ -55,22 +109,32 @@ impl ClaimedBatch {
     }
 }
 
-/// Leases up to `limit` due events under a fresh lease owner named after `worker_id`.
-#[tracing::instrument(skip_all, fields(lease_owner))]
+/// Leases up to `limit` due events under a fresh lease owner named after `worker_id`: with
+/// `skip`, the lane's claim of every tenant but those ([`OutboxStore::claim_waiting`]), else
+/// the main claim.
+#[tracing::instrument(skip_all, fields(lease_owner, lane = skip.is_some()))]
 pub(super) async fn lease<S: OutboxStore>(
     store: &S,
     worker_id: &str,
     limit: i64,
     lease: Duration,
+    skip: Option<&[String]>,
 ) -> Result<Claim, StoreError> {
     let lease_owner = format!("{worker_id}/{}", uuid::Uuid::new_v4().simple());
     tracing::Span::current().record("lease_owner", lease_owner.as_str());
     let started = Instant::now();
-    let events = store.claim_batch(limit, lease, &lease_owner).await?;
+    let events = match skip {
+        Some(skip) => {
+            store
+                .claim_waiting(limit, lease, &lease_owner, skip)
+                .await?
+        }
+        None => store.claim_batch(limit, lease, &lease_owner).await?,
+    };
     Ok(Claim {
         lease_owner,
         events,
-        latency: started.elapsed(),
+        latency: Some(started.elapsed()),
     })
 }
 

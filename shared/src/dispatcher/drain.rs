@@ -82,6 +82,7 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
             bus: Arc::new(Bus {
                 publisher,
                 max_in_flight: config.max_in_flight,
+                calls: tokio::sync::Semaphore::new(config.max_in_flight.max(1)),
                 retry: config.retry_policy(),
                 claim_check: None,
             }),
@@ -102,6 +103,11 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
     /// The store, for wiring.
     pub fn store(&self) -> &S {
         &self.store
+    }
+
+    /// The settings it drains with.
+    pub fn config(&self) -> &DispatcherConfig {
+        &self.config
     }
 
     /// Drains batch after batch until a claim comes back empty (or, with `idle_poll`, until
@@ -256,17 +262,28 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
         let publishing = run.ahead.take();
         let was_publishing = publishing.is_some();
         let recorded_before = run.summary.recorded();
-        let (published, recorded, claimed) = tokio::join!(
+        let (done, on_bus) = tokio::sync::watch::channel(false);
+        let (published, recorded, (claimed, lane)) = tokio::join!(
             async {
-                match publishing {
+                let published = match publishing {
                     Some(claim) => Some(self.publish(claim).await),
                     None => None,
-                }
+                };
+                // The lane runs only while a batch is on the bus.
+                let _ = done.send(true);
+                published
             },
             claim::record_all(&self.store, &mut run.unrecorded, &mut run.summary),
-            self.lease(),
+            self.lease_beside(on_bus),
         );
         run.unrecorded.extend(published);
+        run.summary.add(lane.summary);
+        run.unrecorded.extend(lane.unrecorded);
+        // A store failure of the lane is the drain's: it pauses (or stops) as for its own.
+        let recorded = match (recorded, lane.error) {
+            (Ok(()), Some(e)) => Err(e),
+            (recorded, _) => recorded,
+        };
         let claim = match (recorded, claimed) {
             (Ok(()), Ok(claim)) => claim,
             (recorded, claimed) => {
@@ -339,7 +356,7 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
     /// recorded once more every 50 ms for up to a second; after that their rows are claimable
     /// again when the lease ends.
     pub async fn dispatch_batch(&self) -> Result<DispatchSummary, StoreError> {
-        let claim = self.lease().await?;
+        let claim = self.lease(None).await?;
         let mut unrecorded = vec![if claim.events.is_empty() {
             ClaimedBatch::empty(&claim)
         } else {
@@ -382,19 +399,18 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
         }
     }
 
-    async fn lease(&self) -> Result<Claim, StoreError> {
-        claim::lease(
-            &self.store,
-            &self.worker_id,
-            self.config.batch_size,
-            self.config.lease,
-        )
-        .await
+    /// The main claim (a batch), or with `skip` the lane's ([`super::lane`]).
+    pub(super) async fn lease(&self, skip: Option<&[String]>) -> Result<Claim, StoreError> {
+        let limit = match skip {
+            Some(_) => super::lane::LANE_BATCH.min(self.config.batch_size),
+            None => self.config.batch_size,
+        };
+        claim::lease(&self.store, &self.worker_id, limit, self.config.lease, skip).await
     }
 
     /// Publishes a leased batch on a task of its own, so serializing and signing its calls
     /// never delays this drain's database round trips (the pipeline's other half).
-    async fn publish(&self, claim: Claim) -> ClaimedBatch {
+    pub(super) async fn publish(&self, claim: Claim) -> ClaimedBatch {
         AbortOnDrop::spawn(Arc::clone(&self.bus).publish(claim))
             .join()
             .await

@@ -9,6 +9,8 @@
 //! - `publish`: envelopes in bus-sized calls, at most `max_in_flight` at the bus.
 //! - [`outcome`]: the pure decision published / retry after a backoff / dead, per event.
 //! - `drain`: the loop and its deadline ([`OutboxDispatcher`]), and the rules it keeps.
+//! - `lane`: while a batch is on the bus, the tenants not drained in bulk go at once, so one
+//!   tenant's backlog does not hold back another's events.
 //! - `outage`: pausing while the store is unavailable.
 //! - [`summary`]: what a drain did, and its CloudWatch metrics.
 //!
@@ -18,6 +20,7 @@
 
 mod claim;
 mod drain;
+mod lane;
 mod outage;
 pub mod outcome;
 mod publish;
@@ -25,6 +28,7 @@ pub mod settings;
 pub mod summary;
 
 pub use drain::OutboxDispatcher;
+pub use lane::LANE_BATCH;
 pub use outcome::{backoff_delay, Decision, RetryPolicy};
 pub use publish::ClaimCheck;
 pub use settings::{

@@ -19,6 +19,9 @@ use crate::ports::{OutgoingMessage, PublishOutcome, Publisher};
 pub(super) struct Bus<P> {
     pub(super) publisher: P,
     pub(super) max_in_flight: usize,
+    /// `max_in_flight` permits, one per call at the bus: the drain's batch and the lane's
+    /// share them.
+    pub(super) calls: tokio::sync::Semaphore,
     pub(super) retry: RetryPolicy,
     /// Where envelopes over the threshold go, when configured.
     pub(super) claim_check: Option<ClaimCheck>,
@@ -51,7 +54,7 @@ impl<P: Publisher + 'static> Bus<P> {
             outcomes: Outcomes::default(),
             publish_calls: 0,
             failed_publish_calls: 0,
-            claim_latency: Some(claim.latency),
+            claim_latency: claim.latency,
             publish_latencies: Vec::new(),
             commit_to_publish: Vec::new(),
             trace_contexts_dropped: 0,
@@ -95,6 +98,8 @@ impl<P: Publisher + 'static> Bus<P> {
                 // parsing spread over the runtime's threads.
                 let bus = Arc::clone(&self);
                 let task = AbortOnDrop::spawn(async move {
+                    // Never closed: the bus owns it.
+                    let _permit = bus.calls.acquire().await.ok();
                     let started = Instant::now();
                     let outcomes = bus.publisher.publish(&call).await;
                     Answer {

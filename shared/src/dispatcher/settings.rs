@@ -46,6 +46,11 @@ pub struct DispatcherConfig {
     /// until the deadline (`DISPATCH_IDLE_POLL_MS`, 0 = return, default 0; the template sets
     /// 100 so an invocation keeps publishing new rows within 100 ms for its whole run).
     pub idle_poll: Option<Duration>,
+    /// While a batch is on the bus, claim the due events of the tenants not being drained in
+    /// bulk this often, and publish them at once: the drain's lane, so one tenant's backlog
+    /// does not hold back another's events (`DISPATCH_LANE_POLL_MS`, 0 = no lane polling,
+    /// default 20; the lane module of the dispatcher says how).
+    pub lane_poll: Option<Duration>,
     /// Published rows older than this are deleted between claims (`OUTBOX_RETENTION_HOURS`,
     /// 0 = keep them, default 168 = 7 days).
     pub retention: Option<Duration>,
@@ -75,6 +80,7 @@ impl Default for DispatcherConfig {
             backoff_cap: Duration::from_millis(300_000),
             safety_margin: Duration::from_millis(10_000),
             idle_poll: None,
+            lane_poll: Some(Duration::from_millis(20)),
             retention: Some(Duration::from_secs(168 * 3600)),
             cleanup_batch: 5_000,
         }
@@ -124,6 +130,10 @@ impl DispatcherConfig {
                 600_000,
             )?),
             idle_poll: match ranged_env("DISPATCH_IDLE_POLL_MS", 0u64, 0, 60_000)? {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
+            lane_poll: match ranged_env("DISPATCH_LANE_POLL_MS", 20u64, 0, 60_000)? {
                 0 => None,
                 ms => Some(Duration::from_millis(ms)),
             },

@@ -28,6 +28,9 @@ pub struct DispatchSummary {
     pub dead: usize,
     /// Claims made (the last one may have been empty).
     pub claims: usize,
+    /// Claims of the lane (each poll one, empty ones too), beside `claims`, which counts those
+    /// that took rows.
+    pub lane_claims: usize,
     /// Publish calls made.
     pub publish_calls: usize,
     /// Publish calls that failed as a whole (every entry to be retried): the bus, or the route
@@ -145,6 +148,7 @@ impl DispatchSummary {
 
     pub(super) fn add(&mut self, batch: DispatchSummary) {
         self.claims += batch.claim_latencies.len();
+        self.lane_claims += batch.lane_claims;
         self.claimed += batch.claimed;
         self.published += batch.published;
         self.retried += batch.retried;

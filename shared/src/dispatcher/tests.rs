@@ -17,6 +17,7 @@ fn config() -> DispatcherConfig {
         backoff_cap: Duration::ZERO,
         safety_margin: Duration::ZERO,
         idle_poll: None,
+        lane_poll: None,
         retention: None,
         cleanup_batch: 5_000,
     }

@@ -44,6 +44,8 @@ pub struct MemoryRow {
 pub enum StoreCall {
     /// [`OutboxStore::claim_batch`].
     Claim,
+    /// [`OutboxStore::claim_waiting`] (the drain's lane).
+    ClaimWaiting,
     /// [`OutboxStore::record_outcomes`].
     Record,
     /// [`OutboxStore::heartbeat`] and [`OutboxStore::release`].
@@ -167,6 +169,36 @@ impl MemoryStore {
 }
 
 impl State {
+    /// The claimable rows of every tenant but those in `skip`, in due order as the database's
+    /// claim takes them: when due, then the row id.
+    fn due(&self, now: Instant, skip: &[String]) -> Vec<usize> {
+        let mut due: Vec<usize> = (0..self.rows.len())
+            .filter(|&i| {
+                let row = &self.rows[i];
+                row.status == MemoryStatus::Pending
+                    && !skip.contains(&row.event.tenant_id)
+                    && row.next_attempt_at <= now
+                    && row.lease.as_ref().is_none_or(|(_, until)| *until <= now)
+                    && self.is_head(row)
+            })
+            .collect();
+        due.sort_by_key(|&i| (self.rows[i].next_attempt_at, self.rows[i].event.id));
+        due
+    }
+
+    /// Leases the rows `taken` to `owner` until `until`, counting the attempt.
+    fn lease(&mut self, taken: Vec<usize>, owner: &str, until: Instant) -> Vec<ClaimedEvent> {
+        taken
+            .into_iter()
+            .map(|i| {
+                let row = &mut self.rows[i];
+                row.event.attempts += 1;
+                row.lease = Some((owner.to_owned(), until));
+                row.event.clone()
+            })
+            .collect()
+    }
+
     /// Whether every earlier version of `row`'s aggregate is published.
     fn is_head(&self, row: &MemoryRow) -> bool {
         let e = &row.event;
@@ -224,30 +256,27 @@ impl OutboxStore for MemoryStore {
     ) -> Result<Vec<ClaimedEvent>, StoreError> {
         let mut state = self.enter(StoreCall::Claim)?;
         let now = Instant::now();
-        let mut due: Vec<usize> = (0..state.rows.len())
-            .filter(|&i| {
-                let row = &state.rows[i];
-                row.status == MemoryStatus::Pending
-                    && row.next_attempt_at <= now
-                    && row.lease.as_ref().is_none_or(|(_, until)| *until <= now)
-                    && state.is_head(row)
-            })
-            .collect();
-        // Due order, as the database's claim: when due, then the row id.
-        due.sort_by_key(|&i| (state.rows[i].next_attempt_at, state.rows[i].event.id));
+        let due = state.due(now, &[]);
         let due = fair_share(&state.rows, due, limit.max(0) as usize, &state.after);
         if let Some(&last) = due.last() {
             state.after = state.rows[last].event.tenant_id.clone();
         }
-        Ok(due
-            .into_iter()
-            .map(|i| {
-                let row = &mut state.rows[i];
-                row.event.attempts += 1;
-                row.lease = Some((lease_owner.to_owned(), now + lease));
-                row.event.clone()
-            })
-            .collect())
+        Ok(state.lease(due, lease_owner, now + lease))
+    }
+
+    async fn claim_waiting(
+        &self,
+        limit: i64,
+        lease: Duration,
+        lease_owner: &str,
+        skip: &[String],
+    ) -> Result<Vec<ClaimedEvent>, StoreError> {
+        let mut state = self.enter(StoreCall::ClaimWaiting)?;
+        let now = Instant::now();
+        let due = state.due(now, skip);
+        // The main claim's rotation stays where it was.
+        let due = fair_share(&state.rows, due, limit.max(0) as usize, "");
+        Ok(state.lease(due, lease_owner, now + lease))
     }
 
     async fn record_outcomes(

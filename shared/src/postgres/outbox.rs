@@ -22,6 +22,13 @@ const CLAIM: &str = "
            schema_version, payload, metadata, attempts, created_at, replay, deliver_at
     FROM outbox_claim($1, $2, $3, $4)";
 
+/// The lane's claim (`outbox_claim_waiting`, migration V15): due heads of the tenants not in `$4`,
+/// fresh owner, no replays.
+const CLAIM_WAITING: &str = "
+    SELECT id, event_id, tenant_id, aggregate_type, aggregate_id, aggregate_version, event_type,
+           schema_version, payload, metadata, attempts, created_at, replay, deliver_at
+    FROM outbox_claim_waiting($1, $2, $3, $4)";
+
 /// One claim's outcomes in one statement (migration V7): fenced by the lease, rows someone holds
 /// deferred (returned), successors promoted.
 const RECORD: &str = "SELECT outbox_record($1, $2, $3, $4, $5, $6, $7)";
@@ -184,6 +191,39 @@ impl crate::ports::OutboxStore for PgOutboxStore {
         if let Some(last) = last_served(after, live) {
             *self.after() = last.to_owned();
         }
+        Ok(claimed)
+    }
+
+    #[tracing::instrument(skip_all, fields(limit = limit, lease_owner = %lease_owner, skip = skip.len()))]
+    async fn claim_waiting(
+        &self,
+        limit: i64,
+        lease: std::time::Duration,
+        lease_owner: &str,
+        skip: &[String],
+    ) -> Result<Vec<crate::outbox::ClaimedEvent>, crate::ports::StoreError> {
+        let lease_secs = lease.as_secs_f64();
+        let rows = self
+            .db
+            .run(|client| async move {
+                Ok(client
+                    .query_typed(
+                        CLAIM_WAITING,
+                        &[
+                            (&limit, Type::INT8),
+                            (&lease_secs, Type::FLOAT8),
+                            (&lease_owner, Type::TEXT),
+                            (&skip, Type::TEXT_ARRAY),
+                        ],
+                    )
+                    .await?)
+            })
+            .await?;
+        let mut claimed = rows
+            .iter()
+            .map(claimed_from_row)
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
+        claimed.sort_by_key(|e| e.id);
         Ok(claimed)
     }
 
