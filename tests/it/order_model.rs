@@ -769,15 +769,45 @@ impl Schedule<'_> {
     ) -> Result<String, Violation> {
         let owner = format!("d{d}/{}", Uuid::new_v4().simple());
         let limit = self.rng.i64(1..=4);
-        let step = format!("dispatcher {d} claims {limit}");
-        let claimed = self
-            .h
-            .guarded(
-                &step,
-                self.h.stores[d].claim_batch(limit, Duration::from_secs(600), &owner),
-            )
-            .await?
-            .map_err(|e| store_violation(&step, &e))?;
+        // One claim in three is the drain's lane (V15), skipping no tenant, another one, or the
+        // model's own (then it must take nothing).
+        let lane: Option<Vec<String>> = match self.rng.u32(0..6) {
+            0 => Some(vec![]),
+            1 => Some(vec!["elsewhere".into()]),
+            2 if self.rng.bool() => Some(vec![TENANT.into()]),
+            _ => None,
+        };
+        let step = match &lane {
+            Some(skip) => format!("dispatcher {d}'s lane claims {limit}, skipping {skip:?}"),
+            None => format!("dispatcher {d} claims {limit}"),
+        };
+        let lease = Duration::from_secs(600);
+        let store = &self.h.stores[d];
+        let claimed = match &lane {
+            Some(skip) => {
+                self.h
+                    .guarded(&step, store.claim_waiting(limit, lease, &owner, skip))
+                    .await?
+            }
+            None => {
+                self.h
+                    .guarded(&step, store.claim_batch(limit, lease, &owner))
+                    .await?
+            }
+        }
+        .map_err(|e| store_violation(&step, &e))?;
+        if let Some(skip) = &lane {
+            if let Some(e) = claimed
+                .iter()
+                .find(|e| e.replay || skip.contains(&e.tenant_id))
+            {
+                return Err(violation(
+                    Kind::TwoHeadsOrUnsoundHead,
+                    &step,
+                    format!("the lane took {e:?}: a replay, or a tenant it skips"),
+                ));
+            }
+        }
         self.note_claim(d, owner, &claimed, rows, sequential, &step)
     }
 

@@ -14,7 +14,9 @@
 //!   stop;
 //! - a store that is unavailable pauses the drain (100 ms doubling to 2 s) until the stop,
 //!   keeping every outcome to record; any other store error ends it;
-//! - the safety margin is never more than half the time the drain has.
+//! - the safety margin is never more than half the time the drain has;
+//! - beside a step with a batch on the bus, the lane publishes the other tenants' events at
+//!   once ([`lane`](super::lane)).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -262,25 +264,39 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
         let publishing = run.ahead.take();
         let was_publishing = publishing.is_some();
         let recorded_before = run.summary.recorded();
-        let (done, on_bus) = tokio::sync::watch::channel(false);
-        let (published, recorded, (claimed, lane)) = tokio::join!(
-            async {
-                let published = match publishing {
-                    Some(claim) => Some(self.publish(claim).await),
-                    None => None,
-                };
-                // The lane runs only while a batch is on the bus.
-                let _ = done.send(true);
-                published
-            },
-            claim::record_all(&self.store, &mut run.unrecorded, &mut run.summary),
-            self.lease_beside(on_bus),
-        );
+        // Beside a loaded step (a batch on the bus), the lane, skipping that batch's tenants.
+        let skip = publishing.as_ref().map(Claim::tenants);
+        let (done, step_done) = tokio::sync::watch::channel(false);
+        let main = async {
+            let out = tokio::join!(
+                async {
+                    match publishing {
+                        Some(claim) => Some(self.publish(claim).await),
+                        None => None,
+                    }
+                },
+                claim::record_all(&self.store, &mut run.unrecorded, &mut run.summary),
+                self.lease_and_split(),
+            );
+            let _ = done.send(true);
+            out
+        };
+        let lane = async {
+            match skip {
+                Some(skip) => Some(self.lane(skip, step_done).await),
+                None => None,
+            }
+        };
+        let ((published, recorded, (claimed, split)), lane) = tokio::join!(main, lane);
         run.unrecorded.extend(published);
-        run.summary.add(lane.summary);
-        run.unrecorded.extend(lane.unrecorded);
+        let mut lane_error = None;
+        for lane in [Some(split), lane].into_iter().flatten() {
+            run.summary.add(lane.summary);
+            run.unrecorded.extend(lane.unrecorded);
+            lane_error = lane_error.or(lane.error);
+        }
         // A store failure of the lane is the drain's: it pauses (or stops) as for its own.
-        let recorded = match (recorded, lane.error) {
+        let recorded = match (recorded, lane_error) {
             (Ok(()), Some(e)) => Err(e),
             (recorded, _) => recorded,
         };

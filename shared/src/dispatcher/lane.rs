@@ -1,21 +1,24 @@
-//! The lane: while a batch is on the bus, the tenants not being drained in bulk go at once.
+//! The lane: while the drain is loaded, the tenants not being drained in bulk go at once.
 //!
-//! The drain is a pipeline: a claim of `batch_size` rows waits as the batch ahead while the bus
-//! takes the batch before it. That is its throughput, and it is also all a quiet tenant's event
-//! waited through beside another tenant's backlog: the next claim, then a whole batch of the
-//! other tenant's on the bus, then its own (537 ms at the p99, against 11 ms with no backlog;
+//! The drain is a pipeline: each step publishes one batch while it records the one before and
+//! claims the one after, and the claim waits as the batch ahead until the next step. That is
+//! its throughput, and it is also what a quiet tenant's event waited through beside another
+//! tenant's backlog: the rest of the step, the next claim (80-150 ms for 500 rows on a loaded
+//! machine), then a step as the batch ahead (537 ms at the p99 against 11 ms with no backlog;
 //! docs/benchmarks.md). The lane takes the other tenants out of that wait, in two ways:
 //! - the rows of a full claim that belong to tenants with fewer rows in it than the most
 //!   ([`Claim::split`]) are published at once, not held ahead with the bulk;
-//! - while the batch before is on the bus, the lane claims every `lane_poll` up to
-//!   [`LANE_BATCH`] due events of every tenant but those in the batch ahead
-//!   ([`OutboxStore::claim_waiting`], migration V15), publishes them at once and records them.
+//! - during a step that has a batch on the bus, the lane claims every `lane_poll` up to
+//!   [`LANE_BATCH`] due events of every tenant but that batch's ([`OutboxStore::claim_waiting`],
+//!   migration V15), publishes them at once and records them; after a full lane claim it claims
+//!   again at once.
 //!
 //! Both are leased, published and recorded as any claim (a fresh lease owner, the same record),
 //! so every rule of the drain holds for them: an aggregate's next event is claimable only once
-//! this one is recorded. Their publish calls count against the same `max_in_flight`. The lane
-//! stops when the batch on the bus is done, after finishing the claim it is in; what it could
-//! not record goes to the drain's own list of outcomes to record again.
+//! this one is recorded. Their publish calls count against the same `max_in_flight`, and their
+//! statements share the drain's connections. The lane stops when the step's own work is done,
+//! after finishing the claim it is in; what it could not record goes to the drain's own list of
+//! outcomes to record again, and a store failure of the lane is the drain's.
 
 use tokio::sync::watch;
 
@@ -39,49 +42,60 @@ pub(super) struct Lane {
 }
 
 impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
-    /// Leases the next batch, publishes at once what of it is not the bulk, and, until
-    /// `on_bus` says the batch before is done, runs the lane. Returns the batch ahead.
-    pub(super) async fn lease_beside(
-        &self,
-        mut on_bus: watch::Receiver<bool>,
-    ) -> (Result<Claim, StoreError>, Lane) {
+    /// Leases the next batch and publishes at once what of it is not the bulk. Returns the
+    /// batch ahead, and what went at once.
+    pub(super) async fn lease_and_split(&self) -> (Result<Claim, StoreError>, Lane) {
         let mut lane = Lane::default();
-        let batch_size = self.config().batch_size;
         let claim = match self.lease(None).await {
             Ok(claim) => claim,
             Err(e) => return (Err(e), lane),
         };
-        let (ahead, now) = claim.split(batch_size);
+        let (ahead, now) = claim.split(self.config().batch_size);
         if let Some(now) = now {
             lane.publish_and_record(self, now).await;
         }
+        (Ok(ahead), lane)
+    }
+
+    /// The lane beside one step of a loaded drain, skipping the tenants of the batch on the bus
+    /// (`skip`), until `step_done` says the step's own work is done: every `lane_poll`, a claim
+    /// of the other tenants' due events, published at once and recorded. Claims again at once
+    /// after a full one.
+    pub(super) async fn lane(
+        &self,
+        skip: Vec<String>,
+        mut step_done: watch::Receiver<bool>,
+    ) -> Lane {
+        let mut lane = Lane::default();
         let Some(poll) = self.config().lane_poll else {
-            return (Ok(ahead), lane);
+            return lane;
         };
-        let skip = ahead.tenants();
-        let limit = LANE_BATCH.min(batch_size);
-        while lane.error.is_none() && !*on_bus.borrow() {
-            lane.summary.lane_claims += 1;
-            let full = match self.lease(Some(&skip)).await.map(|c| (c.events.len(), c)) {
-                Ok((0, _)) => false,
-                Ok((rows, claim)) => {
+        let limit = LANE_BATCH.min(self.config().batch_size);
+        loop {
+            let full = match self.lease(Some(&skip)).await {
+                Ok(claim) if claim.events.is_empty() => false,
+                Ok(claim) => {
+                    let full = claim.events.len() as i64 >= limit;
                     lane.publish_and_record(self, claim).await;
-                    rows as i64 >= limit
+                    full
                 }
                 Err(e) => {
                     lane.error = Some(e);
-                    break;
+                    false
                 }
             };
+            lane.summary.lane_claims += 1;
+            if lane.error.is_some() || *step_done.borrow() {
+                return lane;
+            }
             if !full {
                 tokio::select! {
                     biased;
-                    _ = on_bus.wait_for(|done| *done) => {}
+                    _ = step_done.wait_for(|done| *done) => return lane,
                     _ = tokio::time::sleep(poll) => {}
                 }
             }
         }
-        (Ok(ahead), lane)
     }
 }
 
