@@ -290,6 +290,15 @@ pub fn drain_config(batch: i64) -> pg_outbox::dispatcher::DispatcherConfig {
         backoff_base: Duration::from_millis(100),
         backoff_cap: Duration::from_secs(5),
         safety_margin: Duration::ZERO,
+        // `BENCH_LANE_POLL_MS` (0 = no lane polling), else the default.
+        lane_poll: match std::env::var("BENCH_LANE_POLL_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            Some(0) => None,
+            Some(ms) => Some(Duration::from_millis(ms)),
+            None => pg_outbox::dispatcher::DispatcherConfig::default().lane_poll,
+        },
         ..pg_outbox::dispatcher::DispatcherConfig::default()
     }
 }

@@ -55,6 +55,8 @@ struct Run {
     /// Claimed and leased, not published yet: it goes to the bus while the store records the
     /// previous batch's outcomes and claims the next one.
     ahead: Option<Claim>,
+    /// The lane's claim failed for good (not a database away): no lane for the rest of the drain.
+    lane_off: bool,
     next_heartbeat: Instant,
     next_cleanup: Instant,
 }
@@ -134,6 +136,7 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
             outage: Outage::default(),
             unrecorded: Vec::new(),
             ahead: None,
+            lane_off: false,
             next_heartbeat: started,
             next_cleanup: started,
         };
@@ -265,7 +268,10 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
         let was_publishing = publishing.is_some();
         let recorded_before = run.summary.recorded();
         // Beside a loaded step (a batch on the bus), the lane, skipping that batch's tenants.
-        let skip = publishing.as_ref().map(Claim::tenants);
+        let skip = publishing
+            .as_ref()
+            .filter(|_| !run.lane_off)
+            .map(Claim::tenants);
         let (done, step_done) = tokio::sync::watch::channel(false);
         let main = async {
             let out = tokio::join!(
@@ -289,17 +295,22 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
         };
         let ((published, recorded, (claimed, split)), lane) = tokio::join!(main, lane);
         run.unrecorded.extend(published);
-        let mut lane_error = None;
         for lane in [Some(split), lane].into_iter().flatten() {
-            run.summary.add(lane.summary);
+            run.summary.lane_claims += lane.claims;
             run.unrecorded.extend(lane.unrecorded);
-            lane_error = lane_error.or(lane.error);
+            match lane.error {
+                // The lane only speeds other tenants up: its failure never stops the drain. A
+                // database that is away shows in the drain's own next statement.
+                Some(e) if e.is_transient() => run.summary.store_errors += 1,
+                Some(e) => {
+                    // A database not migrated to V15, say: no lane for the rest of this drain.
+                    tracing::warn!(error = %crate::telemetry::error_chain(&e),
+                        "the lane's claim failed; the lane is off for the rest of this drain (other tenants' events wait for the main claims)");
+                    run.lane_off = true;
+                }
+                None => {}
+            }
         }
-        // A store failure of the lane is the drain's: it pauses (or stops) as for its own.
-        let recorded = match (recorded, lane_error) {
-            (Ok(()), Some(e)) => Err(e),
-            (recorded, _) => recorded,
-        };
         let claim = match (recorded, claimed) {
             (Ok(()), Ok(claim)) => claim,
             (recorded, claimed) => {
@@ -418,7 +429,7 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
     /// The main claim (a batch), or with `skip` the lane's ([`super::lane`]).
     pub(super) async fn lease(&self, skip: Option<&[String]>) -> Result<Claim, StoreError> {
         let limit = match skip {
-            Some(_) => super::lane::LANE_BATCH.min(self.config.batch_size),
+            Some(_) => super::settings::LANE_BATCH.min(self.config.batch_size),
             None => self.config.batch_size,
         };
         claim::lease(&self.store, &self.worker_id, limit, self.config.lease, skip).await

@@ -10,32 +10,33 @@
 //!   ([`Claim::split`]) are published at once, not held ahead with the bulk;
 //! - during a step that has a batch on the bus, the lane claims every `lane_poll` up to
 //!   [`LANE_BATCH`] due events of every tenant but that batch's ([`OutboxStore::claim_waiting`],
-//!   migration V15), publishes them at once and records them; after a full lane claim it claims
-//!   again at once.
+//!   migration V15) and sends them to the bus at once, claiming on while they are there; after a
+//!   full lane claim it claims again at once.
 //!
 //! Both are leased, published and recorded as any claim (a fresh lease owner, the same record),
 //! so every rule of the drain holds for them: an aggregate's next event is claimable only once
 //! this one is recorded. Their publish calls count against the same `max_in_flight`, and their
-//! statements share the drain's connections. The lane stops when the step's own work is done,
-//! after finishing the claim it is in; what it could not record goes to the drain's own list of
-//! outcomes to record again, and a store failure of the lane is the drain's.
+//! claims share the drain's connections. The lane stops when the step's own work is done, after
+//! finishing the claim it is in and the publishes it started; their outcomes join the drain's
+//! list of outcomes to record (the next step's record takes them, off the lane's path), and a
+//! store failure of the lane is the drain's.
 
+use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::watch;
 
-use super::claim::{self, Claim, ClaimedBatch};
+use super::claim::{Claim, ClaimedBatch};
 use super::drain::OutboxDispatcher;
-use super::summary::DispatchSummary;
+use super::settings::LANE_BATCH;
 use crate::ports::{OutboxStore, Publisher, StoreError};
-
-/// Rows per claim of the lane (at most the batch size): 5 publish calls of 10.
-pub const LANE_BATCH: i64 = 50;
 
 /// What the lane did beside one step of the drain.
 #[derive(Default)]
 pub(super) struct Lane {
-    /// Its claims' and records' outcomes.
-    pub(super) summary: DispatchSummary,
-    /// Published, not recorded yet: the store failed, or an appender held the rows.
+    /// Claims it made (the summary's `lane_claims`).
+    pub(super) claims: usize,
+    /// Published, to record with the drain's next record.
     pub(super) unrecorded: Vec<ClaimedBatch>,
     /// The store failure that stopped it.
     pub(super) error: Option<StoreError>,
@@ -52,15 +53,16 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
         };
         let (ahead, now) = claim.split(self.config().batch_size);
         if let Some(now) = now {
-            lane.publish_and_record(self, now).await;
+            lane.publish(self, now).await;
         }
         (Ok(ahead), lane)
     }
 
     /// The lane beside one step of a loaded drain, skipping the tenants of the batch on the bus
     /// (`skip`), until `step_done` says the step's own work is done: every `lane_poll`, a claim
-    /// of the other tenants' due events, published at once and recorded. Claims again at once
-    /// after a full one.
+    /// of the other tenants' due events, sent to the bus at once (it claims on while they are
+    /// there; the drain records them with its next record). Claims again at once after a full
+    /// one.
     pub(super) async fn lane(
         &self,
         skip: Vec<String>,
@@ -71,47 +73,54 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
             return lane;
         };
         let limit = LANE_BATCH.min(self.config().batch_size);
-        loop {
-            let full = match self.lease(Some(&skip)).await {
-                Ok(claim) if claim.events.is_empty() => false,
+        let mut on_bus = FuturesUnordered::new();
+        'claims: loop {
+            let wait = match self.lease(Some(&skip)).await {
+                Ok(claim) if claim.events.is_empty() => poll,
                 Ok(claim) => {
                     let full = claim.events.len() as i64 >= limit;
-                    lane.publish_and_record(self, claim).await;
-                    full
+                    on_bus.push(self.publish(claim));
+                    if full {
+                        Duration::ZERO
+                    } else {
+                        poll
+                    }
                 }
                 Err(e) => {
                     lane.error = Some(e);
-                    false
+                    break 'claims;
                 }
             };
-            lane.summary.lane_claims += 1;
-            if lane.error.is_some() || *step_done.borrow() {
-                return lane;
-            }
-            if !full {
+            lane.claims += 1;
+            let next = tokio::time::sleep(wait);
+            tokio::pin!(next);
+            loop {
                 tokio::select! {
                     biased;
-                    _ = step_done.wait_for(|done| *done) => return lane,
-                    _ = tokio::time::sleep(poll) => {}
+                    _ = step_done.wait_for(|done| *done) => break 'claims,
+                    Some(published) = on_bus.next(), if !on_bus.is_empty() => {
+                        lane.unrecorded.push(published);
+                    }
+                    _ = &mut next => break,
                 }
             }
         }
+        while let Some(published) = on_bus.next().await {
+            lane.unrecorded.push(published);
+        }
+        lane
     }
 }
 
 impl Lane {
-    /// Publishes `claim` now and records its outcomes.
-    async fn publish_and_record<S: OutboxStore, P: Publisher + 'static>(
+    /// Publishes `claim` now; its outcomes are recorded with the drain's next record.
+    async fn publish<S: OutboxStore, P: Publisher + 'static>(
         &mut self,
         dispatcher: &OutboxDispatcher<S, P>,
         claim: Claim,
     ) {
-        let mut batches = vec![dispatcher.publish(claim).await];
-        if let Err(e) = claim::record_all(dispatcher.store(), &mut batches, &mut self.summary).await
-        {
-            self.error = Some(e);
-        }
-        self.unrecorded.extend(batches);
+        let published = dispatcher.publish(claim).await;
+        self.unrecorded.push(published);
     }
 }
 
@@ -121,7 +130,7 @@ mod tests {
 
     use super::super::claim::Claim;
     use super::super::{DispatcherConfig, OutboxDispatcher};
-    use crate::memory::{MemoryPublisher, MemoryStatus, MemoryStore};
+    use crate::memory::{MemoryPublisher, MemoryStatus, MemoryStore, StoreCall};
     use crate::ports::OutboxStore;
 
     fn append(store: &MemoryStore, tenant: &str, aggregate: &str) -> i64 {
@@ -143,6 +152,29 @@ mod tests {
             lane_poll,
             ..DispatcherConfig::default()
         }
+    }
+
+    fn each_published_once(store: &MemoryStore) {
+        assert!(store
+            .rows()
+            .iter()
+            .all(|r| r.status == MemoryStatus::Published && r.times_published == 1));
+    }
+
+    /// Drains until nothing is due, the lane polling every millisecond.
+    async fn drain_with_a_busy_lane(
+        store: &MemoryStore,
+        bus: &MemoryPublisher,
+    ) -> crate::dispatcher::DispatchSummary {
+        OutboxDispatcher::new(
+            store.clone(),
+            bus.clone(),
+            config(Some(Duration::from_millis(1))),
+            "test",
+        )
+        .drain(Instant::now() + Duration::from_secs(10))
+        .await
+        .unwrap()
     }
 
     /// How long a quiet tenant's event, appended while another tenant's batch is on the bus
@@ -174,10 +206,7 @@ mod tests {
         let waited = appended.elapsed();
         let summary = drain.await.unwrap().unwrap();
         assert_eq!(summary.published, 41);
-        assert!(store
-            .rows()
-            .iter()
-            .all(|r| r.status == MemoryStatus::Published && r.times_published == 1));
+        each_published_once(&store);
         waited
     }
 
@@ -212,16 +241,7 @@ mod tests {
             }
         }
         let bus = MemoryPublisher::new().with_delay(Duration::from_millis(20));
-        let d = OutboxDispatcher::new(
-            store.clone(),
-            bus.clone(),
-            config(Some(Duration::from_millis(1))),
-            "test",
-        );
-        let summary = d
-            .drain(Instant::now() + Duration::from_secs(10))
-            .await
-            .unwrap();
+        let summary = drain_with_a_busy_lane(&store, &bus).await;
         assert_eq!(summary.published, 59);
         assert!(summary.lane_claims > 0, "{summary:?}");
         let mut seen: std::collections::HashMap<String, i64> = Default::default();
@@ -230,10 +250,28 @@ mod tests {
             assert_eq!(event.aggregate_version, *last + 1, "{}", event.aggregate_id);
             *last = event.aggregate_version;
         }
-        assert!(store
-            .rows()
-            .iter()
-            .all(|r| r.status == MemoryStatus::Published && r.times_published == 1));
+        each_published_once(&store);
+    }
+
+    #[tokio::test]
+    async fn a_lane_that_fails_never_stops_the_drain() {
+        // A database not migrated to V15 fails the lane's claim for good: the drain goes on
+        // without its lane (one warning), and publishes every event with its main claims.
+        let store = MemoryStore::new();
+        for n in 0..30 {
+            append(&store, "bulk", &format!("b-{n}"));
+        }
+        append(&store, "quiet", "q-1");
+        store.fail_next(StoreCall::ClaimWaiting, 1, false);
+        let bus = MemoryPublisher::new().with_delay(Duration::from_millis(20));
+        let summary = drain_with_a_busy_lane(&store, &bus).await;
+        assert_eq!(summary.published, 31);
+        assert_eq!(
+            store.calls(StoreCall::ClaimWaiting),
+            1,
+            "the lane stays off"
+        );
+        each_published_once(&store);
     }
 
     #[tokio::test]

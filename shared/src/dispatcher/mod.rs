@@ -28,12 +28,11 @@ pub mod settings;
 pub mod summary;
 
 pub use drain::OutboxDispatcher;
-pub use lane::LANE_BATCH;
 pub use outcome::{backoff_delay, Decision, RetryPolicy};
 pub use publish::ClaimCheck;
 pub use settings::{
     DispatcherConfig, Target, CLEANUP_BUSY_PAUSE, CLEANUP_IDLE_PAUSE, HEARTBEAT_EVERY,
-    HEARTBEAT_TTL,
+    HEARTBEAT_TTL, LANE_BATCH,
 };
 pub use summary::{DispatchSummary, LatencySample, StopReason, MAX_COMMIT_TO_PUBLISH_SAMPLES};
 

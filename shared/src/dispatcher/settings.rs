@@ -59,6 +59,8 @@ pub struct DispatcherConfig {
     pub cleanup_batch: i32,
 }
 
+/// Rows per claim of the drain's lane (at most the batch size): 5 publish calls of 10.
+pub const LANE_BATCH: i64 = 50;
 /// How long a heartbeat holds: commands do not wake the dispatcher while it does.
 pub const HEARTBEAT_TTL: Duration = Duration::from_secs(3);
 /// How often a polling drain renews its heartbeat.

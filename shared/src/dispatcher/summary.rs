@@ -148,7 +148,6 @@ impl DispatchSummary {
 
     pub(super) fn add(&mut self, batch: DispatchSummary) {
         self.claims += batch.claim_latencies.len();
-        self.lane_claims += batch.lane_claims;
         self.claimed += batch.claimed;
         self.published += batch.published;
         self.retried += batch.retried;

@@ -118,6 +118,43 @@ impl PgOutboxStore {
 }
 
 impl PgOutboxStore {
+    /// Runs a claim function (`$1` batch, `$2` lease seconds, `$3` owner, `$4` the function's
+    /// own) and returns its rows in id order.
+    async fn claim_with(
+        &self,
+        sql: &str,
+        limit: i64,
+        lease: std::time::Duration,
+        lease_owner: &str,
+        fourth: (&(dyn tokio_postgres::types::ToSql + Sync), Type),
+    ) -> Result<Vec<crate::outbox::ClaimedEvent>, crate::ports::StoreError> {
+        let lease_secs = lease.as_secs_f64();
+        let (value, ty) = fourth;
+        let ty = &ty;
+        let rows = self
+            .db
+            .run(|client| async move {
+                Ok(client
+                    .query_typed(
+                        sql,
+                        &[
+                            (&limit, Type::INT8),
+                            (&lease_secs, Type::FLOAT8),
+                            (&lease_owner, Type::TEXT),
+                            (value, ty.clone()),
+                        ],
+                    )
+                    .await?)
+            })
+            .await?;
+        let mut claimed = rows
+            .iter()
+            .map(claimed_from_row)
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
+        claimed.sort_by_key(|e| e.id);
+        Ok(claimed)
+    }
+
     fn after(&self) -> std::sync::MutexGuard<'_, String> {
         // A poisoned cursor is still a tenant name: the rotation goes on from it.
         self.after
@@ -160,30 +197,11 @@ impl crate::ports::OutboxStore for PgOutboxStore {
         lease: std::time::Duration,
         lease_owner: &str,
     ) -> Result<Vec<crate::outbox::ClaimedEvent>, crate::ports::StoreError> {
-        let lease_secs = lease.as_secs_f64();
         let after = self.after().clone();
         let after = after.as_str();
-        let rows = self
-            .db
-            .run(|client| async move {
-                Ok(client
-                    .query_typed(
-                        CLAIM,
-                        &[
-                            (&limit, Type::INT8),
-                            (&lease_secs, Type::FLOAT8),
-                            (&lease_owner, Type::TEXT),
-                            (&after, Type::TEXT),
-                        ],
-                    )
-                    .await?)
-            })
+        let claimed = self
+            .claim_with(CLAIM, limit, lease, lease_owner, (&after, Type::TEXT))
             .await?;
-        let mut claimed = rows
-            .iter()
-            .map(claimed_from_row)
-            .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
-        claimed.sort_by_key(|e| e.id);
         let live = claimed
             .iter()
             .filter(|e| !e.replay)
@@ -202,29 +220,14 @@ impl crate::ports::OutboxStore for PgOutboxStore {
         lease_owner: &str,
         skip: &[String],
     ) -> Result<Vec<crate::outbox::ClaimedEvent>, crate::ports::StoreError> {
-        let lease_secs = lease.as_secs_f64();
-        let rows = self
-            .db
-            .run(|client| async move {
-                Ok(client
-                    .query_typed(
-                        CLAIM_WAITING,
-                        &[
-                            (&limit, Type::INT8),
-                            (&lease_secs, Type::FLOAT8),
-                            (&lease_owner, Type::TEXT),
-                            (&skip, Type::TEXT_ARRAY),
-                        ],
-                    )
-                    .await?)
-            })
-            .await?;
-        let mut claimed = rows
-            .iter()
-            .map(claimed_from_row)
-            .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
-        claimed.sort_by_key(|e| e.id);
-        Ok(claimed)
+        self.claim_with(
+            CLAIM_WAITING,
+            limit,
+            lease,
+            lease_owner,
+            (&skip, Type::TEXT_ARRAY),
+        )
+        .await
     }
 
     #[tracing::instrument(skip_all, fields(published = outcomes.published.len(),
