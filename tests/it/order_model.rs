@@ -771,10 +771,10 @@ impl Schedule<'_> {
         let limit = self.rng.i64(1..=4);
         // One claim in three is the drain's lane (V15), skipping no tenant, another one, or the
         // model's own (then it must take nothing).
-        let lane: Option<Vec<String>> = match self.rng.u32(0..6) {
-            0 => Some(vec![]),
-            1 => Some(vec!["elsewhere".into()]),
-            2 if self.rng.bool() => Some(vec![TENANT.into()]),
+        let lane: Option<Vec<String>> = match self.rng.u32(0..12) {
+            0 | 1 => Some(vec![]),
+            2 => Some(vec!["elsewhere".into()]),
+            3 => Some(vec![TENANT.into()]),
             _ => None,
         };
         let step = match &lane {

@@ -290,7 +290,7 @@ pub fn drain_config(batch: i64) -> pg_outbox::dispatcher::DispatcherConfig {
         backoff_base: Duration::from_millis(100),
         backoff_cap: Duration::from_secs(5),
         safety_margin: Duration::ZERO,
-        // `BENCH_LANE_POLL_MS` (0 = no lane polling), else the default.
+        // `BENCH_LANE_POLL_MS` (0 = no lane), else the default.
         lane_poll: match std::env::var("BENCH_LANE_POLL_MS")
             .ok()
             .and_then(|v| v.parse().ok())

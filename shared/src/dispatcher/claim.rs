@@ -21,21 +21,24 @@ pub(super) struct Claim {
 impl Claim {
     /// Splits a claim of `limit` rows into the rows of the tenants drained in bulk, and those of
     /// every other tenant (the lane's, to publish at once), if any. The tenants drained in bulk
-    /// are those with the most rows in a full claim: they had more due than their share, so
-    /// the next claim takes more of theirs. A claim that is not full stays whole: the pipeline
-    /// is not loaded. Returns (ahead, at once).
+    /// are those with a whole share of a full claim, at least `limit / tenants in it` rows:
+    /// they may have more due, and the next claim takes more of theirs. A tenant with fewer had
+    /// every due row it has taken. A claim that is not full stays whole: the pipeline is not
+    /// loaded. Returns (ahead, at once).
     pub(super) fn split(self, limit: i64) -> (Claim, Option<Claim>) {
         let mut rows: std::collections::HashMap<&str, usize> = Default::default();
         for event in &self.events {
             *rows.entry(event.tenant_id.as_str()).or_default() += 1;
         }
-        let most = rows.values().copied().max().unwrap_or(0);
         if (self.events.len() as i64) < limit {
             return (self, None);
         }
+        // A whole share (the database's shares are ceil(limit / tenants) and what is left; a
+        // tenant with fewer had all its due rows taken).
+        let share = self.events.len() / rows.len().max(1);
         let bulk: HashSet<String> = rows
             .into_iter()
-            .filter(|(_, n)| *n == most)
+            .filter(|(_, n)| *n >= share)
             .map(|(tenant, _)| tenant.to_owned())
             .collect();
         let (ahead, now): (Vec<_>, Vec<_>) = self

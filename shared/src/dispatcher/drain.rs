@@ -267,10 +267,16 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
         let publishing = run.ahead.take();
         let was_publishing = publishing.is_some();
         let recorded_before = run.summary.recorded();
-        // Beside a loaded step (a batch on the bus), the lane, skipping that batch's tenants.
+        // The lane: not when turned off, for this drain or by the settings, nor in the short
+        // last phase (inside the margin). It polls beside a loaded step (a batch on the bus),
+        // skipping that batch's tenants.
+        let lane_poll = self
+            .config
+            .lane_poll
+            .filter(|_| !run.lane_off && !phase.stop_on_outage);
         let skip = publishing
             .as_ref()
-            .filter(|_| !run.lane_off)
+            .filter(|_| lane_poll.is_some())
             .map(Claim::tenants);
         let (done, step_done) = tokio::sync::watch::channel(false);
         let main = async {
@@ -282,21 +288,24 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
                     }
                 },
                 claim::record_all(&self.store, &mut run.unrecorded, &mut run.summary),
-                self.lease_and_split(),
+                self.lease_and_split(lane_poll.is_some()),
             );
             let _ = done.send(true);
             out
         };
         let lane = async {
-            match skip {
-                Some(skip) => Some(self.lane(skip, step_done).await),
-                None => None,
+            match (skip, lane_poll) {
+                (Some(skip), Some(poll)) => {
+                    Some(self.lane(skip, poll, phase.stop_at, step_done).await)
+                }
+                _ => None,
             }
         };
         let ((published, recorded, (claimed, split)), lane) = tokio::join!(main, lane);
         run.unrecorded.extend(published);
         for lane in [Some(split), lane].into_iter().flatten() {
             run.summary.lane_claims += lane.claims;
+            run.summary.lane_claimed += lane.rows;
             run.unrecorded.extend(lane.unrecorded);
             match lane.error {
                 // The lane only speeds other tenants up: its failure never stops the drain. A

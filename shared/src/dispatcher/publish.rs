@@ -19,8 +19,8 @@ use crate::ports::{OutgoingMessage, PublishOutcome, Publisher};
 pub(super) struct Bus<P> {
     pub(super) publisher: P,
     pub(super) max_in_flight: usize,
-    /// `max_in_flight` permits, one per call at the bus: the drain's batch and the lane's
-    /// share them.
+    /// `max_in_flight` permits, one per call at the bus or upload to the claim check: the
+    /// drain's batch and the lane's share them.
     pub(super) calls: tokio::sync::Semaphore,
     pub(super) retry: RetryPolicy,
     /// Where envelopes over the threshold go, when configured.
@@ -185,6 +185,8 @@ impl<P: Publisher + 'static> Bus<P> {
         &self,
         mut message: OutgoingMessage,
     ) -> Result<OutgoingMessage, (ClaimedEvent, PublishOutcome)> {
+        // An upload counts against max_in_flight as a publish call does.
+        let _permit = self.calls.acquire().await.ok();
         let Some(claim_check) = &self.claim_check else {
             return Err((
                 message.event,

@@ -48,7 +48,7 @@ pub struct DispatcherConfig {
     pub idle_poll: Option<Duration>,
     /// While a batch is on the bus, claim the due events of the tenants not being drained in
     /// bulk this often, and publish them at once: the drain's lane, so one tenant's backlog
-    /// does not hold back another's events (`DISPATCH_LANE_POLL_MS`, 0 = no lane polling,
+    /// does not hold back another's events (`DISPATCH_LANE_POLL_MS`, 0 = no lane,
     /// default 20; the lane module of the dispatcher says how).
     pub lane_poll: Option<Duration>,
     /// Published rows older than this are deleted between claims (`OUTBOX_RETENTION_HOURS`,

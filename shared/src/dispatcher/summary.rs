@@ -28,9 +28,12 @@ pub struct DispatchSummary {
     pub dead: usize,
     /// Claims made (the last one may have been empty).
     pub claims: usize,
-    /// Claims of the lane (each poll one, empty ones too), beside `claims`, which counts those
-    /// that took rows.
+    /// Claims of the lane (each poll one, empty ones too); those that took rows count in
+    /// `claims` too.
     pub lane_claims: usize,
+    /// Rows the lane took (part of `claimed`): events of tenants other than the bulk's, claimed
+    /// while a batch was on the bus.
+    pub lane_claimed: usize,
     /// Publish calls made.
     pub publish_calls: usize,
     /// Publish calls that failed as a whole (every entry to be retried): the bus, or the route
@@ -171,6 +174,8 @@ impl DispatchSummary {
             .count("Cleaned", self.cleaned as usize)
             .count("StoreErrors", self.store_errors)
             .count("TraceContextsDropped", self.trace_contexts_dropped)
+            .count("LaneClaims", self.lane_claims)
+            .count("LaneClaimed", self.lane_claimed)
             .latencies("ClaimLatency", &self.claim_latencies)
             .latencies("PublishLatency", &self.publish_latencies)
             .latencies("CommitToPublishLatency", &self.commit_to_publish.reported());

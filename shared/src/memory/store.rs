@@ -274,8 +274,28 @@ impl OutboxStore for MemoryStore {
         let mut state = self.enter(StoreCall::ClaimWaiting)?;
         let now = Instant::now();
         let due = state.due(now, skip);
-        // The main claim's rotation stays where it was.
-        let due = fair_share(&state.rows, due, limit.max(0) as usize, "");
+        // As outbox_claim_waiting: each tenant with pending heads (due or not) that is not
+        // skipped gets up to ceil(limit / those tenants), with no second round; the main
+        // claim's rotation stays where it was.
+        let tenants: std::collections::HashSet<&str> = state
+            .rows
+            .iter()
+            .filter(|r| r.status == MemoryStatus::Pending && !skip.contains(&r.event.tenant_id))
+            .filter(|r| state.is_head(r))
+            .map(|r| r.event.tenant_id.as_str())
+            .collect();
+        let share = (limit.max(0) as usize).div_ceil(tenants.len().max(1));
+        let mut taken: HashMap<String, usize> = HashMap::new();
+        let due: Vec<usize> = fair_share(&state.rows, due, limit.max(0) as usize, "")
+            .into_iter()
+            .filter(|&i| {
+                let n = taken
+                    .entry(state.rows[i].event.tenant_id.clone())
+                    .or_default();
+                *n += 1;
+                *n <= share
+            })
+            .collect();
         Ok(state.lease(due, lease_owner, now + lease))
     }
 
