@@ -277,8 +277,8 @@ async fn appends_look_rows_up_by_index_after_an_analyze_of_a_small_outbox() {
 }
 
 /// The backend's update counts not yet flushed to the shared statistics for `table`, as
-/// (updates, HOT updates). No flush happens while the backend is busy (inside a transaction, or
-/// a `DO` block that commits), so the difference of two readings in one is the work between them.
+/// (updates, HOT updates). No flush happens inside a transaction, so the difference of two
+/// readings in one transaction is the work between them.
 async fn update_counts(client: &impl tokio_postgres::GenericClient, table: &str) -> (i64, i64) {
     let row = client
         .query_one(

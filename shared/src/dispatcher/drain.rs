@@ -57,6 +57,10 @@ struct Run {
     ahead: Option<Claim>,
     /// The lane's claim failed for good (not a database away): no lane for the rest of the drain.
     lane_off: bool,
+    /// When the lane may claim next (it polls across steps).
+    lane_next: Instant,
+    /// The lane polls until then (see `LANE_AWAKE`).
+    lane_awake_until: Instant,
     next_heartbeat: Instant,
     next_cleanup: Instant,
 }
@@ -137,6 +141,8 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
             unrecorded: Vec::new(),
             ahead: None,
             lane_off: false,
+            lane_next: started,
+            lane_awake_until: started,
             next_heartbeat: started,
             next_cleanup: started,
         };
@@ -274,10 +280,12 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
             .config
             .lane_poll
             .filter(|_| !run.lane_off && !phase.stop_on_outage);
+        // It polls only while other tenants are about (LANE_AWAKE).
         let skip = publishing
             .as_ref()
-            .filter(|_| lane_poll.is_some())
+            .filter(|_| lane_poll.is_some() && Instant::now() < run.lane_awake_until)
             .map(Claim::tenants);
+        let lane_next = run.lane_next;
         let (done, step_done) = tokio::sync::watch::channel(false);
         let main = async {
             let out = tokio::join!(
@@ -295,9 +303,10 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
         };
         let lane = async {
             match (skip, lane_poll) {
-                (Some(skip), Some(poll)) => {
-                    Some(self.lane(skip, poll, phase.stop_at, step_done).await)
-                }
+                (Some(skip), Some(poll)) => Some(
+                    self.lane(skip, poll, phase.stop_at, lane_next, step_done)
+                        .await,
+                ),
                 _ => None,
             }
         };
@@ -306,6 +315,10 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
         for lane in [Some(split), lane].into_iter().flatten() {
             run.summary.lane_claims += lane.claims;
             run.summary.lane_claimed += lane.rows;
+            run.lane_next = lane.next_claim.unwrap_or(run.lane_next);
+            if lane.several_tenants || lane.rows > 0 {
+                run.lane_awake_until = Instant::now() + super::settings::LANE_AWAKE;
+            }
             run.unrecorded.extend(lane.unrecorded);
             match lane.error {
                 // The lane only speeds other tenants up: its failure never stops the drain. A

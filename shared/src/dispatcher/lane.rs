@@ -43,6 +43,11 @@ pub(super) struct Lane {
     pub(super) claims: usize,
     /// Rows they took (the summary's `lane_claimed`).
     pub(super) rows: usize,
+    /// When it may claim next: the next step's lane goes on from there, so a drain of short
+    /// steps does not claim at the start of each.
+    pub(super) next_claim: Option<Instant>,
+    /// The main claim held rows of more than one tenant.
+    pub(super) several_tenants: bool,
     /// Published, to record with the drain's next record.
     pub(super) unrecorded: Vec<ClaimedBatch>,
     /// The store failure that stopped it.
@@ -61,6 +66,7 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
             Ok(claim) => claim,
             Err(e) => return (Err(e), went),
         };
+        went.several_tenants = claim.tenants().len() > 1;
         if !lane {
             return (Ok(claim), went);
         }
@@ -73,7 +79,8 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
 
     /// The lane beside one step of a loaded drain, skipping the tenants of the batch on the bus
     /// (`skip`), until `step_done` says the step's own work is done (or `stop_at` passes): every
-    /// `poll`, a claim of the other tenants' due events, sent to the bus at once. It claims on
+    /// `poll` from `next_claim` on, a claim of the other tenants' due events, sent to the bus at
+    /// once. It claims on
     /// while they are there, up to [`LANE_IN_FLIGHT`] batches, and again at once after a full
     /// claim; the drain records them with its next record.
     pub(super) async fn lane(
@@ -81,12 +88,13 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
         skip: Vec<String>,
         poll: Duration,
         stop_at: Instant,
+        next_claim: Instant,
         mut step_done: watch::Receiver<bool>,
     ) -> Lane {
         let mut lane = Lane::default();
         let limit = LANE_BATCH.min(self.config().batch_size);
         let mut on_bus = FuturesUnordered::new();
-        let mut next_claim = Instant::now();
+        let mut next_claim = next_claim;
         loop {
             let now = Instant::now();
             if now >= stop_at || *step_done.borrow() {
@@ -128,6 +136,7 @@ impl<S: OutboxStore, P: Publisher + 'static> OutboxDispatcher<S, P> {
         while let Some(published) = on_bus.next().await {
             lane.unrecorded.push(published);
         }
+        lane.next_claim = Some(next_claim);
         lane
     }
 }
@@ -186,11 +195,15 @@ mod tests {
     }
 
     /// How long a quiet tenant's event, appended while another tenant's batch is on the bus
-    /// (400 ms a call, 10 rows a batch, 40 rows waiting), takes to reach the bus.
-    async fn quiet_wait(lane_poll: Option<Duration>) -> Duration {
+    /// (400 ms a call, 10 rows a batch, 40 rows waiting), takes to reach the bus. With `awake`,
+    /// the quiet tenant had an event in the first claim (the lane polls for a second after).
+    async fn quiet_wait(lane_poll: Option<Duration>, awake: bool) -> Duration {
         let store = MemoryStore::new();
         for n in 0..40 {
             append(&store, "bulk", &format!("b-{n}"));
+        }
+        if awake {
+            append(&store, "quiet", "q-0");
         }
         let bus = MemoryPublisher::new().with_delay(Duration::from_millis(400));
         let d = OutboxDispatcher::new(store.clone(), bus.clone(), config(lane_poll), "test");
@@ -213,10 +226,10 @@ mod tests {
         }
         let waited = appended.elapsed();
         let summary = drain.await.unwrap().unwrap();
-        assert_eq!(summary.published, 41);
+        assert_eq!(summary.published, 41 + usize::from(awake));
         assert_eq!(
             summary.lane_claimed == 1,
-            lane_poll.is_some(),
+            lane_poll.is_some() && awake,
             "{summary:?}"
         );
         each_published_once(&store);
@@ -227,25 +240,35 @@ mod tests {
     async fn a_quiet_tenants_event_goes_out_while_another_tenants_batch_is_on_the_bus() {
         // The lane claims it within a poll and publishes it beside the batch on the bus: about
         // 405 ms, one call.
-        let with_lane = quiet_wait(Some(Duration::from_millis(5))).await;
-        assert!(with_lane < Duration::from_millis(700), "{with_lane:?}");
-        // Without the lane (as before it): the claim at 800 ms takes it with 9 of the bulk, it
-        // waits as the batch ahead until 1,200, and goes out with them at 1,600: about 1,150 ms.
-        let without = quiet_wait(None).await;
-        assert!(without > Duration::from_millis(900), "{without:?}");
+        let lane = Some(Duration::from_millis(5));
+        let with_lane = quiet_wait(lane, true).await;
+        assert!(with_lane < Duration::from_millis(575), "{with_lane:?}");
+        // The lane asleep (the bulk's tenant was alone for over a second): the claim at 800 ms
+        // takes it with 9 of the bulk and publishes it at once, not held ahead: about 750 ms.
+        let asleep = quiet_wait(lane, false).await;
+        assert!(
+            asleep > Duration::from_millis(575) && asleep < Duration::from_millis(1_000),
+            "{asleep:?}"
+        );
+        // Without the lane (as before it): the claim at 800 ms takes it, it waits as the batch
+        // ahead until 1,200 and goes out with the bulk at 1,600: about 1,150 ms.
+        let without = quiet_wait(None, false).await;
+        assert!(without > Duration::from_millis(1_000), "{without:?}");
     }
 
     #[tokio::test]
     async fn the_lane_keeps_every_aggregates_order_and_publishes_each_event_once() {
-        // A bulk tenant's 50 events over 10 aggregates wait; a quiet tenant appends 3 versions
-        // of 3 aggregates while the drain runs, one every 7 ms: the lane, the split and the main
-        // claims all take some of them.
+        // A bulk tenant's 50 events over 10 aggregates wait, and one quiet event (the first
+        // claim holds two tenants: the lane polls). While the drain runs the quiet tenant
+        // appends 3 versions of 3 aggregates and 9 new aggregates, one event every 3-4 ms: the
+        // lane, the split and the main claims all take some of them.
         let store = MemoryStore::new();
         for _ in 0..5 {
             for n in 0..10 {
                 append(&store, "bulk", &format!("b-{n}"));
             }
         }
+        append(&store, "quiet", "q-start");
         let bus = MemoryPublisher::new().with_delay(Duration::from_millis(20));
         let config = DispatcherConfig {
             idle_poll: Some(Duration::from_millis(2)),
@@ -254,14 +277,16 @@ mod tests {
         let d = OutboxDispatcher::new(store.clone(), bus.clone(), config, "test");
         let drain =
             tokio::spawn(async move { d.drain(Instant::now() + Duration::from_secs(1)).await });
-        for _ in 0..3 {
+        for round in 0..3 {
             for n in 0..3 {
-                tokio::time::sleep(Duration::from_millis(7)).await;
+                tokio::time::sleep(Duration::from_millis(4)).await;
                 append(&store, "quiet", &format!("q-{n}"));
+                tokio::time::sleep(Duration::from_millis(3)).await;
+                append(&store, "quiet", &format!("fresh-{round}-{n}"));
             }
         }
         let summary = drain.await.unwrap().unwrap();
-        assert_eq!(summary.published, 59);
+        assert_eq!(summary.published, 69);
         assert!(summary.lane_claimed > 0, "{summary:?}");
         let mut seen: std::collections::HashMap<String, i64> = Default::default();
         for event in bus.delivered() {

@@ -61,6 +61,9 @@ pub struct DispatcherConfig {
 
 /// Rows per claim of the drain's lane (at most the batch size): 5 publish calls of 10.
 pub const LANE_BATCH: i64 = 50;
+/// The lane polls for this long after a claim last held more than one tenant or the lane last
+/// took rows: a drain of one tenant alone makes no lane claims.
+pub const LANE_AWAKE: Duration = Duration::from_secs(1);
 /// How long a heartbeat holds: commands do not wake the dispatcher while it does.
 pub const HEARTBEAT_TTL: Duration = Duration::from_secs(3);
 /// How often a polling drain renews its heartbeat.
