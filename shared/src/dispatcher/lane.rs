@@ -11,7 +11,11 @@
 //! - during a step that has a batch on the bus, the lane claims every `lane_poll` up to
 //!   [`LANE_BATCH`] due events of every tenant but that batch's ([`OutboxStore::claim_waiting`],
 //!   migration V15) and sends them to the bus at once, claiming on while they are there; after a
-//!   full lane claim it claims again at once.
+//!   full lane claim it claims again at once. It polls only while other tenants are about: for
+//!   [`LANE_AWAKE`](super::settings::LANE_AWAKE) after a claim held more than one tenant or the
+//!   lane took rows. So a drain of one tenant alone makes no lane claims, and a tenant's first
+//!   event after a quiet spell goes out with the next claim (split off at once), its next ones
+//!   through the lane.
 //!
 //! Both are leased, published and recorded as any claim (a fresh lease owner, the same record),
 //! so every rule of the drain holds for them: an aggregate's next event is claimable only once
