@@ -15,9 +15,10 @@
 //! `INSERT`, `UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING`, an
 //! `UPDATE` of the status, and `DELETE`. No bus: this is the database's share.
 //!
-//! The project runs twice: as migrated, and with the outbox's fillfactor set back to V13's 70,
-//! so V14's effect is a ratio of one run too. The
-//! order is fixed (minimal, project, project as V13); autovacuum being off, autoanalyze is too.
+//! The project runs twice: as migrated, and as V15 left it (the envelope's metadata check a CHECK
+//! constraint, which PostgreSQL builds for every statement that writes a row), so V16's effect
+//! is a ratio of one run too. The order is fixed (minimal, project, project as V15); autovacuum
+//! being off, autoanalyze is too.
 //!
 //! Run: `cargo bench -p outbox-tests --bench lifecycle` with `.local/env` sourced.
 
@@ -148,10 +149,34 @@ async fn vacuum(db: &TestDb, outbox: Outbox) {
 enum Outbox {
     /// The minimal lease queue, in plain statements.
     Minimal,
-    /// This project, through its API and store; the fillfactor of its outbox when not the
-    /// migrations' (70 measures the outbox as V13 left it).
-    Project(Option<u32>),
+    /// This project, through its API and store, as migrated (`false`) or as V15 left it
+    /// (`true`: the metadata check a CHECK constraint again, V16's trigger as V12 wrote it).
+    Project(bool),
 }
+
+/// V16 undone: the envelope's metadata check back in V5's constraint, out of V12's trigger.
+const AS_V15: &str = "
+    DROP TRIGGER outbox_metadata_makes_an_envelope ON outbox;
+    CREATE OR REPLACE FUNCTION outbox_is_a_cloudevent() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = public, pg_catalog AS $$
+    BEGIN
+        IF NEW.aggregate_version > 2147483647 THEN
+            RAISE EXCEPTION 'beyond CloudEvents'' Integer range' USING ERRCODE = 'check_violation';
+        END IF;
+        IF NEW.metadata ->> 'source' = '' THEN
+            RAISE EXCEPTION 'metadata source is empty' USING ERRCODE = 'check_violation';
+        END IF;
+        RETURN NEW;
+    END $$;
+    ALTER TABLE outbox ADD CONSTRAINT outbox_metadata_makes_an_envelope CHECK (
+        jsonb_typeof(metadata) = 'object'
+        AND jsonb_typeof(metadata -> 'correlation_id') = 'string'
+        AND jsonb_typeof(metadata -> 'source') = 'string'
+        AND coalesce(jsonb_typeof(metadata -> 'causation_id'), 'null') IN ('string', 'null')
+        AND coalesce(jsonb_typeof(metadata -> 'traceparent'), 'null') IN ('string', 'null')
+        AND coalesce(jsonb_typeof(metadata -> 'tracestate'), 'null') IN ('string', 'null')
+        AND coalesce(jsonb_typeof(metadata -> 'xray_trace_header'), 'null') IN ('string', 'null')
+    ) NOT VALID";
 
 impl Outbox {
     /// Its tables' vacuum (the project's appends write `outbox_aggregates` too).
@@ -170,12 +195,11 @@ impl Outbox {
             Self::Minimal => format!(
                 "{MINIMAL}; ALTER TABLE minimal_outbox SET (autovacuum_enabled = false, fillfactor = 40)"
             ),
-            Self::Project(None) => "ALTER TABLE outbox SET (autovacuum_enabled = false);
-                 ALTER TABLE outbox_aggregates SET (autovacuum_enabled = false)"
-                .to_owned(),
-            Self::Project(Some(fillfactor)) => format!(
-                "ALTER TABLE outbox SET (autovacuum_enabled = false, fillfactor = {fillfactor});
-                 ALTER TABLE outbox_aggregates SET (autovacuum_enabled = false)"
+            Self::Project(as_v15) => format!(
+                "ALTER TABLE outbox SET (autovacuum_enabled = false);
+                 ALTER TABLE outbox_aggregates SET (autovacuum_enabled = false);
+                 {}",
+                if as_v15 { AS_V15 } else { "" }
             ),
         };
         client
@@ -341,8 +365,8 @@ async fn life(outbox: Outbox, events: usize) -> Life {
 async fn main() {
     let events = env_usize("BENCH_LIFE_EVENTS", 100_000);
     let minimal = life(Outbox::Minimal, events).await;
-    let project = life(Outbox::Project(None), events).await;
-    let before = life(Outbox::Project(Some(70)), events).await;
+    let project = life(Outbox::Project(false), events).await;
+    let before = life(Outbox::Project(true), events).await;
     println!(
         "## An event's whole life: PostgreSQL CPU per event ({events} events over {} aggregates, \
          {CONNECTIONS} connections, appends in transactions of {PER_TRANSACTION}, claims of \
@@ -351,7 +375,7 @@ async fn main() {
     );
     println!(
         "| phase | minimal outbox µs/event (events/s) | this project µs/event (events/s) | ratio | \
-         this project at V13's fillfactor (70) µs/event (events/s) | V14 / fillfactor 70 |"
+         this project as V15 left it µs/event (events/s) | V16 / V15 |"
     );
     println!("|---|---|---|---|---|---|");
     let phases = [

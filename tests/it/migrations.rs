@@ -14,9 +14,12 @@ use tokio_postgres::Client;
 
 use outbox_tests::{admin_settings, TestDb};
 use payments::migrate::{run_migrations, run_payments_migrations, PAYMENTS_HISTORY_TABLE};
+use pg_outbox::dispatcher::OutboxDispatcher;
+use pg_outbox::memory::MemoryPublisher;
 use pg_outbox::postgres::migrate::refinery::{Migration, Runner};
 use pg_outbox::postgres::migrate::{run_outbox_migrations, OUTBOX_HISTORY_TABLE};
-use pg_outbox::postgres::DatabaseSettings;
+use pg_outbox::postgres::outbox::PgOutboxStore;
+use pg_outbox::postgres::{DatabaseSettings, Db};
 
 /// `pg_dump --schema-only` of a database migrated before the split (without its history).
 const SCHEMA_BEFORE_SPLIT: &str = include_str!("../fixtures/schema-before-split.sql");
@@ -25,7 +28,7 @@ const DATA_BEFORE_SPLIT: &str = include_str!("../fixtures/data-before-split.sql"
 /// Its `refinery_schema_history`, as the code before the split wrote it.
 const HISTORY_BEFORE_SPLIT: &str = include_str!("../fixtures/history-before-split.sql");
 
-const OUTBOX_NAMES: [&str; 15] = [
+const OUTBOX_NAMES: [&str; 16] = [
     "outbox/V1__outbox",
     "outbox/V2__inbox",
     "outbox/V3__operations",
@@ -41,9 +44,10 @@ const OUTBOX_NAMES: [&str; 15] = [
     "outbox/V13__append_by_index",
     "outbox/V14__room_for_the_lease",
     "outbox/V15__a_lane_for_the_waiting",
+    "outbox/V16__the_envelope_checked_once",
 ];
 /// The toolkit's migrations newer than the split: what a database migrated before it runs.
-const AFTER_SPLIT: [&str; 8] = [
+const AFTER_SPLIT: [&str; 9] = [
     "outbox/V8__tenant_fair_claim",
     "outbox/V9__record_reads_only_its_rows",
     "outbox/V10__delayed_events",
@@ -52,6 +56,7 @@ const AFTER_SPLIT: [&str; 8] = [
     "outbox/V13__append_by_index",
     "outbox/V14__room_for_the_lease",
     "outbox/V15__a_lane_for_the_waiting",
+    "outbox/V16__the_envelope_checked_once",
 ];
 const PAYMENTS_NAMES: [&str; 4] = [
     "payments/V1__payments",
@@ -666,4 +671,125 @@ async fn every_toolkit_function_resolves_names_in_its_own_schema() {
         )
         .await;
     assert_eq!(record, 1, "outbox_record has lost a setting");
+}
+
+#[tokio::test]
+async fn a_row_stored_before_the_metadata_check_goes_dead_instead_of_failing_every_claim() {
+    // The fault (V5 to V15): the metadata check was a CHECK constraint, NOT VALID, which
+    // PostgreSQL checks on every UPDATE of a row. A row stored before V5 whose metadata the
+    // envelope cannot carry made the lease update of every claim that took it fail: the whole
+    // claim failed at each poll and the events behind it never went out.
+    let db = EmptyDb::create().await;
+    let mut client = db.client().await;
+    // The toolkit as V4 left it, recorded where the toolkit's runner looks.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations/outbox");
+    let first_four: Vec<Migration> = OUTBOX_NAMES[..4]
+        .iter()
+        .map(|name| {
+            let name = name.trim_start_matches("outbox/");
+            let sql = std::fs::read_to_string(dir.join(format!("{name}.sql"))).unwrap();
+            Migration::unapplied(name, &sql).unwrap()
+        })
+        .collect();
+    Runner::new(&first_four)
+        .set_migration_table_name(OUTBOX_HISTORY_TABLE)
+        .run_async(&mut client)
+        .await
+        .unwrap();
+    // Stored then: a number as source (the envelope needs a string), and a good event after it.
+    client
+        .batch_execute(
+            r#"INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
+                                   schema_version, payload, metadata)
+               VALUES (gen_random_uuid(), 'acme', 'invoice', 'inv-old', 'invoice.issued', 1, '{}',
+                       '{"correlation_id": "c-1", "source": 5}'),
+                      (gen_random_uuid(), 'acme', 'invoice', 'inv-ok', 'invoice.issued', 1, '{}',
+                       '{"correlation_id": "c-2", "source": "billing"}')"#,
+        )
+        .await
+        .unwrap();
+    let applied = run_outbox_migrations(&mut client).await.unwrap();
+    assert_eq!(applied, OUTBOX_NAMES[4..], "the rest applied");
+
+    let store = PgOutboxStore::new(Db::new(db.settings.clone()));
+    let bus = MemoryPublisher::new();
+    let dispatcher = OutboxDispatcher::new(
+        store,
+        bus.clone(),
+        outbox_tests::test_dispatcher_config(),
+        "old-rows".to_owned(),
+    );
+    let summary = dispatcher
+        .drain(std::time::Instant::now() + std::time::Duration::from_secs(10))
+        .await
+        .expect("a drain over the old row");
+    assert_eq!((summary.published, summary.dead), (1, 1), "{summary:?}");
+    let delivered: Vec<String> = bus
+        .delivered()
+        .iter()
+        .map(|e| e.aggregate_id.clone())
+        .collect();
+    assert_eq!(delivered, ["inv-ok"]);
+    let (status, error): (String, String) = client
+        .query_one(
+            "SELECT status, last_error FROM outbox WHERE aggregate_id = 'inv-old'",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(status, "dead");
+    assert!(error.contains("cannot build its envelope"), "{error}");
+
+    // New rows are still checked, and an update that would break an old row's envelope too.
+    // Inputs tried: a number as source, a null correlation id, an array, a number as
+    // traceparent (refused), and on update a number as causation id (refused) and a string one
+    // (accepted).
+    for bad in [
+        r#"{"source": 5}"#,
+        r#"{"correlation_id": null}"#,
+        r#"[1, 2]"#,
+        r#"{"traceparent": 7}"#,
+    ] {
+        let err = client
+            .execute(
+                "INSERT INTO outbox (tenant_id, aggregate_type, aggregate_id, event_type,
+                                     schema_version, payload, metadata)
+                 VALUES ('acme', 'invoice', 'inv-new', 'invoice.issued', 1, '{}', $1::text::jsonb)",
+                &[&bad],
+            )
+            .await
+            .unwrap_err();
+        let db_error = err.as_db_error().expect("a database error");
+        assert_eq!(
+            (db_error.code(), db_error.constraint()),
+            (
+                &tokio_postgres::error::SqlState::CHECK_VIOLATION,
+                Some("outbox_metadata_makes_an_envelope")
+            ),
+            "{bad}: {err:?}"
+        );
+    }
+    let err = client
+        .execute(
+            "UPDATE outbox SET metadata = metadata || '{\"causation_id\": 3}'
+             WHERE aggregate_id = 'inv-ok'",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.as_db_error().and_then(|e| e.constraint()),
+        Some("outbox_metadata_makes_an_envelope"),
+        "{err:?}"
+    );
+    let updated = client
+        .execute(
+            "UPDATE outbox SET metadata = metadata || '{\"causation_id\": \"req-1\"}'
+             WHERE aggregate_id = 'inv-ok'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated, 1);
 }
