@@ -4,7 +4,7 @@
 //! the same run. `BENCH_APPEND_ROWS` (default 100000, over 5000 aggregates) and
 //! `BENCH_APPEND_SINGLE` (default 5000) size it.
 
-use outbox_tests::bench::{env_usize, Stopwatch};
+use outbox_tests::bench::{env_usize, Stopwatch, AS_V15};
 use outbox_tests::TestDb;
 
 const MINIMAL: &str = "
@@ -61,12 +61,14 @@ fn single_sql(table: &str) -> &'static str {
 }
 
 /// (bulk µs/event, bulk seconds, single µs/event, single events/s) of PostgreSQL for `table`.
-async fn measure(table: &str, rows: usize, single: usize) -> (f64, f64, f64, f64) {
+/// `setup` runs first (the minimal outbox's table, or the project's outbox put back as V15 left it).
+async fn measure(table: &str, setup: &str, rows: usize, single: usize) -> (f64, f64, f64, f64) {
     let db = TestDb::create().await;
     let client = db.client().await;
-    if table == "minimal_outbox" {
-        client.batch_execute(MINIMAL).await.expect("minimal outbox");
-    }
+    client
+        .batch_execute(setup)
+        .await
+        .expect("set up the outbox");
     client
         .batch_execute("CHECKPOINT")
         .await
@@ -106,14 +108,19 @@ async fn measure(table: &str, rows: usize, single: usize) -> (f64, f64, f64, f64
 async fn main() {
     let rows = env_usize("BENCH_APPEND_ROWS", 100_000);
     let single = env_usize("BENCH_APPEND_SINGLE", 5_000);
-    let minimal = measure("minimal_outbox", rows, single).await;
-    let project = measure("outbox", rows, single).await;
+    let minimal = measure("minimal_outbox", MINIMAL, rows, single).await;
+    let project = measure("outbox", "", rows, single).await;
+    let v15 = measure("outbox", AS_V15, rows, single).await;
     println!("## Append: PostgreSQL CPU per event ({rows} events over 5000 aggregates in one INSERT ... SELECT; {single} single-row autocommitted inserts)\n");
     println!("| outbox | bulk µs/event | bulk s | single-row µs/event | single-row events/s |");
     println!("|---|---|---|---|---|");
     for (name, m) in [
         ("minimal (9 columns, PK + 1 partial index)", minimal),
         ("this project", project),
+        (
+            "this project as V15 left it (the metadata check a CHECK constraint)",
+            v15,
+        ),
     ] {
         println!(
             "| {name} | {:.1} | {:.2} | {:.1} | {:.0} |",
@@ -124,5 +131,10 @@ async fn main() {
         "\nratio this project / minimal: bulk {:.2}x, single-row {:.2}x",
         project.0 / minimal.0,
         project.2 / minimal.2
+    );
+    println!(
+        "ratio this project / as V15 left it: bulk {:.2}x, single-row {:.2}x",
+        project.0 / v15.0,
+        project.2 / v15.2
     );
 }

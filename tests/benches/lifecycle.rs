@@ -17,14 +17,15 @@
 //!
 //! The project runs twice: as migrated, and as V15 left it (the envelope's metadata check a CHECK
 //! constraint, which PostgreSQL builds for every statement that writes a row), so V16's effect
-//! is a ratio of one run too. The order is fixed (minimal, project, project as V15); autovacuum
-//! being off, autoanalyze is too.
+//! is a ratio of one run too. The order is minimal, project, project as V15
+//! (`BENCH_LIFE_V15_FIRST=1`: minimal, project as V15, project); autovacuum being off,
+//! autoanalyze is too.
 //!
 //! Run: `cargo bench -p outbox-tests --bench lifecycle` with `.local/env` sourced.
 
 use std::time::Duration;
 
-use outbox_tests::bench::{env_usize, mark_published, Stopwatch, Throughput};
+use outbox_tests::bench::{env_usize, mark_published, Stopwatch, Throughput, AS_V15};
 use outbox_tests::TestDb;
 use pg_outbox::outbox::EventMetadata;
 use pg_outbox::ports::OutboxStore;
@@ -153,30 +154,6 @@ enum Outbox {
     /// (`true`: the metadata check a CHECK constraint again, V16's trigger as V12 wrote it).
     Project(bool),
 }
-
-/// V16 undone: the envelope's metadata check back in V5's constraint, out of V12's trigger.
-const AS_V15: &str = "
-    DROP TRIGGER outbox_metadata_makes_an_envelope ON outbox;
-    CREATE OR REPLACE FUNCTION outbox_is_a_cloudevent() RETURNS trigger
-    LANGUAGE plpgsql SET search_path = public, pg_catalog AS $$
-    BEGIN
-        IF NEW.aggregate_version > 2147483647 THEN
-            RAISE EXCEPTION 'beyond CloudEvents'' Integer range' USING ERRCODE = 'check_violation';
-        END IF;
-        IF NEW.metadata ->> 'source' = '' THEN
-            RAISE EXCEPTION 'metadata source is empty' USING ERRCODE = 'check_violation';
-        END IF;
-        RETURN NEW;
-    END $$;
-    ALTER TABLE outbox ADD CONSTRAINT outbox_metadata_makes_an_envelope CHECK (
-        jsonb_typeof(metadata) = 'object'
-        AND jsonb_typeof(metadata -> 'correlation_id') = 'string'
-        AND jsonb_typeof(metadata -> 'source') = 'string'
-        AND coalesce(jsonb_typeof(metadata -> 'causation_id'), 'null') IN ('string', 'null')
-        AND coalesce(jsonb_typeof(metadata -> 'traceparent'), 'null') IN ('string', 'null')
-        AND coalesce(jsonb_typeof(metadata -> 'tracestate'), 'null') IN ('string', 'null')
-        AND coalesce(jsonb_typeof(metadata -> 'xray_trace_header'), 'null') IN ('string', 'null')
-    ) NOT VALID";
 
 impl Outbox {
     /// Its tables' vacuum (the project's appends write `outbox_aggregates` too).
@@ -365,8 +342,15 @@ async fn life(outbox: Outbox, events: usize) -> Life {
 async fn main() {
     let events = env_usize("BENCH_LIFE_EVENTS", 100_000);
     let minimal = life(Outbox::Minimal, events).await;
-    let project = life(Outbox::Project(false), events).await;
-    let before = life(Outbox::Project(true), events).await;
+    // BENCH_LIFE_V15_FIRST=1 runs the project as V15 left it before it as migrated, to see
+    // the order's share in the ratio between them.
+    let (project, before) = if env_usize("BENCH_LIFE_V15_FIRST", 0) == 1 {
+        let before = life(Outbox::Project(true), events).await;
+        (life(Outbox::Project(false), events).await, before)
+    } else {
+        let project = life(Outbox::Project(false), events).await;
+        (project, life(Outbox::Project(true), events).await)
+    };
     println!(
         "## An event's whole life: PostgreSQL CPU per event ({events} events over {} aggregates, \
          {CONNECTIONS} connections, appends in transactions of {PER_TRANSACTION}, claims of \
