@@ -20,17 +20,29 @@
 -- is claimed and goes dead with the envelope's reason, as V12's rules do for rows stored before.
 --
 -- What stays the same: every new row is checked, by the same expression, after the append
--- trigger filled the defaults (this trigger fires after it, in name order), in every session
--- (ENABLE ALWAYS, as a constraint is: a restore or a replication apply with
--- session_replication_role = replica is checked too); the error is a check_violation that names
--- the constraint outbox_metadata_makes_an_envelope, as before, with a message that says which
--- event and what the envelope needs. A metadata that the expression finds NULL, not false, passes,
--- as it passed the constraint. An UPDATE that changes a row's metadata is checked by the same
--- function (the trigger outbox_metadata_makes_an_envelope below), and so, now, also against an empty source.
+-- trigger filled the defaults (this trigger fires after it, in name order), including in sessions
+-- with session_replication_role = replica (ENABLE ALWAYS: a restore or a replication apply is
+-- checked too); the error is a check_violation that names the constraint
+-- outbox_metadata_makes_an_envelope, as before, with a message that says which event and a hint
+-- that says what the envelope needs (the message is not PostgreSQL's "violates check constraint"
+-- any more, and the detail is the metadata, not the whole row). A metadata that the expression
+-- finds NULL, not false, passes, as it passed the constraint.
+-- What differs: a trigger can be disabled (ALTER TABLE ... DISABLE TRIGGER, a data-only restore
+-- with --disable-triggers), a constraint cannot; a BEFORE INSERT trigger of your own whose name
+-- sorts after outbox_is_a_cloudevent runs after the check. An UPDATE that changes a row's
+-- metadata is checked by the same function (the trigger outbox_metadata_makes_an_envelope below),
+-- so such an update is now refused for an empty source or a version beyond CloudEvents' range
+-- too; no toolkit statement updates the metadata.
 --
--- On a live outbox: dropping the constraint takes the outbox's ACCESS EXCLUSIVE lock for a catalog
--- change only (no scan); it waits for the statements running on the outbox and holds the ones
--- after it for that moment.
+-- On a live outbox: the migration takes the outbox's ACCESS EXCLUSIVE lock first (dropping the
+-- constraint needs it; creating the trigger needs less, and taking the strongest lock first leaves
+-- no upgrade to deadlock on). It waits for the transactions that have used the outbox to end, and
+-- every statement on the outbox after it (appends, claims, feed reads) waits behind it; so it
+-- waits at most 5 s (lock_timeout): behind a longer transaction the migration fails, having
+-- changed nothing, and is run again. Once it holds the lock it is a catalog change only.
+
+SET LOCAL lock_timeout = '5s';
+LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE;
 
 CREATE OR REPLACE FUNCTION outbox_is_a_cloudevent() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -54,9 +66,10 @@ BEGIN
             AND coalesce(jsonb_typeof(NEW.metadata -> 'traceparent'), 'null') IN ('string', 'null')
             AND coalesce(jsonb_typeof(NEW.metadata -> 'tracestate'), 'null') IN ('string', 'null')
             AND coalesce(jsonb_typeof(NEW.metadata -> 'xray_trace_header'), 'null') IN ('string', 'null')) THEN
-        RAISE EXCEPTION 'event of %/%/%: its metadata cannot make an envelope: %',
-            NEW.tenant_id, NEW.aggregate_type, NEW.aggregate_id, left(NEW.metadata::text, 200)
+        RAISE EXCEPTION 'event of %/%/%: its metadata cannot make an envelope',
+            NEW.tenant_id, NEW.aggregate_type, NEW.aggregate_id
             USING ERRCODE = 'check_violation', CONSTRAINT = 'outbox_metadata_makes_an_envelope',
+                  DETAIL = 'Metadata: ' || left(NEW.metadata::text, 500),
                   HINT = 'Metadata is a JSON object whose correlation_id and source are strings, and whose causation_id, traceparent, tracestate and xray_trace_header are strings when present.';
     END IF;
     RETURN NEW;
@@ -75,4 +88,5 @@ CREATE TRIGGER outbox_metadata_makes_an_envelope BEFORE UPDATE OF metadata ON ou
     EXECUTE FUNCTION outbox_is_a_cloudevent();
 ALTER TABLE outbox ENABLE ALWAYS TRIGGER outbox_metadata_makes_an_envelope;
 
-ALTER TABLE outbox DROP CONSTRAINT outbox_metadata_makes_an_envelope;
+-- IF EXISTS: an operator may have dropped it by hand to get past the fault above.
+ALTER TABLE outbox DROP CONSTRAINT IF EXISTS outbox_metadata_makes_an_envelope;

@@ -4,7 +4,9 @@
 //!
 //! Both sides get the same work in the same shape: `BENCH_LIFE_EVENTS` events (default 100,000)
 //! over half as many aggregates (a payment paid, then refunded), appended by 2 connections in
-//! transactions of 100 events, one `INSERT` each; drained by 2 connections in claims of 500,
+//! transactions of 100 events, one `INSERT` each (`BENCH_LIFE_BATCHED=1`: one statement per
+//! transaction, the project's `append_all` and the minimal outbox's `INSERT ... SELECT FROM
+//! unnest`); drained by 2 connections in claims of 500,
 //! each marked published in a second statement; then deleted by retention in statements of
 //! 5,000. Autovacuum is off for the benchmark's tables and each phase ends with a measured `VACUUM` (of the
 //! outbox and, for the project, of `outbox_aggregates`, which its appends write). The project
@@ -31,7 +33,7 @@ use pg_outbox::outbox::EventMetadata;
 use pg_outbox::ports::OutboxStore;
 use pg_outbox::postgres::outbox::PgOutboxStore;
 use pg_outbox::postgres::{DatabaseSettings, Db};
-use pg_outbox::producer::{append, OutboxEvent};
+use pg_outbox::producer::{append, append_all, OutboxEvent};
 use tokio_postgres::types::Type;
 
 const CONNECTIONS: usize = 2;
@@ -55,6 +57,11 @@ const MINIMAL: &str = "
 const MINIMAL_INSERT: &str = "
     INSERT INTO minimal_outbox (event_id, aggregate_type, aggregate_id, event_type, payload)
     VALUES ($1, 'payment', $2, $3, $4)";
+const MINIMAL_INSERT_ALL: &str = "
+    INSERT INTO minimal_outbox (event_id, aggregate_type, aggregate_id, event_type, payload)
+    SELECT e.id, 'payment', e.aggregate, $3, e.payload
+    FROM unnest($1::uuid[], $2::text[], $4::jsonb[]) WITH ORDINALITY AS e(id, aggregate, payload, n)
+    ORDER BY e.n";
 const MINIMAL_CLAIM: &str = "
     UPDATE minimal_outbox SET locked_until = now() + interval '60 seconds'
     WHERE id IN (SELECT id FROM minimal_outbox
@@ -185,12 +192,44 @@ impl Outbox {
             .expect("prepare the outbox");
     }
 
-    /// Appends `events` (these of the run's `total`) in transactions of [`PER_TRANSACTION`].
-    async fn append(self, db: DatabaseSettings, events: Vec<usize>, total: usize) {
+    /// Appends `events` (these of the run's `total`) in transactions of [`PER_TRANSACTION`]:
+    /// one statement per event, or (`batched`) one per transaction.
+    async fn append(self, db: DatabaseSettings, events: Vec<usize>, total: usize, batched: bool) {
         let mut client = db.connect().await.expect("connect");
         let metadata = EventMetadata::new("payments", "bench");
         for chunk in events.chunks(PER_TRANSACTION) {
             let tx = client.transaction().await.expect("begin");
+            if batched {
+                let events: Vec<PaymentEvent> = chunk.iter().map(|&n| event(n, total)).collect();
+                match self {
+                    Self::Minimal => {
+                        let ids: Vec<uuid::Uuid> =
+                            events.iter().map(|_| uuid::Uuid::now_v7()).collect();
+                        let aggregates: Vec<&str> =
+                            events.iter().map(|e| e.payment_id.as_str()).collect();
+                        let payloads: Vec<serde_json::Value> = events
+                            .iter()
+                            .map(|e| serde_json::to_value(e).expect("payload"))
+                            .collect();
+                        tx.query_typed(
+                            MINIMAL_INSERT_ALL,
+                            &[
+                                (&ids, Type::UUID_ARRAY),
+                                (&aggregates, Type::TEXT_ARRAY),
+                                (&PaymentEvent::EVENT_TYPE, Type::TEXT),
+                                (&payloads, Type::JSONB_ARRAY),
+                            ],
+                        )
+                        .await
+                        .expect("insert");
+                    }
+                    Self::Project(_) => {
+                        append_all(&tx, &events, &metadata).await.expect("append");
+                    }
+                }
+                tx.commit().await.expect("commit");
+                continue;
+            }
             for &n in chunk {
                 let e = event(n, total);
                 match self {
@@ -286,7 +325,7 @@ impl Outbox {
 }
 
 /// The three phases of `events` in `outbox`, each with its vacuum, on a database of its own.
-async fn life(outbox: Outbox, events: usize) -> Life {
+async fn life(outbox: Outbox, events: usize, batched: bool) -> Life {
     let db = TestDb::create().await;
     outbox.prepare(&db).await;
 
@@ -294,7 +333,7 @@ async fn life(outbox: Outbox, events: usize) -> Life {
     let watch = Stopwatch::start();
     let appenders: Vec<_> = shares(events)
         .into_iter()
-        .map(|share| tokio::spawn(outbox.append(db.settings.clone(), share, events)))
+        .map(|share| tokio::spawn(outbox.append(db.settings.clone(), share, events, batched)))
         .collect();
     for a in appenders {
         a.await.expect("appender");
@@ -341,21 +380,27 @@ async fn life(outbox: Outbox, events: usize) -> Life {
 #[tokio::main]
 async fn main() {
     let events = env_usize("BENCH_LIFE_EVENTS", 100_000);
-    let minimal = life(Outbox::Minimal, events).await;
+    let batched = env_usize("BENCH_LIFE_BATCHED", 0) == 1;
+    let minimal = life(Outbox::Minimal, events, batched).await;
     // BENCH_LIFE_V15_FIRST=1 runs the project as V15 left it before it as migrated, to see
     // the order's share in the ratio between them.
     let (project, before) = if env_usize("BENCH_LIFE_V15_FIRST", 0) == 1 {
-        let before = life(Outbox::Project(true), events).await;
-        (life(Outbox::Project(false), events).await, before)
+        let before = life(Outbox::Project(true), events, batched).await;
+        (life(Outbox::Project(false), events, batched).await, before)
     } else {
-        let project = life(Outbox::Project(false), events).await;
-        (project, life(Outbox::Project(true), events).await)
+        let project = life(Outbox::Project(false), events, batched).await;
+        (project, life(Outbox::Project(true), events, batched).await)
     };
     println!(
         "## An event's whole life: PostgreSQL CPU per event ({events} events over {} aggregates, \
-         {CONNECTIONS} connections, appends in transactions of {PER_TRANSACTION}, claims of \
+         {CONNECTIONS} connections, appends in transactions of {PER_TRANSACTION}, {}, claims of \
          {BATCH}, retention statements of {RETENTION_BATCH})\n",
-        events / 2
+        events / 2,
+        if batched {
+            "one statement per transaction (append_all; the minimal outbox's INSERT ... SELECT FROM unnest)"
+        } else {
+            "one statement per event"
+        }
     );
     println!(
         "| phase | minimal outbox µs/event (events/s) | this project µs/event (events/s) | ratio | \

@@ -1,5 +1,6 @@
 //! Integration tests: one binary, each test on a database of its own on the local PostgreSQL.
 
+mod append_all;
 mod capture;
 mod chaos;
 mod claim_check;

@@ -19,7 +19,8 @@
 //!   published, discarded, dead, or waiting behind a dead one.
 //!
 //! Producers append by plain SQL (with and without a version, `ON CONFLICT`, `INSERT ...
-//! SELECT`, `COPY`) and by writing a table captured by trigger, into the same aggregates.
+//! SELECT`, `COPY`), by the public API's batch append (`append_all`) and by writing a table
+//! captured by trigger, into the same aggregates.
 //!
 //! `ORDER_MODEL_SCHEDULES` (default 1500) sets how many schedules run, `ORDER_MODEL_SEED` the
 //! first seed (each schedule's seed is printed with any failure: rerun with that seed and
@@ -31,11 +32,12 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use outbox_tests::TestDb;
-use pg_outbox::outbox::{ClaimedEvent, Outcomes};
+use pg_outbox::outbox::{ClaimedEvent, EventMetadata, Outcomes};
 use pg_outbox::ports::OutboxStore;
 use pg_outbox::postgres::admin::{self, Requeue, Selection};
 use pg_outbox::postgres::outbox::PgOutboxStore;
 use pg_outbox::postgres::Db;
+use pg_outbox::producer::{append_all, AppendError, OutboxEvent};
 use serde_json::Value;
 use tokio_postgres::Client;
 use uuid::Uuid;
@@ -146,6 +148,8 @@ struct Harness {
     next_key: u64,
     explicit_refused: u64,
     explicit_accepted: u64,
+    /// Batch appends (`append_all`) that went in, and their events.
+    batch_appends: (u64, u64),
     steps_run: u64,
 }
 
@@ -194,6 +198,7 @@ impl Harness {
             next_key: 0,
             explicit_refused: 0,
             explicit_accepted: 0,
+            batch_appends: (0, 0),
             steps_run: 0,
         }
     }
@@ -433,6 +438,25 @@ fn insert_sql(columns: &str, values: &str, tail: &str) -> String {
     )
 }
 
+/// An event of the model's aggregates, for the batch append.
+#[derive(serde::Serialize)]
+struct ModelEvent {
+    aggregate: String,
+    n: usize,
+}
+
+impl OutboxEvent for ModelEvent {
+    const EVENT_TYPE: &'static str = "model.changed";
+    const SCHEMA_VERSION: i32 = 1;
+    const AGGREGATE_TYPE: &'static str = "model";
+    fn tenant_id(&self) -> &str {
+        TENANT
+    }
+    fn aggregate_id(&self) -> &str {
+        &self.aggregate
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Append {
     Auto,
@@ -443,6 +467,8 @@ enum Append {
         existing: bool,
     },
     MultiRow,
+    /// The public API's batch append (`pg_outbox::producer::append_all`), two or three events.
+    Batch,
     /// `COPY outbox ... FROM STDIN`, two rows.
     Copy,
     /// A write to a table captured by trigger (`model_rows`, keyed by the aggregate id): an upsert
@@ -578,8 +604,9 @@ impl Schedule<'_> {
                 60..=84 => Append::OnConflict {
                     existing: !self.h.keys.is_empty() && self.rng.bool(),
                 },
-                85..=89 => Append::MultiRow,
-                90..=93 => Append::Copy,
+                85..=87 => Append::MultiRow,
+                88..=90 => Append::Batch,
+                91..=93 => Append::Copy,
                 _ => Append::Capture {
                     delete: self.rng.u32(0..4) == 0,
                 },
@@ -589,6 +616,7 @@ impl Schedule<'_> {
                 Append::Explicit { .. } => "explicit",
                 Append::OnConflict { .. } => "on-conflict",
                 Append::MultiRow => "multirow",
+                Append::Batch => "batch",
                 Append::Copy => "copy",
                 Append::Capture { .. } => "capture",
             };
@@ -677,6 +705,36 @@ impl Schedule<'_> {
                 2,
                 false,
             ),
+            Append::Batch => {
+                let events: Vec<ModelEvent> = (0..self.rng.usize(2..=3))
+                    .map(|n| ModelEvent {
+                        aggregate: aggregate.clone(),
+                        n,
+                    })
+                    .collect();
+                let metadata = EventMetadata::new("model", "model");
+                let appended = append_all(client, &events, &metadata).await;
+                let result = match appended {
+                    Ok(appended) => {
+                        let versions: Vec<i64> =
+                            appended.iter().map(|a| a.aggregate_version).collect();
+                        let expected: Vec<i64> = (next..next + events.len() as i64).collect();
+                        if versions != expected {
+                            return Err(violation(
+                                Kind::StatementFailed,
+                                &format!("producer {p} batch on {aggregate}"),
+                                format!("versions {versions:?}, expected {expected:?}"),
+                            ));
+                        }
+                        self.h.batch_appends.0 += 1;
+                        self.h.batch_appends.1 += events.len() as u64;
+                        Ok(events.len() as u64)
+                    }
+                    Err(AppendError::Database { source, .. }) => Err(source),
+                    Err(e) => panic!("producer {p} batch on {aggregate}: {e:?}"),
+                };
+                (result, events.len() as i64, false)
+            }
             Append::Copy => {
                 let data: String = (0..2)
                     .map(|_| {
@@ -1334,6 +1392,7 @@ async fn run_worker(worker: u64, schedules: u64, first_seed: u64, survey: bool) 
     }
     survey_found.steps = h.steps_run;
     survey_found.explicit = (h.explicit_accepted, h.explicit_refused);
+    survey_found.batch_appends = h.batch_appends;
     h.db.drop_database().await;
     survey_found
 }
@@ -1345,6 +1404,7 @@ struct Survey {
     found: BTreeMap<(Kind, String), (u64, u64, String, u64)>,
     steps: u64,
     explicit: (u64, u64),
+    batch_appends: (u64, u64),
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1369,6 +1429,8 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         all.steps += s.steps;
         all.explicit.0 += s.explicit.0;
+        all.batch_appends.0 += s.batch_appends.0;
+        all.batch_appends.1 += s.batch_appends.1;
         all.explicit.1 += s.explicit.1;
         for (key, value) in s.found {
             let entry = all
@@ -1385,11 +1447,13 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
     let elapsed = started.elapsed().as_secs_f64();
     println!(
         "order model: {schedules} schedules, {} steps in {elapsed:.1} s ({:.0} schedules/s); \
-         explicit versions accepted {}, refused {}",
+         explicit versions accepted {}, refused {}; batch appends {} ({} events)",
         all.steps,
         schedules as f64 / elapsed,
         all.explicit.0,
-        all.explicit.1
+        all.explicit.1,
+        all.batch_appends.0,
+        all.batch_appends.1
     );
     for ((kind, op), (first, seed, detail, count)) in &all.found {
         println!(
@@ -1405,4 +1469,5 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
         all.explicit.0 > 0 && all.explicit.1 > 0,
         "the generator tried accepted and refused explicit versions"
     );
+    assert!(all.batch_appends.0 > 0, "the generator tried batch appends");
 }
