@@ -36,7 +36,7 @@
 
 use serde::Serialize;
 use tokio_postgres::types::Type;
-use tokio_postgres::{GenericClient, Transaction};
+use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 use crate::outbox::EventMetadata;
@@ -95,8 +95,18 @@ pub enum AppendError {
         /// The driver's error (SQLSTATE 23505 for a duplicate idempotency key).
         source: tokio_postgres::Error,
     },
+    /// [`append_all`]: one idempotency key given to two events of the slice (of one tenant).
+    /// Nothing was sent to the database.
+    #[error("{event_type}: idempotency key {key:?} is given to two events of the batch")]
+    RepeatedKey {
+        /// The event type.
+        event_type: &'static str,
+        /// The key.
+        key: String,
+    },
     /// [`append_all`]: the outbox took the statement but did not insert this event (a trigger
-    /// of the service's own on the outbox skipped it).
+    /// of the service's own on the outbox skipped it). The batch's other events are inserted in
+    /// the transaction: roll it back.
     #[error(
         "{event_type}: event {event_id} was not appended (a trigger on the outbox skipped it)"
     )]
@@ -109,7 +119,8 @@ pub enum AppendError {
 }
 
 impl AppendError {
-    /// Whether it was a second append with the same idempotency key.
+    /// Whether it was a second append with the same idempotency key. For [`append_all`]: one of
+    /// the batch's keys was appended before, and none of the batch's events was appended now.
     pub fn is_duplicate(&self) -> bool {
         matches!(self, Self::Database { source, .. }
             if source.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION))
@@ -245,14 +256,27 @@ const APPEND_ALL: &str = "
     ORDER BY e.tenant_id COLLATE \"C\", e.aggregate_id COLLATE \"C\", e.n
     RETURNING event_id, aggregate_version";
 
-/// Appends `events` in one statement, in `client`'s transaction (a [`Transaction`], or a
-/// session that began one itself): each as [`append`] appends it, under one `metadata`, at the
-/// database cost of a bulk insert instead of a statement per event. Each aggregate's events get
-/// consecutive versions in the slice's order; the answer is in the slice's order. All or none: an
-/// error (a duplicate idempotency key among them or already in the outbox, an empty field) appends
-/// none of them and leaves the transaction unusable, as [`append`] does. No events, no statement.
+/// Appends `events` in one statement in `tx`: each as [`append`] appends it, under one
+/// `metadata`, at the database cost of a bulk insert instead of a statement per event. Each
+/// aggregate's events get consecutive versions in the slice's order; the answer is in the slice's
+/// order. Rows go in by aggregate id (so their row ids, which order the claim across aggregates,
+/// follow the aggregate ids, not the slice). No events, no statement.
+///
+/// Errors: an empty field or an idempotency key given twice in the slice is refused before the
+/// database ([`AppendError::Empty`], [`AppendError::RepeatedKey`]; `tx` stays usable). A key
+/// already in the outbox fails the statement ([`AppendError::is_duplicate`]): none of the events
+/// was appended, the others included, so a batch with keys is not "already done" because one was.
+/// Any database error leaves `tx` unusable, as [`append`]'s do. [`AppendError::Skipped`] (a
+/// trigger of the service's own skipped an event) leaves the others inserted in `tx`: roll it
+/// back.
+///
+/// Locks: the batch takes its aggregates in id order, so two batches over the same aggregates do
+/// not deadlock each other on them. A transaction that appends in several statements (two
+/// batches, or single appends) in different orders can, as any two transactions can, and so can
+/// two batches whose idempotency keys cross (each waits on the other's uncommitted key): the
+/// loser gets a deadlock error (SQLSTATE 40P01); retry its transaction.
 pub async fn append_all<E: OutboxEvent>(
-    client: &impl GenericClient,
+    tx: &Transaction<'_>,
     events: &[E],
     metadata: &EventMetadata,
 ) -> Result<Vec<Appended>, AppendError> {
@@ -266,8 +290,17 @@ pub async fn append_all<E: OutboxEvent>(
     let mut payloads = Vec::with_capacity(events.len());
     let mut keys = Vec::with_capacity(events.len());
     let mut deliver_at = Vec::with_capacity(events.len());
+    let mut given_keys = std::collections::HashSet::new();
     for event in events {
         not_empty(event)?;
+        if let Some(key) = event.idempotency_key() {
+            if !given_keys.insert((event.tenant_id(), key)) {
+                return Err(AppendError::RepeatedKey {
+                    event_type,
+                    key: key.to_owned(),
+                });
+            }
+        }
         ids.push(Uuid::now_v7());
         tenants.push(event.tenant_id());
         aggregates.push(event.aggregate_id());
@@ -279,7 +312,7 @@ pub async fn append_all<E: OutboxEvent>(
         deliver_at.push(event.deliver_at());
     }
     let metadata = metadata_value::<E>(metadata)?;
-    let rows = client
+    let rows = tx
         .query_typed(
             APPEND_ALL,
             &[

@@ -467,7 +467,8 @@ enum Append {
         existing: bool,
     },
     MultiRow,
-    /// The public API's batch append (`pg_outbox::producer::append_all`), two or three events.
+    /// The public API's batch append (`pg_outbox::producer::append_all`), two or three events, in
+    /// a transaction of its own (chosen only while the producer has none open).
     Batch,
     /// `COPY outbox ... FROM STDIN`, two rows.
     Copy,
@@ -605,6 +606,8 @@ impl Schedule<'_> {
                     existing: !self.h.keys.is_empty() && self.rng.bool(),
                 },
                 85..=87 => Append::MultiRow,
+                // The API's batch runs in a transaction of its own.
+                88..=90 if open => Append::MultiRow,
                 88..=90 => Append::Batch,
                 91..=93 => Append::Copy,
                 _ => Append::Capture {
@@ -713,7 +716,26 @@ impl Schedule<'_> {
                     })
                     .collect();
                 let metadata = EventMetadata::new("model", "model");
-                let appended = append_all(client, &events, &metadata).await;
+                // In a transaction of its own (the API takes a `Transaction`; the kind is only
+                // chosen while the producer has none open).
+                let client = &mut self.h.producers[p].client;
+                let appended = async {
+                    let tx =
+                        client
+                            .transaction()
+                            .await
+                            .map_err(|source| AppendError::Database {
+                                event_type: ModelEvent::EVENT_TYPE,
+                                source,
+                            })?;
+                    let appended = append_all(&tx, &events, &metadata).await?;
+                    tx.commit().await.map_err(|source| AppendError::Database {
+                        event_type: ModelEvent::EVENT_TYPE,
+                        source,
+                    })?;
+                    Ok::<_, AppendError>(appended)
+                }
+                .await;
                 let result = match appended {
                     Ok(appended) => {
                         let versions: Vec<i64> =
