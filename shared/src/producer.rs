@@ -244,7 +244,8 @@ fn metadata_value<E: OutboxEvent>(
 /// One statement for many events: PostgreSQL builds a statement on the outbox (its triggers,
 /// keys, partial indexes, defaults) once, whatever the number of rows, and that is most of a
 /// one-row append's cost. Rows go in by aggregate, each aggregate's in the caller's order, so
-/// two batches over the same aggregates lock them in one order (never a deadlock between them).
+/// two batches over the same aggregates lock them in one order (no deadlock between them on the
+/// aggregates; crossed idempotency keys still can, see [`append_all`]).
 const APPEND_ALL: &str = "
     INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
                         schema_version, payload, metadata, idempotency_key, deliver_at)
