@@ -28,7 +28,7 @@ const DATA_BEFORE_SPLIT: &str = include_str!("../fixtures/data-before-split.sql"
 /// Its `refinery_schema_history`, as the code before the split wrote it.
 const HISTORY_BEFORE_SPLIT: &str = include_str!("../fixtures/history-before-split.sql");
 
-const OUTBOX_NAMES: [&str; 16] = [
+const OUTBOX_NAMES: [&str; 17] = [
     "outbox/V1__outbox",
     "outbox/V2__inbox",
     "outbox/V3__operations",
@@ -45,9 +45,10 @@ const OUTBOX_NAMES: [&str; 16] = [
     "outbox/V14__room_for_the_lease",
     "outbox/V15__a_lane_for_the_waiting",
     "outbox/V16__the_envelope_checked_once",
+    "outbox/V17__the_record_reads_each_row_once",
 ];
 /// The toolkit's migrations newer than the split: what a database migrated before it runs.
-const AFTER_SPLIT: [&str; 9] = [
+const AFTER_SPLIT: [&str; 10] = [
     "outbox/V8__tenant_fair_claim",
     "outbox/V9__record_reads_only_its_rows",
     "outbox/V10__delayed_events",
@@ -57,6 +58,7 @@ const AFTER_SPLIT: [&str; 9] = [
     "outbox/V14__room_for_the_lease",
     "outbox/V15__a_lane_for_the_waiting",
     "outbox/V16__the_envelope_checked_once",
+    "outbox/V17__the_record_reads_each_row_once",
 ];
 const PAYMENTS_NAMES: [&str; 4] = [
     "payments/V1__payments",

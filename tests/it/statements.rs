@@ -185,6 +185,136 @@ async fn recording_a_claim_reads_only_its_rows_however_many_wait() {
     assert_eq!(db.count(&client, "outbox WHERE replay").await, 20_000);
 }
 
+/// Index entries read from the outbox's primary key so far in this transaction.
+async fn primary_key_reads(client: &impl tokio_postgres::GenericClient) -> i64 {
+    client
+        .query_one(
+            "SELECT pg_stat_get_xact_tuples_returned('outbox_pkey'::regclass)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_record_finds_each_of_its_rows_once() {
+    // Before V17 the record found each published row by id five times: the owner check, the
+    // lock, the row with its successor, its tenant for the feed's lock, and the update. Now three:
+    // the lock, the row with its successor, the update; and each successor twice (its lock and its
+    // promotion). Claims of 100 among 20,000 waiting events (so every lookup is by index), half of
+    // the claimed aggregates with a second version to promote, recorded published in a
+    // transaction whose own index counts are read before and after; then a record where one row
+    // is held by another session (deferred, and read again for it) and one given id is no longer
+    // this owner's (neither recorded nor deferred).
+    let db = TestDb::create().await;
+    let mut client = db.client().await;
+    seed_outbox(&client, "acme", &aggregates("two-", 50), 2, "{}").await;
+    seed_outbox(&client, "acme", &aggregates("one-", 50), 1, "{}").await;
+    seed_outbox(&client, "busy", &aggregates("waiting-", 20_000), 1, "{}").await;
+    client.batch_execute("VACUUM ANALYZE outbox").await.unwrap();
+    // The 100 heads of tenant acme (the claim shares a batch between tenants: 100 each).
+    let ids: Vec<i64> = client
+        .query("SELECT id FROM outbox_claim(200, 600, 'o1', '')", &[])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    let ours: Vec<i64> = client
+        .query(
+            "SELECT id FROM outbox WHERE locked_by = 'o1' AND tenant_id = 'acme' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ours.len(), 100, "claimed {} rows", ids.len());
+    let tx = client.transaction().await.unwrap();
+    let before = primary_key_reads(&tx).await;
+    let deferred: Vec<i64> = tx
+        .query_one(
+            "SELECT outbox_record('o1', $1, '{}', '{}', '{}', '{}', '{}')",
+            &[&ours],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let reads = primary_key_reads(&tx).await - before;
+    tx.commit().await.unwrap();
+    assert!(deferred.is_empty(), "{deferred:?}");
+    assert_eq!(
+        db.count(
+            &client,
+            "outbox WHERE tenant_id = 'acme' AND status = 'published'"
+        )
+        .await,
+        100
+    );
+    assert_eq!(
+        db.count(
+            &client,
+            "outbox WHERE tenant_id = 'acme' AND is_head AND status = 'pending'"
+        )
+        .await,
+        50,
+        "the second versions were promoted"
+    );
+    assert_eq!(
+        reads,
+        3 * 100 + 2 * 50,
+        "primary key entries read by a record of 100 rows with 50 successors"
+    );
+
+    // The second versions: one held by another session, one leased again by another owner.
+    let ids: Vec<i64> = client
+        .query(
+            "SELECT id FROM outbox_claim(200, 600, 'o2', '') WHERE tenant_id = 'acme' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids.len(), 50);
+    client
+        .execute(
+            "UPDATE outbox SET locked_by = 'o3' WHERE id = $1",
+            &[&ids[1]],
+        )
+        .await
+        .unwrap();
+    let holder = db.client().await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM outbox WHERE id = {} FOR UPDATE",
+            ids[0]
+        ))
+        .await
+        .unwrap();
+    let deferred: Vec<i64> = client
+        .query_one(
+            "SELECT outbox_record('o2', $1, '{}', '{}', '{}', '{}', '{}')",
+            &[&ids],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(deferred, vec![ids[0]], "only the held row is deferred");
+    assert_eq!(
+        db.count(
+            &client,
+            "outbox WHERE tenant_id = 'acme' AND status = 'published'"
+        )
+        .await,
+        148
+    );
+}
+
 #[tokio::test]
 async fn appends_look_rows_up_by_index_after_an_analyze_of_a_small_outbox() {
     // The fault (migration V7's triggers): PL/pgSQL plans the append's key lookups once per
