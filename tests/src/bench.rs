@@ -463,3 +463,110 @@ pub const AS_V15: &str = "
         AND coalesce(jsonb_typeof(metadata -> 'tracestate'), 'null') IN ('string', 'null')
         AND coalesce(jsonb_typeof(metadata -> 'xray_trace_header'), 'null') IN ('string', 'null')
     ) NOT VALID";
+
+/// V17 undone, for a benchmark to measure the record as V16 left it beside V17 in one run:
+/// V7's `outbox_mark_done` and V9's `outbox_record`, as those migrations wrote them.
+pub const AS_V16: &str = "
+    CREATE OR REPLACE FUNCTION outbox_mark_done(p_ids bigint[], p_status text, p_reason text,
+                                     OUT done bigint[], OUT held bigint[], OUT promoted bigint[])
+    LANGUAGE plpgsql SET search_path = public, pg_catalog AS $$
+    DECLARE
+        candidates bigint[];
+        successors bigint[];
+        lockable bigint[];
+    BEGIN
+        -- Each row with its successor (NULL when it has none yet), as two arrays in one order.
+        SELECT coalesce(array_agg(p.id ORDER BY p.id), '{}'), coalesce(array_agg(s.id ORDER BY p.id), '{}')
+        INTO candidates, successors
+        FROM outbox p
+        LEFT JOIN LATERAL (
+            SELECT n.id FROM outbox n
+            WHERE n.tenant_id = p.tenant_id AND n.aggregate_type = p.aggregate_type
+              AND n.aggregate_id = p.aggregate_id AND n.aggregate_version > p.aggregate_version
+            ORDER BY n.aggregate_version LIMIT 1) s ON true
+        WHERE p.id = ANY (p_ids);
+        SELECT coalesce(array_agg(id), '{}') INTO lockable FROM (
+            SELECT id FROM outbox WHERE id = ANY (successors) ORDER BY id FOR UPDATE SKIP LOCKED) l;
+        SELECT coalesce(array_agg(r) FILTER (WHERE s IS NULL OR s = ANY (lockable)), '{}'),
+               coalesce(array_agg(r) FILTER (WHERE s IS NOT NULL AND NOT s = ANY (lockable)), '{}'),
+               coalesce(array_agg(s) FILTER (WHERE s = ANY (lockable)), '{}')
+        INTO done, held, promoted
+        FROM unnest(candidates, successors) AS pair(r, s);
+        IF cardinality(done) = 0 THEN
+            RETURN;
+        END IF;
+        IF p_status = 'published' THEN
+            INSERT INTO outbox_feed_tenants AS t (tenant_id)
+            SELECT DISTINCT tenant_id FROM outbox WHERE id = ANY (done) ORDER BY 1
+            ON CONFLICT (tenant_id) DO UPDATE SET last_published_at = now();
+            UPDATE outbox o
+            SET status = 'published', published_at = now(), is_head = false, locked_until = NULL,
+                locked_by = NULL, last_error = NULL,
+                feed_position = coalesce(o.feed_position, f.position)
+            FROM (SELECT id, nextval('outbox_feed_position_seq') AS position
+                  FROM (SELECT unnest(done) AS id ORDER BY 1) ids) f
+            WHERE o.id = f.id;
+        ELSE
+            UPDATE outbox
+            SET status = 'discarded', is_head = false, discarded_at = now(), discard_reason = p_reason,
+                locked_until = NULL, locked_by = NULL
+            WHERE id = ANY (done);
+        END IF;
+        UPDATE outbox SET is_head = true WHERE id = ANY (promoted) AND NOT is_head;
+    END $$;
+    CREATE OR REPLACE FUNCTION outbox_record(
+        p_owner text, p_published bigint[], p_retry bigint[], p_delays float8[], p_retry_errors text[],
+        p_dead bigint[], p_dead_errors text[], OUT deferred bigint[]
+    ) LANGUAGE plpgsql SET lock_timeout = '2s' SET jit = off SET search_path = public, pg_catalog AS $$
+    DECLARE
+        ours bigint[];
+        locked bigint[];
+        live_locked bigint[];
+        live_published bigint[];
+        replays_locked bigint[];
+        replays_published bigint[];
+        result record;
+    BEGIN
+        SELECT coalesce(array_agg(id), '{}') INTO ours FROM outbox
+        WHERE id = ANY (p_published || p_retry || p_dead) AND locked_by = p_owner
+          AND (status = 'pending' OR replay);
+        -- Locked in id order, SKIP LOCKED, each row's status read as it is once locked; the live
+        -- ones published are matched against p_published as sets (hashed, never a join the planner
+        -- could turn into a loop over both arrays).
+        SELECT coalesce(array_agg(id), '{}'), coalesce(array_agg(id) FILTER (WHERE live), '{}'),
+               coalesce(array_agg(id) FILTER (WHERE NOT live), '{}')
+        INTO locked, live_locked, replays_locked
+        FROM (SELECT id, status = 'pending' AS live FROM outbox
+              WHERE id = ANY (ours) AND locked_by = p_owner AND (status = 'pending' OR replay)
+              ORDER BY id FOR UPDATE SKIP LOCKED) l;
+        live_published := ARRAY(SELECT unnest(live_locked) INTERSECT SELECT unnest(p_published)
+                                ORDER BY 1);
+        replays_published := ARRAY(SELECT unnest(replays_locked) INTERSECT SELECT unnest(p_published));
+        deferred := ARRAY(SELECT unnest(ours) EXCEPT SELECT unnest(locked));
+
+        SELECT * INTO result FROM outbox_mark_done(live_published, 'published', NULL);
+        deferred := deferred || result.held;
+
+        -- A locked row that is not live is a replay (status published, replay set).
+        UPDATE outbox SET replay = false, locked_until = NULL, locked_by = NULL, last_error = NULL
+        WHERE id = ANY (replays_published);
+
+        UPDATE outbox o
+        SET next_attempt_at = now() + make_interval(secs => r.delay_secs),
+            last_error = r.error, failed_at = now(), locked_until = NULL, locked_by = NULL
+        FROM unnest(p_retry, p_delays, p_retry_errors) AS r(id, delay_secs, error)
+        WHERE o.id = r.id AND o.id = ANY (locked);
+
+        UPDATE outbox o
+        SET status = CASE WHEN o.replay THEN o.status ELSE 'dead' END,
+            replay = false,
+            last_error = CASE WHEN o.replay THEN 'replay abandoned: ' || r.error ELSE r.error END,
+            failed_at = now(), locked_until = NULL, locked_by = NULL
+        FROM unnest(p_dead, p_dead_errors) AS r(id, error)
+        WHERE o.id = r.id AND o.id = ANY (locked);
+    END $$;";
+
+/// CPU time of one process, e.g. a PostgreSQL backend (`pg_backend_pid()`) while it is connected.
+pub fn process_cpu(pid: i32) -> Duration {
+    proc_stat(&pid.to_string()).map_or(Duration::ZERO, |(_, _, own, _)| ticks(own))
+}

@@ -1,0 +1,138 @@
+//! The claim and the record as the database pays for them, this version against the record as
+//! V16 left it (`AS_V16`: V7's `outbox_mark_done` and V9's `outbox_record`), side by side.
+//!
+//! Two databases, each seeded with `BENCH_RECORD_ROWS` events (default 100,000, each its own
+//! aggregate), are drained at the same time by two connections each: `outbox_claim` of 500 under
+//! a fresh lease owner as long as the dispatcher's, then `outbox_record` of every row claimed as
+//! published. Each side's CPU is its own two backends' (from `/proc`, read while they are
+//! connected), so the machine's drift during a round touches both sides alike. `BENCH_ROUNDS`
+//! rounds (default 3), each on new databases.
+//!
+//! Run: `cargo bench -p outbox-tests --bench record` with `.local/env` sourced.
+
+use std::time::Duration;
+
+use outbox_tests::bench::{env_usize, process_cpu, seed, AS_V16};
+use outbox_tests::TestDb;
+
+const CONNECTIONS: usize = 2;
+const BATCH: i64 = 500;
+
+/// Claims and records until a claim comes back empty; returns the rows recorded.
+async fn drain(client: &tokio_postgres::Client, worker: usize) -> usize {
+    let claim = client
+        .prepare("SELECT coalesce(array_agg(id), '{}') FROM outbox_claim($1, 60, $2, '')")
+        .await
+        .expect("prepare claim");
+    let record = client
+        .prepare("SELECT outbox_record($1, $2, '{}', '{}', '{}', '{}', '{}')")
+        .await
+        .expect("prepare record");
+    let mut recorded = 0;
+    loop {
+        // As long as a dispatcher's: its log stream's name, '/', a 32-digit id.
+        let owner = format!(
+            "2026/12/07/[$LATEST]{:032x}/{}",
+            worker,
+            uuid::Uuid::new_v4().simple()
+        );
+        let ids: Vec<i64> = client
+            .query_one(&claim, &[&BATCH, &owner])
+            .await
+            .expect("claim")
+            .get(0);
+        if ids.is_empty() {
+            return recorded;
+        }
+        let deferred: Vec<i64> = client
+            .query_one(&record, &[&owner, &ids])
+            .await
+            .expect("record")
+            .get(0);
+        assert!(
+            deferred.is_empty(),
+            "nothing holds these rows: {deferred:?}"
+        );
+        recorded += ids.len();
+    }
+}
+
+/// One side: its connections' backends, to read their CPU.
+struct Side {
+    db: TestDb,
+    clients: Vec<tokio_postgres::Client>,
+    pids: Vec<i32>,
+}
+
+impl Side {
+    async fn new(rows: usize, setup: &str) -> Self {
+        let db = TestDb::create().await;
+        if !setup.is_empty() {
+            db.client().await.batch_execute(setup).await.expect("setup");
+        }
+        seed(&db, rows, "pending", Duration::ZERO).await;
+        let mut clients = Vec::new();
+        let mut pids = Vec::new();
+        for _ in 0..CONNECTIONS {
+            let client = db.client().await;
+            pids.push(
+                client
+                    .query_one("SELECT pg_backend_pid()", &[])
+                    .await
+                    .expect("pid")
+                    .get(0),
+            );
+            clients.push(client);
+        }
+        Self { db, clients, pids }
+    }
+
+    fn cpu(&self) -> Duration {
+        self.pids.iter().map(|pid| process_cpu(*pid)).sum()
+    }
+
+    /// Drains it; (rows recorded, its backends' CPU).
+    async fn run(&self) -> (usize, Duration) {
+        let before = self.cpu();
+        let recorded: usize = futures_util::future::join_all(
+            self.clients.iter().enumerate().map(|(w, c)| drain(c, w)),
+        )
+        .await
+        .into_iter()
+        .sum();
+        (recorded, self.cpu().saturating_sub(before))
+    }
+
+    async fn published(&self) -> i64 {
+        let client = self.db.client().await;
+        self.db
+            .count(&client, "outbox WHERE status = 'published'")
+            .await
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let rows = env_usize("BENCH_RECORD_ROWS", 100_000);
+    let rounds = env_usize("BENCH_ROUNDS", 3);
+    println!("## The claim and the record, this version against V16's record, side by side\n");
+    println!("{rows} events each, {CONNECTIONS} connections each, claims of {BATCH}; CPU of each side's backends per row.\n");
+    println!("| round | V16's record µs/row | this version µs/row | ratio |");
+    println!("|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let before = Side::new(rows, AS_V16).await;
+        let now = Side::new(rows, "").await;
+        let ((old_rows, old_cpu), (new_rows, new_cpu)) = tokio::join!(before.run(), now.run());
+        // A claim can come back empty while the other connection's claim holds the last rows:
+        // the rows are what was recorded, and the tables say the same.
+        assert_eq!(before.published().await, old_rows as i64);
+        assert_eq!(now.published().await, new_rows as i64);
+        let per_row = |cpu: Duration, n: usize| cpu.as_secs_f64() * 1e6 / n.max(1) as f64;
+        let (old, new) = (per_row(old_cpu, old_rows), per_row(new_cpu, new_rows));
+        ratios.push(new / old);
+        println!("| {round} | {old:.1} | {new:.1} | {:.2}x |", new / old);
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!("\nmedian ratio: {:.2}x", ratios[ratios.len() / 2]);
+}
