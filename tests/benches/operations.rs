@@ -181,6 +181,7 @@ async fn retention_benchmarks(large: usize, rows: usize) {
     ] {
         let (p50, p99, tput, during) = measure(&big, rows, Some(pace)).await;
         let (deleted, seconds, still_running) = during.expect("cleanup ran");
+        assert!(deleted > 0, "{label} deleted nothing");
         results.push(RetentionRow {
             label: format!(
                 "same, while {label} deletes them: {deleted} rows in the {seconds:.1} s of the measurement{}",
@@ -444,10 +445,9 @@ async fn main() {
 /// databases: how much the ratios move from run to run. Each run also deletes
 /// `RETENTION_SAMPLE` rows past a week's retention on both, through the retention function in
 /// statements of 5,000 as the dispatchers run it: the CPU of the session's backend per row
-/// deleted. The vacuum
-/// that follows is left out: a vacuum reads every index whole, whatever it deleted, so one after
-/// 10,000 rows of 5,000,000 says nothing per row (autovacuum runs it once a fifth of the table
-/// is dead; the lifecycle bench measures retention with its vacuum).
+/// deleted. The vacuum that follows is left out: a vacuum reads every index whole, whatever it
+/// deleted, so one after 10,000 rows of 5,000,000 says nothing per row (autovacuum runs it once
+/// a fifth of the table is dead; the lifecycle bench measures retention with its vacuum).
 async fn retention_runs(large: usize, rows: usize, runs: usize) {
     println!("| run | 10k claim p50 ms | {large} claim p50 ms | claim p50 ratio | 10k rows/s | {large} rows/s | throughput ratio | retention µs/row, 10k | retention µs/row, {large} | retention ratio |");
     println!("|---|---|---|---|---|---|---|---|---|---|");

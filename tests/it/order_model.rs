@@ -148,8 +148,9 @@ struct Harness {
     next_key: u64,
     explicit_refused: u64,
     explicit_accepted: u64,
-    /// Batch appends (`append_all`) that went in, and their events.
-    batch_appends: (u64, u64),
+    /// Batch appends (`append_all`) that went in, their events, and how many of them went into
+    /// a producer's open transaction.
+    batch_appends: (u64, u64, u64),
     steps_run: u64,
 }
 
@@ -198,7 +199,7 @@ impl Harness {
             next_key: 0,
             explicit_refused: 0,
             explicit_accepted: 0,
-            batch_appends: (0, 0),
+            batch_appends: (0, 0, 0),
             steps_run: 0,
         }
     }
@@ -468,7 +469,7 @@ enum Append {
     },
     MultiRow,
     /// The public API's batch append (`pg_outbox::producer::append_all`), two or three events, in
-    /// a transaction of its own (chosen only while the producer has none open).
+    /// the producer's open transaction or, with none open, a transaction of its own.
     Batch,
     /// `COPY outbox ... FROM STDIN`, two rows.
     Copy,
@@ -606,8 +607,6 @@ impl Schedule<'_> {
                     existing: !self.h.keys.is_empty() && self.rng.bool(),
                 },
                 85..=87 => Append::MultiRow,
-                // The API's batch runs in a transaction of its own.
-                88..=90 if open => Append::MultiRow,
                 88..=90 => Append::Batch,
                 91..=93 => Append::Copy,
                 _ => Append::Capture {
@@ -716,8 +715,12 @@ impl Schedule<'_> {
                     })
                     .collect();
                 let metadata = EventMetadata::new("model", "model");
-                // In a transaction of its own (the API takes a `Transaction`; the kind is only
-                // chosen while the producer has none open).
+                // The API takes a `Transaction`. With none open, a transaction of its own,
+                // committed here. With the producer's transaction open (a raw BEGIN of the
+                // model), the `Transaction` value stands for it: its BEGIN only warns that one
+                // is in progress, and it is forgotten, not committed or rolled back, so the
+                // producer's transaction goes on, with these events beside its other appends,
+                // until the model's COMMIT or ROLLBACK step.
                 let client = &mut self.h.producers[p].client;
                 let appended = async {
                     let tx =
@@ -728,7 +731,12 @@ impl Schedule<'_> {
                                 event_type: ModelEvent::EVENT_TYPE,
                                 source,
                             })?;
-                    let appended = append_all(&tx, &events, &metadata).await?;
+                    let appended = append_all(&tx, &events, &metadata).await;
+                    if open {
+                        std::mem::forget(tx);
+                        return appended;
+                    }
+                    let appended = appended?;
                     tx.commit().await.map_err(|source| AppendError::Database {
                         event_type: ModelEvent::EVENT_TYPE,
                         source,
@@ -750,6 +758,7 @@ impl Schedule<'_> {
                         }
                         self.h.batch_appends.0 += 1;
                         self.h.batch_appends.1 += events.len() as u64;
+                        self.h.batch_appends.2 += u64::from(open);
                         Ok(events.len() as u64)
                     }
                     Err(AppendError::Database { source, .. }) => Err(source),
@@ -1426,7 +1435,7 @@ struct Survey {
     found: BTreeMap<(Kind, String), (u64, u64, String, u64)>,
     steps: u64,
     explicit: (u64, u64),
-    batch_appends: (u64, u64),
+    batch_appends: (u64, u64, u64),
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1453,6 +1462,7 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
         all.explicit.0 += s.explicit.0;
         all.batch_appends.0 += s.batch_appends.0;
         all.batch_appends.1 += s.batch_appends.1;
+        all.batch_appends.2 += s.batch_appends.2;
         all.explicit.1 += s.explicit.1;
         for (key, value) in s.found {
             let entry = all
@@ -1469,13 +1479,15 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
     let elapsed = started.elapsed().as_secs_f64();
     println!(
         "order model: {schedules} schedules, {} steps in {elapsed:.1} s ({:.0} schedules/s); \
-         explicit versions accepted {}, refused {}; batch appends {} ({} events)",
+         explicit versions accepted {}, refused {}; batch appends {} ({} events, {} in a \
+         producer's open transaction)",
         all.steps,
         schedules as f64 / elapsed,
         all.explicit.0,
         all.explicit.1,
         all.batch_appends.0,
-        all.batch_appends.1
+        all.batch_appends.1,
+        all.batch_appends.2
     );
     for ((kind, op), (first, seed, detail, count)) in &all.found {
         println!(
@@ -1491,5 +1503,8 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
         all.explicit.0 > 0 && all.explicit.1 > 0,
         "the generator tried accepted and refused explicit versions"
     );
-    assert!(all.batch_appends.0 > 0, "the generator tried batch appends");
+    assert!(
+        all.batch_appends.2 > 0 && all.batch_appends.2 < all.batch_appends.0,
+        "the generator tried batch appends in a transaction of their own and in a producer's open one"
+    );
 }
