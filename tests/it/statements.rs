@@ -197,6 +197,20 @@ async fn primary_key_reads(client: &impl tokio_postgres::GenericClient) -> i64 {
         .get(0)
 }
 
+/// A claim of 200 under `owner`: the ids of tenant acme's rows it took, in id order.
+async fn claim_acme(client: &tokio_postgres::Client, owner: &str) -> Vec<i64> {
+    client
+        .query(
+            "SELECT id FROM outbox_claim(200, 600, $1, '') WHERE tenant_id = 'acme' ORDER BY id",
+            &[&owner],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 #[tokio::test]
 async fn a_record_finds_each_of_its_rows_once() {
     // Before V17 the record found each published row by id five times: the owner check, the
@@ -214,24 +228,8 @@ async fn a_record_finds_each_of_its_rows_once() {
     seed_outbox(&client, "busy", &aggregates("waiting-", 20_000), 1, "{}").await;
     client.batch_execute("VACUUM ANALYZE outbox").await.unwrap();
     // The 100 heads of tenant acme (the claim shares a batch between tenants: 100 each).
-    let ids: Vec<i64> = client
-        .query("SELECT id FROM outbox_claim(200, 600, 'o1', '')", &[])
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
-    let ours: Vec<i64> = client
-        .query(
-            "SELECT id FROM outbox WHERE locked_by = 'o1' AND tenant_id = 'acme' ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(ours.len(), 100, "claimed {} rows", ids.len());
+    let ours = claim_acme(&client, "o1").await;
+    assert_eq!(ours.len(), 100);
     let tx = client.transaction().await.unwrap();
     let before = primary_key_reads(&tx).await;
     let deferred: Vec<i64> = tx
@@ -269,16 +267,7 @@ async fn a_record_finds_each_of_its_rows_once() {
     );
 
     // The second versions: one held by another session, one leased again by another owner.
-    let ids: Vec<i64> = client
-        .query(
-            "SELECT id FROM outbox_claim(200, 600, 'o2', '') WHERE tenant_id = 'acme' ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids = claim_acme(&client, "o2").await;
     assert_eq!(ids.len(), 50);
     client
         .execute(

@@ -95,10 +95,13 @@ pub async fn seed_with_ids(
         .expect("seed the aggregates");
     }
     tx.commit().await.expect("commit the seed");
-    client
-        .batch_execute("VACUUM ANALYZE outbox; VACUUM ANALYZE outbox_aggregates")
-        .await
-        .expect("vacuum");
+    // One statement each: several in one simple query run as one transaction block.
+    for table in ["outbox", "outbox_aggregates"] {
+        client
+            .batch_execute(&format!("VACUUM ANALYZE {table}"))
+            .await
+            .expect("vacuum");
+    }
     client
         .batch_execute("CHECKPOINT")
         .await
