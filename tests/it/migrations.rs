@@ -45,7 +45,7 @@ const OUTBOX_NAMES: [&str; 17] = [
     "outbox/V14__room_for_the_lease",
     "outbox/V15__a_lane_for_the_waiting",
     "outbox/V16__the_envelope_checked_once",
-    "outbox/V17__the_record_reads_each_row_once",
+    "outbox/V17__fewer_reads_in_the_record",
 ];
 /// The toolkit's migrations newer than the split: what a database migrated before it runs.
 const AFTER_SPLIT: [&str; 10] = [
@@ -58,7 +58,7 @@ const AFTER_SPLIT: [&str; 10] = [
     "outbox/V14__room_for_the_lease",
     "outbox/V15__a_lane_for_the_waiting",
     "outbox/V16__the_envelope_checked_once",
-    "outbox/V17__the_record_reads_each_row_once",
+    "outbox/V17__fewer_reads_in_the_record",
 ];
 const PAYMENTS_NAMES: [&str; 4] = [
     "payments/V1__payments",

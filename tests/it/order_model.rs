@@ -1503,8 +1503,9 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
         all.explicit.0 > 0 && all.explicit.1 > 0,
         "the generator tried accepted and refused explicit versions"
     );
+    // Both kinds are rare draws: a short run (one schedule, to replay a seed) may miss one.
     assert!(
-        all.batch_appends.2 > 0 && all.batch_appends.2 < all.batch_appends.0,
+        schedules < 100 || (all.batch_appends.2 > 0 && all.batch_appends.2 < all.batch_appends.0),
         "the generator tried batch appends in a transaction of their own and in a producer's open one"
     );
 }

@@ -212,7 +212,7 @@ async fn claim_acme(client: &tokio_postgres::Client, owner: &str) -> Vec<i64> {
 }
 
 #[tokio::test]
-async fn a_record_finds_each_of_its_rows_once() {
+async fn a_record_finds_each_of_its_rows_three_times_not_five() {
     // Before V17 the record found each published row by id five times: the owner check, the
     // lock, the row with its successor, its tenant for the feed's lock, and the update. Now three:
     // the lock, the row with its successor, the update; and each successor twice (its lock and its
@@ -260,10 +260,10 @@ async fn a_record_finds_each_of_its_rows_once() {
         50,
         "the second versions were promoted"
     );
-    assert_eq!(
-        reads,
-        3 * 100 + 2 * 50,
-        "primary key entries read by a record of 100 rows with 50 successors"
+    // At most: a statement the planner serves by a hash join instead reads fewer.
+    assert!(
+        reads <= 3 * 100 + 2 * 50,
+        "primary key entries read by a record of 100 rows with 50 successors: {reads}"
     );
 
     // The second versions: one held by another session, one leased again by another owner.
