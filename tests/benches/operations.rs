@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outbox_tests::aws::sdk_config_for;
-use outbox_tests::bench::{arrival_latencies, claim_latency, env_usize, pct, seed};
+use outbox_tests::bench::{arrival_latencies, claim_latency, env_usize, pct, seed, Backend};
 use outbox_tests::fake_lambda::{FakeLambda, Invocation};
 use outbox_tests::fault_proxy::FaultProxy;
 use outbox_tests::{dispatcher, invoke, paid_body, paid_request, TestDb};
@@ -484,12 +484,8 @@ async fn retention_cpu(db: &TestDb) -> f64 {
         .await
         .expect("checkpoint");
     // This session's backend alone: an autovacuum the drains started may be running.
-    let pid: i32 = client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .expect("pid")
-        .get(0);
-    let before = outbox_tests::bench::process_cpu(pid);
+    let backend = Backend::of(&client).await;
+    let before = backend.cpu();
     let mut deleted = 0;
     while deleted < RETENTION_SAMPLE {
         let n: i32 = client
@@ -503,5 +499,5 @@ async fn retention_cpu(db: &TestDb) -> f64 {
         assert!(n > 0, "only {deleted} rows past retention");
         deleted += n as usize;
     }
-    (outbox_tests::bench::process_cpu(pid) - before).as_secs_f64() * 1e6 / deleted as f64
+    backend.cpu().saturating_sub(before).as_secs_f64() * 1e6 / deleted as f64
 }

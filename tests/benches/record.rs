@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use outbox_tests::bench::{env_usize, process_cpu, seed, AS_V16};
+use outbox_tests::bench::{env_usize, seed, Backend, AS_V16};
 use outbox_tests::TestDb;
 
 const CONNECTIONS: usize = 2;
@@ -65,7 +65,7 @@ async fn drain(client: &tokio_postgres::Client, worker: usize) -> (usize, usize)
 struct Side {
     db: TestDb,
     clients: Vec<tokio_postgres::Client>,
-    pids: Vec<i32>,
+    backends: Vec<Backend>,
 }
 
 impl Side {
@@ -76,29 +76,21 @@ impl Side {
         }
         seed(&db, rows, "pending", Duration::ZERO).await;
         let mut clients = Vec::new();
-        let mut pids = Vec::new();
+        let mut backends = Vec::new();
         for _ in 0..CONNECTIONS {
             let client = db.client().await;
-            pids.push(
-                client
-                    .query_one("SELECT pg_backend_pid()", &[])
-                    .await
-                    .expect("pid")
-                    .get(0),
-            );
+            backends.push(Backend::of(&client).await);
             clients.push(client);
         }
-        Self { db, clients, pids }
+        Self {
+            db,
+            clients,
+            backends,
+        }
     }
 
     fn cpu(&self) -> Duration {
-        let cpu = self.pids.iter().map(|pid| process_cpu(*pid)).sum();
-        assert!(
-            cpu > Duration::ZERO,
-            "no CPU time read for backends {:?}: is PostgreSQL on this machine?",
-            self.pids
-        );
-        cpu
+        self.backends.iter().map(Backend::cpu).sum()
     }
 
     /// Drains it; (rows recorded, rows deferred by a record, its backends' CPU).

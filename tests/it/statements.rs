@@ -216,7 +216,7 @@ async fn a_record_finds_each_of_its_rows_three_times_not_five() {
     // Before V17 the record found each published row by id five times: the owner check, the
     // lock, the row with its successor, its tenant for the feed's lock, and the update. Now three:
     // the lock, the row with its successor, the update; and each successor twice (its lock and its
-    // promotion). Claims of 100 among 20,000 waiting events (so every lookup is by index), half of
+    // promotion). A claim of 200 takes tenant acme's 100 heads beside 20,000 waiting events (so every lookup is by index), half of
     // the claimed aggregates with a second version to promote, recorded published in a
     // transaction whose own index counts are read before and after; then a record where one row
     // is held by another session (deferred, and read again for it) and one given id is no longer
@@ -260,9 +260,10 @@ async fn a_record_finds_each_of_its_rows_three_times_not_five() {
         50,
         "the second versions were promoted"
     );
-    // At most: a statement the planner serves by a hash join instead reads fewer.
+    // At most: a statement the planner serves by a hash join instead reads fewer. At least the
+    // lock's read of each row, so the count is known to be live.
     assert!(
-        reads <= 3 * 100 + 2 * 50,
+        (100..=3 * 100 + 2 * 50).contains(&reads),
         "primary key entries read by a record of 100 rows with 50 successors: {reads}"
     );
 

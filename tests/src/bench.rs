@@ -582,7 +582,31 @@ pub const AS_V16: &str = "
         WHERE o.id = r.id AND o.id = ANY (locked);
     END $$;";
 
-/// CPU time of one process, e.g. a PostgreSQL backend (`pg_backend_pid()`) while it is connected.
-pub fn process_cpu(pid: i32) -> Duration {
-    proc_stat(&pid.to_string()).map_or(Duration::ZERO, |(_, _, own, _)| ticks(own))
+/// The PostgreSQL backend of one connected session, to read the CPU time it has used (from
+/// `/proc`: the server must run on this machine, as the benchmarks run it).
+pub struct Backend(i32);
+
+impl Backend {
+    /// The backend serving `client`.
+    pub async fn of(client: &tokio_postgres::Client) -> Self {
+        Self(
+            client
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .expect("backend pid")
+                .get(0),
+        )
+    }
+
+    /// Its CPU time so far. Panics when `/proc` does not show it (a server elsewhere, or in a
+    /// container), rather than measure nothing.
+    pub fn cpu(&self) -> Duration {
+        let (_, _, own, _) = proc_stat(&self.0.to_string()).unwrap_or_else(|| {
+            panic!(
+                "backend {} is not in this machine's /proc: is PostgreSQL running here?",
+                self.0
+            )
+        });
+        ticks(own)
+    }
 }
