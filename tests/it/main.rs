@@ -1,6 +1,7 @@
 //! Integration tests: one binary, each test on a database of its own on the local PostgreSQL.
 
 mod append_all;
+mod append_versions;
 mod capture;
 mod chaos;
 mod claim_check;

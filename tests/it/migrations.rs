@@ -28,7 +28,7 @@ const DATA_BEFORE_SPLIT: &str = include_str!("../fixtures/data-before-split.sql"
 /// Its `refinery_schema_history`, as the code before the split wrote it.
 const HISTORY_BEFORE_SPLIT: &str = include_str!("../fixtures/history-before-split.sql");
 
-const OUTBOX_NAMES: [&str; 17] = [
+const OUTBOX_NAMES: [&str; 18] = [
     "outbox/V1__outbox",
     "outbox/V2__inbox",
     "outbox/V3__operations",
@@ -46,9 +46,10 @@ const OUTBOX_NAMES: [&str; 17] = [
     "outbox/V15__a_lane_for_the_waiting",
     "outbox/V16__the_envelope_checked_once",
     "outbox/V17__fewer_reads_in_the_record",
+    "outbox/V18__later_appends_in_a_transaction",
 ];
 /// The toolkit's migrations newer than the split: what a database migrated before it runs.
-const AFTER_SPLIT: [&str; 10] = [
+const AFTER_SPLIT: [&str; 11] = [
     "outbox/V8__tenant_fair_claim",
     "outbox/V9__record_reads_only_its_rows",
     "outbox/V10__delayed_events",
@@ -59,6 +60,7 @@ const AFTER_SPLIT: [&str; 10] = [
     "outbox/V15__a_lane_for_the_waiting",
     "outbox/V16__the_envelope_checked_once",
     "outbox/V17__fewer_reads_in_the_record",
+    "outbox/V18__later_appends_in_a_transaction",
 ];
 const PAYMENTS_NAMES: [&str; 4] = [
     "payments/V1__payments",

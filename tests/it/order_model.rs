@@ -3,7 +3,7 @@
 //! The order model: seeded random schedules of every operation the toolkit offers, run on real
 //! PostgreSQL sessions and checked against a model after every step.
 //!
-//! Sessions: two producers (each may hold a transaction open across many steps), two dispatchers
+//! Sessions: two producers (each may hold a transaction open across many steps, and take savepoints in it that it rolls back to or releases), two dispatchers
 //! (claims whose outcomes are recorded steps later, leases that expire under them, late
 //! records), and an operator (replay, redrive, discard, retention). A step is one operation on
 //! one session, or two operations of dispatchers and the operator at the same time. After each
@@ -128,6 +128,9 @@ struct Producer {
     pid: i32,
     /// Aggregates this producer's open transaction appended to (None: no transaction open).
     open: Option<HashMap<String, i64>>,
+    /// The open transaction's savepoints, innermost last: what `open` was when each was taken
+    /// (a rollback to it puts that back).
+    savepoints: Vec<HashMap<String, i64>>,
 }
 
 struct Harness {
@@ -151,6 +154,9 @@ struct Harness {
     /// Batch appends (`append_all`) that went in, their events, and how many of them went into
     /// a producer's open transaction.
     batch_appends: (u64, u64, u64),
+    /// Savepoints taken, rolled back to, rolled back to with appends made since (they went),
+    /// and released.
+    savepoints: (u64, u64, u64, u64),
     steps_run: u64,
 }
 
@@ -171,6 +177,7 @@ impl Harness {
                 client,
                 pid,
                 open: None,
+                savepoints: Vec::new(),
             });
         }
         // A table captured by trigger into the same aggregates the SQL producers append to.
@@ -200,6 +207,7 @@ impl Harness {
             explicit_refused: 0,
             explicit_accepted: 0,
             batch_appends: (0, 0, 0),
+            savepoints: (0, 0, 0, 0),
             steps_run: 0,
         }
     }
@@ -209,6 +217,7 @@ impl Harness {
         for p in &mut self.producers {
             let _ = p.client.batch_execute("ROLLBACK").await;
             p.open = None;
+            p.savepoints.clear();
         }
         // As a replica session: the outbox's triggers (which refuse deleting events not
         // published) do not fire for the test's own reset.
@@ -562,6 +571,44 @@ impl Schedule<'_> {
         ops.split(',').any(|o| o == name)
     }
 
+    /// In producer `p`'s open transaction: a savepoint, or the innermost one rolled back to
+    /// (the appends made since it go, and so do the aggregates' locks they took) or released.
+    async fn savepoint_step(&mut self, p: usize) -> String {
+        let producer = &mut self.h.producers[p];
+        let depth = producer.savepoints.len();
+        let (sql, what) = if depth == 0 || self.rng.u32(0..100) < 15 {
+            let open = producer.open.clone().expect("a transaction is open");
+            producer.savepoints.push(open);
+            self.h.savepoints.0 += 1;
+            (format!("SAVEPOINT s{depth}"), "SAVEPOINT")
+        } else if self.rng.u32(0..100) < 60 {
+            let before = producer.savepoints.pop().expect("a savepoint");
+            self.h.savepoints.1 += 1;
+            if producer.open.as_ref() != Some(&before) {
+                self.h.savepoints.2 += 1;
+            }
+            producer.open = Some(before);
+            let name = depth - 1;
+            (
+                format!("ROLLBACK TO SAVEPOINT s{name}; RELEASE SAVEPOINT s{name}"),
+                "ROLLBACK TO SAVEPOINT",
+            )
+        } else {
+            producer.savepoints.pop();
+            self.h.savepoints.3 += 1;
+            (
+                format!("RELEASE SAVEPOINT s{}", depth - 1),
+                "RELEASE SAVEPOINT",
+            )
+        };
+        producer
+            .client
+            .batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("producer {p} {sql}: {e:?}"));
+        format!("producer {p} {what} (depth {depth})")
+    }
+
     async fn producer_step(&mut self, rows: &[Row]) -> Result<String, Violation> {
         let p = self.rng.usize(0..PRODUCERS);
         let open = self.h.producers[p].open.is_some();
@@ -584,7 +631,20 @@ impl Schedule<'_> {
                 .await
                 .unwrap_or_else(|e| panic!("producer {p} {sql}: {e:?}"));
             self.h.producers[p].open = None;
+            self.h.producers[p].savepoints.clear();
             return Ok(format!("producer {p} {sql}"));
+        }
+        // A savepoint now and then; with one taken and appends made since, its rollback or
+        // release (so that most savepoints end before the transaction does, having undone or
+        // kept something).
+        let producer = &self.h.producers[p];
+        let appended_since = producer
+            .savepoints
+            .last()
+            .is_some_and(|before| producer.open.as_ref() != Some(before));
+        if open && ((producer.savepoints.is_empty() && roll < 30) || (appended_since && roll < 60))
+        {
+            return Ok(self.savepoint_step(p).await);
         }
         let aggregate = self.aggregate();
         if self.held_by_other(p, &aggregate) {
@@ -825,6 +885,7 @@ impl Schedule<'_> {
                     self.h.explicit_refused += 1;
                 }
                 // The statement failed: the producer's transaction, if any, is over.
+                self.h.producers[p].savepoints.clear();
                 if self.h.producers[p].open.take().is_some() {
                     self.h.producers[p]
                         .client
@@ -1424,6 +1485,7 @@ async fn run_worker(worker: u64, schedules: u64, first_seed: u64, survey: bool) 
     survey_found.steps = h.steps_run;
     survey_found.explicit = (h.explicit_accepted, h.explicit_refused);
     survey_found.batch_appends = h.batch_appends;
+    survey_found.savepoints = h.savepoints;
     h.db.drop_database().await;
     survey_found
 }
@@ -1436,6 +1498,7 @@ struct Survey {
     steps: u64,
     explicit: (u64, u64),
     batch_appends: (u64, u64, u64),
+    savepoints: (u64, u64, u64, u64),
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1463,6 +1526,10 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
         all.batch_appends.0 += s.batch_appends.0;
         all.batch_appends.1 += s.batch_appends.1;
         all.batch_appends.2 += s.batch_appends.2;
+        all.savepoints.0 += s.savepoints.0;
+        all.savepoints.1 += s.savepoints.1;
+        all.savepoints.2 += s.savepoints.2;
+        all.savepoints.3 += s.savepoints.3;
         all.explicit.1 += s.explicit.1;
         for (key, value) in s.found {
             let entry = all
@@ -1480,14 +1547,18 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
     println!(
         "order model: {schedules} schedules, {} steps in {elapsed:.1} s ({:.0} schedules/s); \
          explicit versions accepted {}, refused {}; batch appends {} ({} events, {} in a \
-         producer's open transaction)",
+         producer's open transaction); savepoints {} ({} rolled back to, {} of them with appends made since, {} released)",
         all.steps,
         schedules as f64 / elapsed,
         all.explicit.0,
         all.explicit.1,
         all.batch_appends.0,
         all.batch_appends.1,
-        all.batch_appends.2
+        all.batch_appends.2,
+        all.savepoints.0,
+        all.savepoints.1,
+        all.savepoints.2,
+        all.savepoints.3
     );
     for ((kind, op), (first, seed, detail, count)) in &all.found {
         println!(
@@ -1507,5 +1578,10 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
     assert!(
         schedules < 100 || (all.batch_appends.2 > 0 && all.batch_appends.2 < all.batch_appends.0),
         "the generator tried batch appends in a transaction of their own and in a producer's open one"
+    );
+    assert!(
+        // About one schedule in 25 rolls appends back to a savepoint: only a long run is sure to.
+        schedules < 500 || (all.savepoints.2 > 0 && all.savepoints.3 > 0),
+        "the generator rolled appends back to a savepoint, and released savepoints"
     );
 }

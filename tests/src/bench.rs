@@ -610,3 +610,22 @@ impl Backend {
         ticks(own)
     }
 }
+
+/// V18 undone, for a benchmark to measure the append as V17 left it beside V18 in one run: V13's
+/// `outbox_append_order`, taken from that migration's own text (its body only: the column it
+/// adds is there already).
+pub fn as_v17() -> String {
+    const V13: &str = include_str!("../../migrations/outbox/V13__append_by_index.sql");
+    let start = V13
+        .find("CREATE OR REPLACE FUNCTION outbox_append_order()")
+        .expect("V13 defines outbox_append_order");
+    let end = start
+        + V13[start..]
+            .find("END $$;")
+            .expect("V13's function body ends")
+        + "END $$;".len();
+    format!(
+        "{}\nALTER FUNCTION outbox_append_order() SET search_path = public, pg_catalog;",
+        &V13[start..end]
+    )
+}
