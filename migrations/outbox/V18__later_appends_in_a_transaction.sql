@@ -1,30 +1,46 @@
--- An aggregate's second and later appends in one transaction read the aggregate twice, not three
--- times; the first append of a transaction to an aggregate is as V13 wrote it.
+-- An aggregate's second and later appends in one transaction read one row instead of three;
+-- the first append of a transaction to an aggregate still reads two.
 --
--- Before: every append (outbox_append_order, V13) did three look-ups after the first of a
--- transaction: the upsert of the aggregate's row (its conflict check finds the row this
--- transaction wrote, and writes nothing), the read of that row's last_version (the upsert
--- returned nothing), and the read of the aggregate's latest event. A bulk INSERT ... SELECT of
--- 100,000 events over 5,000 aggregates (20 per aggregate in one statement) paid all three for
--- 95% of its events.
+-- Before: every append (outbox_append_order, V13) took the aggregate's row with an upsert (its
+-- conflict check, lock and, for the transaction's first append to the aggregate, a new version of
+-- the row), read the row's last_version again when the upsert wrote nothing (every later append),
+-- then read the aggregate's latest event. A bulk INSERT ... SELECT of 100,000 events over 5,000
+-- aggregates (20 each) paid all three for 95% of its events.
 --
--- Now, when the upsert finds the row already written by this transaction (the transaction holds
--- the aggregate), the latest event is read first, with the transaction that appended it. When
--- that is this transaction, the version is that event's plus one and the aggregate's row is not
--- read: its last_version only matters for versions retention deleted, retention alone raises it,
--- and it skips an aggregate whose row is locked; this transaction's event got a version above it
--- when it was appended. Otherwise (this transaction wrote the row but its event is not there: a
--- trigger of the service's own skipped it) the row is read as before.
---
--- Measured side by side (psql, the backend's CPU from /proc; docs/benchmarks.md): 40,000 events
--- over 2,000 aggregates in one statement, 53-59 against 63-82 µs per event; single-row appends,
--- each the first of its transaction to its aggregate, unchanged within the noise. Reading the
--- latest event before the upsert for every append, to skip the upsert too, cost first appends
--- 2-14% (a fourth look-up: after the lock the latest event must be read again) and was dropped.
+-- Now the latest event is read first, with the transaction that appended it (txid):
+-- * When this transaction appended it, the transaction holds the aggregate already (the append
+--   that wrote that event took the lock in the same (sub)transaction, and a rollback that takes
+--   the lock away takes the event with it), and the version is that event's plus one. The
+--   aggregate's row is not read: its last_version only remembers versions retention deleted,
+--   retention alone raises it and skips an aggregate whose row is locked, and this
+--   transaction's event got a version above it.
+-- * Otherwise the upsert takes the aggregate as before, and now also keeps the row's previous
+--   writer (previous_writer, new). The event read before the lock is still the latest if the
+--   transaction that wrote the row last is the one that appended that event (or neither exists):
+--   any producer appending after it writes the row first. Only if not (another producer's append
+--   committed between the read and the lock, a trigger of the service's own skipped a writer's
+--   events, a row not written since V13) is the latest event read again. The statuses read may
+--   be older than the commit, as before; the commit-time head check (outbox_settle_head, V7) is
+--   there for that. A snapshot producer (REPEATABLE READ, SERIALIZABLE) behind another's append
+--   still fails at the upsert with a serialization failure.
+-- * When the upsert finds the row written by this transaction but its latest event is not this
+--   transaction's (a trigger of the service's own skipped that event), the row's last_version is
+--   read, as before.
 --
 -- txid is now set by this trigger, whatever the INSERT gave: the read above and the commit-time
--- head check (outbox_settle_head, V7) trust it to name the appending transaction. A txid given
--- by a plain INSERT was never meaningful (the column is the default's).
+-- head check trust it to name the appending transaction. A txid given by a plain INSERT was never
+-- meaningful (the column is the default's).
+--
+-- On a live outbox: adding the column takes outbox_aggregates' ACCESS EXCLUSIVE lock, which waits
+-- for the transactions that appended (they hold rows of it) and makes appends and retention wait
+-- behind it; it waits at most 5 s (lock_timeout): behind a longer transaction the migration fails,
+-- having changed nothing, and is run again. Once it holds the lock it is a catalog change only (a
+-- column without a default).
+
+SET LOCAL lock_timeout = '5s';
+ALTER TABLE outbox_aggregates ADD COLUMN previous_writer xid8;
+COMMENT ON COLUMN outbox_aggregates.previous_writer IS
+    'The writer before the last (set by the append that wrote the row last; V18).';
 
 CREATE OR REPLACE FUNCTION outbox_append_order() RETURNS trigger
 LANGUAGE plpgsql SET enable_seqscan = off SET enable_bitmapscan = off AS $$
@@ -34,60 +50,62 @@ DECLARE
     top_version bigint;
     top_status text;
     top_txid xid8;
+    writer_before xid8;
 BEGIN
     IF NEW.status <> 'pending' OR NEW.replay THEN
         RAISE EXCEPTION 'an event is appended pending (got status %, replay %)', NEW.status, NEW.replay
             USING ERRCODE = 'check_violation';
     END IF;
+    NEW.txid := pg_current_xact_id();
     IF jsonb_typeof(NEW.metadata) = 'object' THEN
         NEW.metadata := jsonb_build_object(
             'correlation_id', NEW.event_id::text,
             'source', coalesce(nullif(current_setting('outbox.source', true), ''), 'database'))
             || NEW.metadata;
     END IF;
-    -- Locks the aggregate until this transaction ends: the first append of a transaction to
-    -- an aggregate writes a new version of its row (V7's no-op upsert, now recording the
-    -- writer), later ones of the same transaction only lock the row they wrote (the update's
-    -- WHERE is false, the row is locked all the same). Each producer writing the row is what
-    -- makes a producer whose snapshot is older (REPEATABLE READ, SERIALIZABLE) fail with a
-    -- serialization failure instead of taking a version it cannot see is taken. The writer is
-    -- compared as a 64-bit transaction id: the row's 32-bit xmin comes round again after 2^32
-    -- transactions, and a transaction that matched an old row's xmin would skip its write.
-    -- A row written inside a savepoint counts as the transaction's (the writer is the
-    -- top-level id); if the savepoint rolls back, its write goes with it and the next append
-    -- writes the row again.
-    NEW.txid := pg_current_xact_id();
-    INSERT INTO outbox_aggregates AS a (tenant_id, aggregate_type, aggregate_id, last_version, writer)
-    VALUES (NEW.tenant_id, NEW.aggregate_type, NEW.aggregate_id, 0, pg_current_xact_id())
-    ON CONFLICT (tenant_id, aggregate_type, aggregate_id)
-        DO UPDATE SET last_version = a.last_version, writer = excluded.writer
-        WHERE a.writer IS DISTINCT FROM excluded.writer
-    RETURNING a.last_version INTO last;
-    IF NOT FOUND THEN
-        -- This transaction holds the aggregate already. If it appended the latest event too, that
-        -- event's version is the last one (see above).
-        SELECT o.aggregate_version, o.status, o.txid INTO top_version, top_status, top_txid FROM outbox o
-            WHERE o.tenant_id = NEW.tenant_id AND o.aggregate_type = NEW.aggregate_type
-              AND o.aggregate_id = NEW.aggregate_id
-            ORDER BY o.aggregate_version DESC LIMIT 1;
-        IF top_txid = NEW.txid THEN
-            last := top_version;
-        ELSE
+    -- The aggregate's latest event gives the last version and, being the predecessor whenever
+    -- it is still there, the new row's head decision. ORDER BY ... LIMIT 1, not max(): the plan
+    -- PL/pgSQL caches for max() read every version of the aggregate (measured: 20,000 versions,
+    -- 200 appends/s instead of 1,800).
+    SELECT o.aggregate_version, o.status, o.txid INTO top_version, top_status, top_txid
+        FROM outbox o
+        WHERE o.tenant_id = NEW.tenant_id AND o.aggregate_type = NEW.aggregate_type
+          AND o.aggregate_id = NEW.aggregate_id
+        ORDER BY o.aggregate_version DESC LIMIT 1;
+    IF top_txid = NEW.txid THEN
+        -- This transaction appended the latest event: it holds the aggregate (see above).
+        last := top_version;
+    ELSE
+        -- Locks the aggregate until this transaction ends: the first append of a transaction
+        -- to an aggregate writes a new version of its row (V7's no-op upsert, recording the
+        -- writer and the one before). Each producer writing the row is what makes a producer
+        -- whose snapshot is older (REPEATABLE READ, SERIALIZABLE) fail with a serialization
+        -- failure instead of taking a version it cannot see is taken. The writer is compared as
+        -- a 64-bit transaction id: the row's 32-bit xmin comes round again after 2^32
+        -- transactions. A row written inside a savepoint counts as the transaction's (the
+        -- writer is the top-level id); if the savepoint rolls back, its write goes with it and
+        -- the next append writes the row again.
+        INSERT INTO outbox_aggregates AS a (tenant_id, aggregate_type, aggregate_id, last_version, writer)
+        VALUES (NEW.tenant_id, NEW.aggregate_type, NEW.aggregate_id, 0, NEW.txid)
+        ON CONFLICT (tenant_id, aggregate_type, aggregate_id)
+            DO UPDATE SET last_version = a.last_version, writer = excluded.writer,
+                          previous_writer = a.writer
+            WHERE a.writer IS DISTINCT FROM excluded.writer
+        RETURNING a.last_version, a.previous_writer INTO last, writer_before;
+        IF NOT FOUND THEN
+            -- This transaction wrote the row before, but its latest event is not there.
             SELECT a.last_version INTO last FROM outbox_aggregates a
             WHERE a.tenant_id = NEW.tenant_id AND a.aggregate_type = NEW.aggregate_type
               AND a.aggregate_id = NEW.aggregate_id;
+        ELSIF writer_before IS DISTINCT FROM top_txid THEN
+            -- Someone may have appended between the read and the lock: read again.
+            SELECT o.aggregate_version, o.status INTO top_version, top_status FROM outbox o
+                WHERE o.tenant_id = NEW.tenant_id AND o.aggregate_type = NEW.aggregate_type
+                  AND o.aggregate_id = NEW.aggregate_id
+                ORDER BY o.aggregate_version DESC LIMIT 1;
         END IF;
-    ELSE
-        -- ORDER BY ... LIMIT 1, not max(): the plan PL/pgSQL caches for max() read every version
-        -- of the aggregate (measured: 20,000 versions, 200 appends/s instead of 1,800). The
-        -- aggregate's latest row gives the last version and, being the predecessor whenever it is
-        -- still there, the new row's head decision: one read of the version index, not two.
-        SELECT o.aggregate_version, o.status INTO top_version, top_status FROM outbox o
-            WHERE o.tenant_id = NEW.tenant_id AND o.aggregate_type = NEW.aggregate_type
-              AND o.aggregate_id = NEW.aggregate_id
-            ORDER BY o.aggregate_version DESC LIMIT 1;
+        last := greatest(last, coalesce(top_version, 0));
     END IF;
-    last := greatest(last, coalesce(top_version, 0));
     IF NEW.aggregate_version IS NULL THEN
         NEW.aggregate_version := last + 1;
     ELSIF NEW.aggregate_version <= last THEN

@@ -125,7 +125,7 @@ async fn main() {
         ("minimal (9 columns, PK + 1 partial index)", minimal),
         ("this project", project),
         (
-            "this project as V17 left it (every append looks its aggregate up three times)",
+            "this project as V17 left it (each later append of a transaction takes the aggregate's row again)",
             v17,
         ),
     ] {

@@ -45,22 +45,24 @@ async fn versions(client: &impl GenericClient, aggregate: &str) -> Vec<i64> {
         .collect()
 }
 
-/// Index scans of `outbox_aggregates` in this transaction so far.
-async fn aggregate_row_reads(client: &impl GenericClient) -> i64 {
-    client
+/// Look-ups of the aggregate's row and of its latest event, in this transaction so far.
+async fn reads(client: &impl GenericClient) -> (i64, i64) {
+    let row = client
         .query_one(
-            "SELECT sum(pg_stat_get_xact_numscans(indexrelid))::bigint FROM pg_index
-             WHERE indrelid = 'outbox_aggregates'::regclass",
+            "SELECT (SELECT sum(pg_stat_get_xact_numscans(indexrelid))::bigint FROM pg_index
+                     WHERE indrelid = 'outbox_aggregates'::regclass),
+                    pg_stat_get_xact_numscans(
+                        'outbox_tenant_id_aggregate_type_aggregate_id_aggregate_vers_key'::regclass)",
             &[],
         )
         .await
-        .expect("index scans")
-        .get(0)
+        .expect("index scans");
+    (row.get(0), row.get(1))
 }
 
-/// 20 events of one aggregate in one statement: how many times they looked the aggregate's row
-/// up, on `db` with `setup` run first.
-async fn reads_for_twenty(setup: &str) -> i64 {
+/// 20 events of one aggregate in one statement, on a database where `setup` ran first: the
+/// look-ups of the aggregate's row and of its latest event they made.
+async fn reads_for_twenty(setup: &str) -> (i64, i64) {
     let db = TestDb::create().await;
     let mut client = db.client().await;
     client.batch_execute(setup).await.expect("setup");
@@ -74,23 +76,66 @@ async fn reads_for_twenty(setup: &str) -> i64 {
     )
     .await
     .expect("bulk append");
-    let reads = aggregate_row_reads(&tx).await;
+    let counted = reads(&tx).await;
     assert_eq!(versions(&tx, "c1").await, (1..=20).collect::<Vec<i64>>());
     tx.commit().await.expect("commit");
     drop(client);
     db.drop_database().await;
-    reads
+    counted
 }
 
 #[tokio::test]
-async fn a_transactions_later_appends_to_an_aggregate_read_its_row_once_each() {
-    // The first append writes the row (one look-up), each later one finds it written by this
-    // transaction (one look-up) and takes the version from the event it appended last.
-    let now = reads_for_twenty("").await;
-    assert_eq!(now, 20, "one look-up of the aggregate's row per event");
-    // As V17 left it: each later append read the row a second time for its last_version.
-    let before = reads_for_twenty(&as_v17()).await;
-    assert_eq!(before, 39, "V17's append, measured the same way");
+async fn a_transactions_later_appends_to_an_aggregate_do_not_read_its_row() {
+    // The first append reads the latest event (none) and writes the aggregate's row; each later
+    // one reads the latest event, finds it this transaction's, and takes the next version.
+    let (rows, latest) = reads_for_twenty("").await;
+    assert_eq!(rows, 1, "the aggregate's row, once for 20 events");
+    assert_eq!(latest, 20, "the latest event, once per event");
+    // As V17 left it: each later append took the row again (its upsert's conflict check) and
+    // read its last_version, besides the latest event.
+    let (rows, latest) = reads_for_twenty(&as_v17()).await;
+    assert_eq!(
+        (rows, latest),
+        (39, 20),
+        "V17's append, counted the same way"
+    );
+}
+
+#[tokio::test]
+async fn an_append_that_waited_for_another_producer_follows_its_events() {
+    // The latest event is read before the aggregate's lock. Here another producer appends and
+    // commits while this one waits for the lock: what was read before is stale, and the row's
+    // previous writer (the other producer) says so.
+    let db = TestDb::create().await;
+    let mut first = db.client().await;
+    let second = db.client().await;
+    assert_eq!(append(&first, "w", "v1").await, Some(1));
+    let tx = first.transaction().await.expect("begin");
+    assert_eq!(append(&tx, "w", "v2").await, Some(2));
+    assert_eq!(append(&tx, "w", "v3").await, Some(3));
+    let waiting = tokio::spawn(async move {
+        let version = append(&second, "w", "after").await;
+        (second, version)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the second producer waits for the aggregate"
+    );
+    tx.commit().await.expect("commit");
+    let (second, version) = waiting.await.expect("the second producer");
+    assert_eq!(version, Some(4), "after the other producer's v2 and v3");
+    let heads: Vec<(i64, bool)> = second
+        .query(
+            "SELECT aggregate_version, is_head FROM outbox WHERE aggregate_id = 'w' ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("heads")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(heads, vec![(1, true), (2, false), (3, false), (4, false)]);
 }
 
 #[tokio::test]
