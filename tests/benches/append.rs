@@ -3,8 +3,14 @@
 //! triggers) and into a minimal outbox (9 columns, primary key and one partial index) measured in
 //! the same run. `BENCH_APPEND_ROWS` (default 100000, over 5000 aggregates) and
 //! `BENCH_APPEND_SINGLE` (default 5000) size it.
+//!
+//! Then, side by side, this project's append against V17's (`as_v17`): two databases at once,
+//! each side's CPU its own backend's (from `/proc`), so the machine's drift touches both alike;
+//! per round (`BENCH_ROUNDS`, default 3) the bulk statement, then 20,000 single-row appends in
+//! transactions of 100, each the first event of a new aggregate, then 20,000 more, each the
+//! second event of one of them (a transaction's first append to an aggregate that has events).
 
-use outbox_tests::bench::{as_v17, env_usize, Stopwatch};
+use outbox_tests::bench::{as_v17, env_usize, Backend, Stopwatch};
 use outbox_tests::TestDb;
 
 const MINIMAL: &str = "
@@ -104,6 +110,106 @@ async fn measure(table: &str, setup: &str, rows: usize, single: usize) -> (f64, 
     )
 }
 
+/// One side of the side-by-side rounds: a database with `setup` run, and its session.
+struct Side {
+    db: TestDb,
+    client: tokio_postgres::Client,
+    backend: Backend,
+}
+
+impl Side {
+    async fn new(setup: &str) -> Self {
+        let db = TestDb::create().await;
+        let client = db.client().await;
+        client.batch_execute(setup).await.expect("setup");
+        let backend = Backend::of(&client).await;
+        Self {
+            db,
+            client,
+            backend,
+        }
+    }
+
+    /// This side's backend CPU per event for `work` (run on its session) over `events`.
+    async fn cpu_per_event(
+        &self,
+        events: usize,
+        work: impl std::future::Future<Output = ()>,
+    ) -> f64 {
+        let before = self.backend.cpu();
+        work.await;
+        let spent = self.backend.cpu() - before;
+        assert!(!spent.is_zero(), "no CPU read for the backend");
+        spent.as_secs_f64() * 1e6 / events as f64
+    }
+}
+
+/// 20,000 single-row appends in transactions of 100, to aggregates `{prefix}-0..19999`.
+async fn singles(client: &tokio_postgres::Client, prefix: &str) {
+    let statement = client
+        .prepare(
+            "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
+                                 schema_version, payload, metadata)
+             VALUES (gen_random_uuid(), 'acme', 'order', $1, 'order.changed', 1,
+                     jsonb_build_object('n', $2::bigint), '{}')
+             RETURNING aggregate_version",
+        )
+        .await
+        .expect("prepare the append");
+    for chunk in 0..200i64 {
+        client.batch_execute("BEGIN").await.expect("begin");
+        for n in chunk * 100..(chunk + 1) * 100 {
+            client
+                .query_one(&statement, &[&format!("{prefix}-{n}"), &n])
+                .await
+                .expect("single append");
+        }
+        client.batch_execute("COMMIT").await.expect("commit");
+    }
+}
+
+async fn side_by_side(rows: usize, rounds: usize) {
+    println!(
+        "\n## Side by side: this project's append / V17's, each side's own backend CPU per event\n"
+    );
+    println!("| round | bulk µs/event (this / V17) | ratio | first events µs (this / V17) | ratio | second events µs (this / V17) | ratio |");
+    println!("|---|---|---|---|---|---|---|");
+    for round in 1..=rounds {
+        let now = Side::new("").await;
+        let before = Side::new(&as_v17()).await;
+        let bulk = bulk_sql("outbox", rows);
+        let bulk = &bulk;
+        let (b_now, b_before) = tokio::join!(
+            now.cpu_per_event(rows, async {
+                now.client.batch_execute(bulk).await.expect("bulk append")
+            }),
+            before.cpu_per_event(rows, async {
+                before
+                    .client
+                    .batch_execute(bulk)
+                    .await
+                    .expect("bulk append")
+            })
+        );
+        let mut line = format!(
+            "| {round} | {b_now:.1} / {b_before:.1} | {:.2}x",
+            b_now / b_before
+        );
+        for _pass in ["first", "second"] {
+            let (s_now, s_before) = tokio::join!(
+                now.cpu_per_event(20_000, singles(&now.client, "s")),
+                before.cpu_per_event(20_000, singles(&before.client, "s"))
+            );
+            line += &format!(" | {s_now:.1} / {s_before:.1} | {:.2}x", s_now / s_before);
+        }
+        println!("{line} |");
+        for side in [now, before] {
+            drop(side.client);
+            side.db.drop_database().await;
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let rows = env_usize("BENCH_APPEND_ROWS", 100_000);
@@ -144,4 +250,5 @@ async fn main() {
         project.0 / v17.0,
         project.2 / v17.2
     );
+    side_by_side(rows, env_usize("BENCH_ROUNDS", 3)).await;
 }

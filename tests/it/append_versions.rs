@@ -103,9 +103,11 @@ async fn a_transactions_later_appends_to_an_aggregate_do_not_read_its_row() {
 
 #[tokio::test]
 async fn an_append_that_waited_for_another_producer_follows_its_events() {
-    // The latest event is read before the aggregate's lock. Here another producer appends and
-    // commits while this one waits for the lock: what was read before is stale, and the row's
-    // previous writer (the other producer) says so.
+    // In a transaction that appended before, the latest event is read before the aggregate's
+    // lock. Here another producer appends and commits while this one waits for the lock: what
+    // was read before is stale, and the row's previous writer (the other producer, not visible
+    // to that read) says so. (A transaction's first append takes the lock first:
+    // `order::an_aggregates_next_version_waits_for_the_previous_ones_commit`.)
     let db = TestDb::create().await;
     let mut first = db.client().await;
     let second = db.client().await;
@@ -113,8 +115,11 @@ async fn an_append_that_waited_for_another_producer_follows_its_events() {
     let tx = first.transaction().await.expect("begin");
     assert_eq!(append(&tx, "w", "v2").await, Some(2));
     assert_eq!(append(&tx, "w", "v3").await, Some(3));
+    second.batch_execute("BEGIN").await.expect("begin");
+    assert_eq!(append(&second, "elsewhere", "first").await, Some(1));
     let waiting = tokio::spawn(async move {
         let version = append(&second, "w", "after").await;
+        second.batch_execute("COMMIT").await.expect("commit");
         (second, version)
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -249,22 +254,46 @@ async fn versions_retention_deleted_are_not_given_again_after_a_skipped_first_ap
 }
 
 #[tokio::test]
-async fn the_appending_transaction_is_recorded_whatever_the_insert_gave() {
+async fn an_event_that_only_names_this_transaction_does_not_pass_for_its_own() {
+    // txid is a plain column: an INSERT (or a data-only restore from another cluster) can give
+    // any value, this transaction's id included. The latest event counts as this transaction's
+    // only if its xmin is this transaction's too; otherwise the append takes the aggregate's
+    // lock as a first append does. (This transaction appends elsewhere first: its first append
+    // takes the lock whatever it reads.)
     let db = TestDb::create().await;
     let mut client = db.client().await;
+    let other = db.client().await;
     let tx = client.transaction().await.expect("begin");
-    let row = tx
-        .query_one(
+    let me: String = tx
+        .query_one("SELECT pg_current_xact_id()::text", &[])
+        .await
+        .expect("this transaction's id")
+        .get(0);
+    other
+        .execute(
             "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
                                  schema_version, payload, metadata, txid)
-             VALUES (gen_random_uuid(), 'acme', 'customer', 't', 'customer.renamed', 1, '{}',
-                     '{}', '12345'::xid8)
-             RETURNING txid = pg_current_xact_id(), txid::text",
+             VALUES (gen_random_uuid(), 'acme', 'customer', 'f', 'customer.renamed', 1, '{}',
+                     '{}', $1::text::xid8)",
+            &[&me],
+        )
+        .await
+        .expect("an event naming the other transaction");
+    assert_eq!(append(&tx, "g", "first").await, Some(1));
+    assert_eq!(append(&tx, "f", "mine").await, Some(2));
+    let writer: String = tx
+        .query_one(
+            "SELECT writer::text FROM outbox_aggregates WHERE aggregate_id = 'f'",
             &[],
         )
         .await
-        .expect("append with a txid given");
-    let (ours, given): (bool, String) = (row.get(0), row.get(1));
-    assert!(ours, "txid {given} is not the appending transaction's");
-    tx.rollback().await.expect("rollback");
+        .expect("the aggregate's row")
+        .get(0);
+    assert_eq!(writer, me, "the append took the aggregate's row");
+    // So another producer waits for this transaction, as behind any append.
+    let waiting = tokio::spawn(async move { append(&other, "f", "after").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "another producer did not wait");
+    tx.commit().await.expect("commit");
+    assert_eq!(waiting.await.expect("the other producer"), Some(3));
 }
