@@ -1,5 +1,6 @@
 -- An aggregate's second and later appends in one transaction read one row instead of three;
--- the first append of a transaction to an aggregate still reads two.
+-- the first append of a transaction to an aggregate reads two, or three when another producer
+-- appended while it waited (or the aggregate has a row but no events).
 --
 -- Before: every append (outbox_append_order, V13) took the aggregate's row with an upsert (its
 -- conflict check, lock and, for the transaction's first append to the aggregate, a new version of
@@ -12,7 +13,14 @@
 -- whether this transaction appended it: its txid is this
 -- transaction's and so is its xmin (both: txid is a plain column an INSERT or a restore can give,
 -- and a 32-bit xmin comes round again after 2^32 transactions; an event appended inside a
--- savepoint has the savepoint's xmin and takes the path of a first append, which is correct too).
+-- savepoint has the savepoint's xmin, so it does not count: the next append takes the aggregate's
+-- row (finding it written by this transaction) and reads its last_version, as V17 did, which is
+-- correct and slower for clients that wrap every statement in a savepoint). Not closed: an event
+-- whose txid names this transaction (given by an INSERT, restored or replicated from a cluster
+-- whose transaction ids ran ahead of this one's) that this transaction then UPDATEs (its xmin
+-- becomes this transaction's), and rows this transaction inserted with the outbox's triggers off
+-- (session_replication_role = replica), pass for this transaction's appends. Both need this
+-- transaction to write that very row outside the append; the second turns off versions too.
 -- * When this transaction appended it, the transaction holds the aggregate already (the append
 --   that wrote that event took the lock in the same (sub)transaction, and a rollback that takes
 --   the lock away takes the event with it), and the version is that event's plus one. The
@@ -34,7 +42,8 @@
 --   still fails at the upsert with a serialization failure.
 -- A transaction's first append takes V13's path unchanged (the upsert, then the latest event),
 -- and sets the hint: reading first there would cost a single-row append the snapshot and the
--- checks for nothing (measured 1.02-1.10x of V13's CPU for an aggregate's second event).
+-- checks for nothing (a form that read first for every append measured 1.02-1.17x of V17's CPU
+-- per single-row append, docs/benchmarks.md).
 -- * When the upsert finds the row written by this transaction but its latest event is not this
 --   transaction's (a trigger of the service's own skipped that event), the row's last_version is
 --   read, as before.
@@ -97,7 +106,8 @@ BEGIN
         -- it is still there, the new row's head decision. ORDER BY ... LIMIT 1, not max(): the plan
         -- PL/pgSQL caches for max() read every version of the aggregate (measured: 20,000 versions,
         -- 200 appends/s instead of 1,800).
-        SELECT o.aggregate_version, o.status, o.txid = me AND o.xmin = me::xid, pg_current_snapshot()
+        SELECT o.aggregate_version, o.status, o.txid = me AND o.xmin = me::xid,
+               CASE WHEN o.txid = me AND o.xmin = me::xid THEN NULL ELSE pg_current_snapshot() END
             INTO top_version, top_status, ours, seen
             FROM outbox o
             WHERE o.tenant_id = NEW.tenant_id AND o.aggregate_type = NEW.aggregate_type

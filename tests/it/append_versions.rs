@@ -101,6 +101,73 @@ async fn a_transactions_later_appends_to_an_aggregate_do_not_read_its_row() {
     );
 }
 
+/// Until backend `pid` waits for a lock (5 s at most).
+async fn wait_for_lock(client: &impl GenericClient, pid: i32) {
+    let started = std::time::Instant::now();
+    loop {
+        let waiting: bool = client
+            .query_one(
+                "SELECT wait_event_type IS NOT DISTINCT FROM 'Lock' FROM pg_stat_activity
+                 WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if waiting {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "backend {pid} never waited for the aggregate's lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_snapshot_producers_later_append_behind_another_append_fails_to_serialize() {
+    // A REPEATABLE READ producer that appended before in its transaction reads the latest event
+    // before the aggregate's lock, through its snapshot. When another producer committed an
+    // append to the aggregate after that snapshot, the upsert that takes the lock fails as a
+    // serialization failure (40001, retried), never as a duplicate version (23505, read as
+    // "already appended"), for an aggregate with events and for a new one. (A first append of
+    // the transaction: `order::a_snapshot_producer_behind_another_append_gets_a_serialization_failure_and_its_retry_goes_on`.)
+    let db = TestDb::create().await;
+    let mut late = db.client().await;
+    let other = db.client().await;
+    assert_eq!(append(&other, "known", "v1").await, Some(1));
+    for aggregate in ["known", "new"] {
+        let tx = late
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .await
+            .expect("begin");
+        // The snapshot, and the hint that this transaction appended.
+        append(&tx, &format!("before-{aggregate}"), "first").await;
+        append(&other, aggregate, "the other producer's").await;
+        let err = tx
+            .query_opt(
+                "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
+                                     schema_version, payload)
+                 VALUES (gen_random_uuid(), 'acme', 'customer', $1, 'customer.renamed', 1, '{}')
+                 RETURNING aggregate_version",
+                &[&aggregate],
+            )
+            .await
+            .expect_err("a version the snapshot cannot see is taken");
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE),
+            "{aggregate}: {err:?}"
+        );
+        tx.rollback().await.expect("rollback");
+    }
+    assert_eq!(versions(&late, "known").await, vec![1, 2]);
+    assert_eq!(versions(&late, "new").await, vec![1]);
+}
+
 #[tokio::test]
 async fn an_append_that_waited_for_another_producer_follows_its_events() {
     // In a transaction that appended before, the latest event is read before the aggregate's
@@ -117,16 +184,18 @@ async fn an_append_that_waited_for_another_producer_follows_its_events() {
     assert_eq!(append(&tx, "w", "v3").await, Some(3));
     second.batch_execute("BEGIN").await.expect("begin");
     assert_eq!(append(&second, "elsewhere", "first").await, Some(1));
+    let pid: i32 = second
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
     let waiting = tokio::spawn(async move {
         let version = append(&second, "w", "after").await;
         second.batch_execute("COMMIT").await.expect("commit");
         (second, version)
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !waiting.is_finished(),
-        "the second producer waits for the aggregate"
-    );
+    // Commit only once the second producer waits for the lock, so that its read came first.
+    wait_for_lock(&tx, pid).await;
     tx.commit().await.expect("commit");
     let (second, version) = waiting.await.expect("the second producer");
     assert_eq!(version, Some(4), "after the other producer's v2 and v3");

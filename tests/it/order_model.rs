@@ -584,7 +584,10 @@ impl Schedule<'_> {
         } else if self.rng.u32(0..100) < 60 {
             let before = producer.savepoints.pop().expect("a savepoint");
             self.h.savepoints.1 += 1;
-            if producer.open.as_ref() != Some(&before) {
+            // Events appended since (not only aggregates locked by an ON CONFLICT that inserted
+            // nothing): the rollback takes them away.
+            let events = |open: &HashMap<String, i64>| open.values().sum::<i64>();
+            if producer.open.as_ref().map(events) > Some(events(&before)) {
                 self.h.savepoints.2 += 1;
             }
             producer.open = Some(before);
@@ -1580,7 +1583,7 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
         "the generator tried batch appends in a transaction of their own and in a producer's open one"
     );
     assert!(
-        // About one schedule in 25 rolls appends back to a savepoint: only a long run is sure to.
+        // About 40 of 1,500 schedules roll appends back to a savepoint: only a long run is sure to.
         schedules < 500 || (all.savepoints.2 > 0 && all.savepoints.3 > 0),
         "the generator rolled appends back to a savepoint, and released savepoints"
     );
