@@ -8,7 +8,8 @@
 //! each side's CPU its own backend's (from `/proc`), so the machine's drift touches both alike;
 //! per round (`BENCH_ROUNDS`, default 3) the bulk statement, then 20,000 single-row appends in
 //! transactions of 100, each the first event of a new aggregate, then 20,000 more, each the
-//! second event of one of them (a transaction's first append to an aggregate that has events).
+//! second event of one of them. In those transactions 99 appends of 100 are a later append of
+//! their transaction, to another aggregate (the path that reads the latest event first).
 
 use outbox_tests::bench::{as_v17, env_usize, Backend, Stopwatch};
 use outbox_tests::TestDb;

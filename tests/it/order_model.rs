@@ -3,7 +3,8 @@
 //! The order model: seeded random schedules of every operation the toolkit offers, run on real
 //! PostgreSQL sessions and checked against a model after every step.
 //!
-//! Sessions: two producers (each may hold a transaction open across many steps, and take savepoints in it that it rolls back to or releases), two dispatchers
+//! Sessions: two producers (each may hold a transaction open across many steps, take savepoints
+//! in it, roll back to them, also after a failed statement, and release them), two dispatchers
 //! (claims whose outcomes are recorded steps later, leases that expire under them, late
 //! records), and an operator (replay, redrive, discard, retention). A step is one operation on
 //! one session, or two operations of dispatchers and the operator at the same time. After each
@@ -157,6 +158,8 @@ struct Harness {
     /// Savepoints taken, rolled back to, rolled back to with appends made since (they went),
     /// and released.
     savepoints: (u64, u64, u64, u64),
+    /// Failed statements after which the producer rolled back to its savepoint and went on.
+    failures_rolled_back_to_savepoint: u64,
     steps_run: u64,
 }
 
@@ -208,6 +211,7 @@ impl Harness {
             explicit_accepted: 0,
             batch_appends: (0, 0, 0),
             savepoints: (0, 0, 0, 0),
+            failures_rolled_back_to_savepoint: 0,
             steps_run: 0,
         }
     }
@@ -887,9 +891,21 @@ impl Schedule<'_> {
                 if expect_refusal {
                     self.h.explicit_refused += 1;
                 }
-                // The statement failed: the producer's transaction, if any, is over.
-                self.h.producers[p].savepoints.clear();
-                if self.h.producers[p].open.take().is_some() {
+                // The statement failed. Inside a savepoint the producer rolls back to it and goes
+                // on, as an application that catches the error does; otherwise its transaction,
+                // if any, is over.
+                if let Some(before) = self.h.producers[p].savepoints.pop() {
+                    let name = self.h.producers[p].savepoints.len();
+                    self.h.producers[p]
+                        .client
+                        .batch_execute(&format!(
+                            "ROLLBACK TO SAVEPOINT s{name}; RELEASE SAVEPOINT s{name}"
+                        ))
+                        .await
+                        .expect("rollback to the savepoint");
+                    self.h.producers[p].open = Some(before);
+                    self.h.failures_rolled_back_to_savepoint += 1;
+                } else if self.h.producers[p].open.take().is_some() {
                     self.h.producers[p]
                         .client
                         .batch_execute("ROLLBACK")
@@ -1489,6 +1505,7 @@ async fn run_worker(worker: u64, schedules: u64, first_seed: u64, survey: bool) 
     survey_found.explicit = (h.explicit_accepted, h.explicit_refused);
     survey_found.batch_appends = h.batch_appends;
     survey_found.savepoints = h.savepoints;
+    survey_found.failures_rolled_back_to_savepoint = h.failures_rolled_back_to_savepoint;
     h.db.drop_database().await;
     survey_found
 }
@@ -1502,6 +1519,7 @@ struct Survey {
     explicit: (u64, u64),
     batch_appends: (u64, u64, u64),
     savepoints: (u64, u64, u64, u64),
+    failures_rolled_back_to_savepoint: u64,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1533,6 +1551,7 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
         all.savepoints.1 += s.savepoints.1;
         all.savepoints.2 += s.savepoints.2;
         all.savepoints.3 += s.savepoints.3;
+        all.failures_rolled_back_to_savepoint += s.failures_rolled_back_to_savepoint;
         all.explicit.1 += s.explicit.1;
         for (key, value) in s.found {
             let entry = all
@@ -1550,7 +1569,7 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
     println!(
         "order model: {schedules} schedules, {} steps in {elapsed:.1} s ({:.0} schedules/s); \
          explicit versions accepted {}, refused {}; batch appends {} ({} events, {} in a \
-         producer's open transaction); savepoints {} ({} rolled back to, {} of them with appends made since, {} released)",
+         producer's open transaction); savepoints {} ({} rolled back to, {} of them with appends made since, {} released; {} failed statements rolled back to one)",
         all.steps,
         schedules as f64 / elapsed,
         all.explicit.0,
@@ -1561,7 +1580,8 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
         all.savepoints.0,
         all.savepoints.1,
         all.savepoints.2,
-        all.savepoints.3
+        all.savepoints.3,
+        all.failures_rolled_back_to_savepoint
     );
     for ((kind, op), (first, seed, detail, count)) in &all.found {
         println!(
@@ -1584,7 +1604,10 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
     );
     assert!(
         // About 40 of 1,500 schedules roll appends back to a savepoint: only a long run is sure to.
-        schedules < 500 || (all.savepoints.2 > 0 && all.savepoints.3 > 0),
-        "the generator rolled appends back to a savepoint, and released savepoints"
+        schedules < 500
+            || (all.savepoints.2 > 0
+                && all.savepoints.3 > 0
+                && all.failures_rolled_back_to_savepoint > 0),
+        "the generator rolled appends back to a savepoint, released savepoints, and rolled back to one after a failed statement"
     );
 }
