@@ -4,7 +4,9 @@
 //! PostgreSQL sessions and checked against a model after every step.
 //!
 //! Sessions: two producers (each may hold a transaction open across many steps, take savepoints
-//! in it, roll back to them, also after a failed statement, and release them), two dispatchers
+//! in it, roll back to them, also after a failed statement, and release them; a producer may
+//! append to an aggregate the other's open transaction holds, and then waits for it while the
+//! schedule goes on, its append taken by the model once the other let go), two dispatchers
 //! (claims whose outcomes are recorded steps later, leases that expire under them, late
 //! records), and an operator (replay, redrive, discard, retention). A step is one operation on
 //! one session, or two operations of dispatchers and the operator at the same time. After each
@@ -30,6 +32,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox_tests::TestDb;
@@ -125,13 +128,32 @@ fn is_lock_conflict(text: &str) -> bool {
 }
 
 struct Producer {
-    client: Client,
+    /// Shared with the task of an append that waits (see [`Waiting`]).
+    client: Arc<Client>,
     pid: i32,
     /// Aggregates this producer's open transaction appended to (None: no transaction open).
     open: Option<HashMap<String, i64>>,
     /// The open transaction's savepoints, innermost last: what `open` was when each was taken
     /// (a rollback to it puts that back).
     savepoints: Vec<HashMap<String, i64>>,
+    /// An append of this producer waiting for the other producer's lock.
+    waiting: Option<Waiting>,
+}
+
+/// An append made while the other producer's open transaction held its aggregate. It runs on a
+/// task of its own and waits for that transaction's lock while the schedule goes on; the model
+/// takes its result once the other producer let go of the aggregate (committed, rolled back,
+/// or rolled back to a savepoint taken before its append there). The model's `next` is not
+/// known when it starts: the other producer may append more, or take its events away.
+struct Waiting {
+    aggregate: String,
+    what: String,
+    /// Rows the statement must insert.
+    appended: i64,
+    key: Option<String>,
+    /// The aggregate's latest committed version when it started.
+    committed_before: i64,
+    task: tokio::task::JoinHandle<Result<u64, tokio_postgres::Error>>,
 }
 
 struct Harness {
@@ -160,6 +182,10 @@ struct Harness {
     savepoints: (u64, u64, u64, u64),
     /// Failed statements after which the producer rolled back to its savepoint and went on.
     failures_rolled_back_to_savepoint: u64,
+    /// Appends that waited for the other producer's lock: started, those that were a later
+    /// append of their transaction (it had appended before: migration V18's path), and those in
+    /// an open transaction that went on behind events the other producer committed meanwhile.
+    waits: (u64, u64, u64),
     steps_run: u64,
 }
 
@@ -177,10 +203,11 @@ impl Harness {
                 .expect("pid")
                 .get(0);
             producers.push(Producer {
-                client,
+                client: Arc::new(client),
                 pid,
                 open: None,
                 savepoints: Vec::new(),
+                waiting: None,
             });
         }
         // A table captured by trigger into the same aggregates the SQL producers append to.
@@ -212,14 +239,21 @@ impl Harness {
             batch_appends: (0, 0, 0),
             savepoints: (0, 0, 0, 0),
             failures_rolled_back_to_savepoint: 0,
+            waits: (0, 0, 0),
             steps_run: 0,
         }
     }
 
     /// Back to an empty outbox for the next schedule.
     async fn reset(&mut self) {
-        for p in &mut self.producers {
+        // A waiting append goes on once the others rolled back: them first.
+        for p in self.producers_waiting_last() {
+            let p = &mut self.producers[p];
             let _ = p.client.batch_execute("ROLLBACK").await;
+            if let Some(w) = p.waiting.take() {
+                let _ = w.task.await;
+                let _ = p.client.batch_execute("ROLLBACK").await;
+            }
             p.open = None;
             p.savepoints.clear();
         }
@@ -240,6 +274,14 @@ impl Harness {
         self.batches.clear();
         self.published_order.clear();
         self.keys.clear();
+    }
+
+    /// The producers, any with an append waiting last (its statement ends only once the others'
+    /// transactions did).
+    fn producers_waiting_last(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.producers.len()).collect();
+        order.sort_by_key(|&p| self.producers[p].waiting.is_some());
+        order
     }
 
     fn producer_pids(&self) -> Vec<i32> {
@@ -286,8 +328,12 @@ impl Harness {
                     if blocked {
                         // End the producers' transactions so the operation can finish.
                         waits_on_producer = true;
-                        for p in &self.producers {
-                            p.client.batch_execute("ROLLBACK").await.expect("rollback");
+                        for p in self.producers_waiting_last() {
+                            self.producers[p]
+                                .client
+                                .batch_execute("ROLLBACK")
+                                .await
+                                .expect("rollback");
                         }
                     } else if started.elapsed() > Duration::from_secs(30) {
                         panic!("{step}: no answer in 30 s and not waiting on a producer");
@@ -503,7 +549,10 @@ impl Schedule<'_> {
     async fn run(&mut self) -> Result<(), Violation> {
         let mut rows = self.h.check("start").await?;
         for n in 0..STEPS {
-            let step = self.step(n, &rows).await?;
+            let mut step = self.step(n, &rows).await?;
+            if let Some(went_on) = self.take_waiting_appends().await? {
+                step = format!("{step}; {went_on}");
+            }
             if std::env::var("ORDER_MODEL_TRACE").is_ok() {
                 eprintln!("{step}");
             }
@@ -616,8 +665,185 @@ impl Schedule<'_> {
         format!("producer {p} {what} (depth {depth})")
     }
 
+    /// Appends to `aggregate`, which the other producer's open transaction holds: the statement
+    /// runs on a task of its own, and the step ends once PostgreSQL shows it waiting for that
+    /// transaction (or it ended). A plain insert, one with `ON CONFLICT` on a new key, or two
+    /// rows in one statement (the second a later append of the transaction after a wait).
+    async fn start_waiting_append(
+        &mut self,
+        p: usize,
+        aggregate: String,
+        rows: &[Row],
+    ) -> Result<String, Violation> {
+        let event_type = if self.rng.bool() {
+            "model.changed"
+        } else {
+            "model.noted"
+        };
+        let (sql, key, appended, name) = match self.rng.u32(0..3) {
+            0 => (insert_sql("", "", ""), None, 1, "auto"),
+            1 => {
+                self.h.next_key += 1;
+                (
+                    insert_sql(
+                        ", idempotency_key",
+                        ", $3",
+                        "ON CONFLICT (tenant_id, idempotency_key) DO NOTHING",
+                    ),
+                    Some(format!("{aggregate}-key-{}", self.h.next_key)),
+                    1,
+                    "on-conflict",
+                )
+            }
+            _ => (
+                format!(
+                    "INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id,
+                                         event_type, schema_version, payload, metadata)
+                     SELECT gen_random_uuid(), '{TENANT}', 'model', $1, $2, 1,
+                            jsonb_build_object('n', n), '{METADATA}'
+                     FROM generate_series(1, 2) n"
+                ),
+                None,
+                2,
+                "multirow",
+            ),
+        };
+        // A transaction that appended before: its append here is a later one (V18).
+        let later = self.h.producers[p]
+            .open
+            .as_ref()
+            .is_some_and(|o| o.values().sum::<i64>() > 0);
+        let client = Arc::clone(&self.h.producers[p].client);
+        let (agg, k) = (aggregate.clone(), key.clone());
+        let task = tokio::spawn(async move {
+            match &k {
+                Some(k) => client.execute(&sql, &[&agg, &event_type, k]).await,
+                None => client.execute(&sql, &[&agg, &event_type]).await,
+            }
+        });
+        let pid = self.h.producers[p].pid;
+        let started = Instant::now();
+        while !task.is_finished() {
+            let waits: bool = self
+                .h
+                .monitor
+                .query_one("SELECT cardinality(pg_blocking_pids($1)) > 0", &[&pid])
+                .await
+                .expect("read the producer's locks")
+                .get(0);
+            if waits {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "producer {p}'s append on {aggregate}: neither waiting nor done in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        self.h.waits.0 += 1;
+        self.h.waits.1 += u64::from(later);
+        let what = format!(
+            "producer {p} {name} on {aggregate}{}",
+            if later {
+                " (a later append of its transaction)"
+            } else {
+                ""
+            }
+        );
+        let committed_before = self.h.latest_version(rows, &aggregate);
+        let w = Waiting {
+            aggregate,
+            what: what.clone(),
+            appended,
+            key,
+            committed_before,
+            task,
+        };
+        if w.task.is_finished() {
+            // It did not wait (the other held the aggregate by an append that wrote nothing).
+            self.h.waits.0 -= 1;
+            self.h.waits.1 -= u64::from(later);
+            return self.finish_waiting_append(p, w).await;
+        }
+        self.h.producers[p].waiting = Some(w);
+        Ok(format!("{what} waits for the other producer"))
+    }
+
+    /// Takes the result of a waiting append whose aggregate the other producer no longer holds
+    /// (its statement must end now).
+    async fn take_waiting_appends(&mut self) -> Result<Option<String>, Violation> {
+        for p in 0..PRODUCERS {
+            let Some(w) = self.h.producers[p].waiting.as_ref() else {
+                continue;
+            };
+            if self.held_by_other(p, &w.aggregate) {
+                continue;
+            }
+            let w = self.h.producers[p]
+                .waiting
+                .take()
+                .expect("a waiting append");
+            return self.finish_waiting_append(p, w).await.map(Some);
+        }
+        Ok(None)
+    }
+
+    /// The result of an append that waited, taken as the model takes any append's.
+    async fn finish_waiting_append(&mut self, p: usize, w: Waiting) -> Result<String, Violation> {
+        let result = match tokio::time::timeout(Duration::from_secs(30), w.task).await {
+            Ok(joined) => joined.expect("the waiting append's task"),
+            Err(_) => {
+                return Err(violation(
+                    Kind::StatementFailed,
+                    &w.what,
+                    "still waiting 30 s after the other producer let go of the aggregate",
+                ))
+            }
+        };
+        // What the other producer committed to the aggregate while this one waited.
+        let rows = self.h.rows().await;
+        let committed = self.h.latest_version(&rows, &w.aggregate);
+        match result {
+            Ok(n) if n as i64 == w.appended => {
+                // Its own events count only once its transaction commits: an autocommitted one's
+                // are in `committed` already, so only an open transaction's wait is counted.
+                if let Some(open) = self.h.producers[p].open.as_mut() {
+                    *open.entry(w.aggregate).or_default() += w.appended;
+                    self.h.waits.2 += u64::from(committed > w.committed_before);
+                }
+                if let Some(key) = w.key {
+                    self.h.keys.push(key);
+                }
+                Ok(format!(
+                    "{} went on (committed meanwhile: v{} to v{committed})",
+                    w.what, w.committed_before
+                ))
+            }
+            Ok(n) => Err(violation(
+                Kind::StatementFailed,
+                &w.what,
+                format!("inserted {n} rows after its wait, not {}", w.appended),
+            )),
+            Err(e) => {
+                if self.h.producers[p].open.take().is_some() {
+                    self.h.producers[p].savepoints.clear();
+                    let _ = self.h.producers[p].client.batch_execute("ROLLBACK").await;
+                }
+                Err(violation(
+                    Kind::StatementFailed,
+                    &w.what,
+                    format!("a valid append failed after waiting for the other producer: {e:?}"),
+                ))
+            }
+        }
+    }
+
     async fn producer_step(&mut self, rows: &[Row]) -> Result<String, Violation> {
-        let p = self.rng.usize(0..PRODUCERS);
+        let mut p = self.rng.usize(0..PRODUCERS);
+        if self.h.producers[p].waiting.is_some() {
+            // Its session is in a statement: the other producer takes the step.
+            p = (p + 1) % PRODUCERS;
+        }
         let open = self.h.producers[p].open.is_some();
         let roll = self.rng.u32(0..100);
         if !open && roll < 25 {
@@ -655,6 +881,11 @@ impl Schedule<'_> {
         }
         let aggregate = self.aggregate();
         if self.held_by_other(p, &aggregate) {
+            // Half the time it appends all the same and waits. Never two waiting at once: the
+            // other, holding what this one waits for, would wait for it in turn.
+            if self.h.producers.iter().all(|q| q.waiting.is_none()) && self.rng.bool() {
+                return self.start_waiting_append(p, aggregate, rows).await;
+            }
             return Ok(format!(
                 "producer {p} skips {aggregate} (another producer holds it)"
             ));
@@ -788,7 +1019,8 @@ impl Schedule<'_> {
                 // is in progress, and it is forgotten, not committed or rolled back, so the
                 // producer's transaction goes on, with these events beside its other appends,
                 // until the model's COMMIT or ROLLBACK step.
-                let client = &mut self.h.producers[p].client;
+                let client = Arc::get_mut(&mut self.h.producers[p].client)
+                    .expect("no statement of this producer in flight");
                 let appended = async {
                     let tx =
                         client
@@ -1363,7 +1595,11 @@ impl Schedule<'_> {
     /// The end of a schedule: producers commit, leases run out, dispatchers drain with every
     /// publish succeeding; then nothing may be left that could go.
     async fn settle(&mut self) -> Result<(), Violation> {
-        for p in 0..PRODUCERS {
+        for p in self.h.producers_waiting_last() {
+            if self.h.producers[p].waiting.is_some() {
+                // The others have committed: its append goes on.
+                self.take_waiting_appends().await?;
+            }
             if self.h.producers[p].open.take().is_some() {
                 self.h.producers[p]
                     .client
@@ -1506,6 +1742,7 @@ async fn run_worker(worker: u64, schedules: u64, first_seed: u64, survey: bool) 
     survey_found.batch_appends = h.batch_appends;
     survey_found.savepoints = h.savepoints;
     survey_found.failures_rolled_back_to_savepoint = h.failures_rolled_back_to_savepoint;
+    survey_found.waits = h.waits;
     h.db.drop_database().await;
     survey_found
 }
@@ -1520,6 +1757,7 @@ struct Survey {
     batch_appends: (u64, u64, u64),
     savepoints: (u64, u64, u64, u64),
     failures_rolled_back_to_savepoint: u64,
+    waits: (u64, u64, u64),
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1552,6 +1790,9 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
         all.savepoints.2 += s.savepoints.2;
         all.savepoints.3 += s.savepoints.3;
         all.failures_rolled_back_to_savepoint += s.failures_rolled_back_to_savepoint;
+        all.waits.0 += s.waits.0;
+        all.waits.1 += s.waits.1;
+        all.waits.2 += s.waits.2;
         all.explicit.1 += s.explicit.1;
         for (key, value) in s.found {
             let entry = all
@@ -1569,7 +1810,8 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
     println!(
         "order model: {schedules} schedules, {} steps in {elapsed:.1} s ({:.0} schedules/s); \
          explicit versions accepted {}, refused {}; batch appends {} ({} events, {} in a \
-         producer's open transaction); savepoints {} ({} rolled back to, {} of them with appends made since, {} released; {} failed statements rolled back to one)",
+         producer's open transaction); savepoints {} ({} rolled back to, {} of them with appends made since, {} released; {} failed statements rolled back to one); appends that waited for the other \
+         producer {} ({} of them a later append of their transaction, {} in an open transaction behind events the other committed meanwhile)",
         all.steps,
         schedules as f64 / elapsed,
         all.explicit.0,
@@ -1581,7 +1823,10 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
         all.savepoints.1,
         all.savepoints.2,
         all.savepoints.3,
-        all.failures_rolled_back_to_savepoint
+        all.failures_rolled_back_to_savepoint,
+        all.waits.0,
+        all.waits.1,
+        all.waits.2
     );
     for ((kind, op), (first, seed, detail, count)) in &all.found {
         println!(
@@ -1609,5 +1854,10 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
                 && all.savepoints.3 > 0
                 && all.failures_rolled_back_to_savepoint > 0),
         "the generator rolled appends back to a savepoint, released savepoints, and rolled back to one after a failed statement"
+    );
+    assert!(
+        schedules < 500 || (all.waits.1 > 0 && all.waits.2 > 0),
+        "the generator made appends wait for the other producer, later appends of their \
+         transaction among them, and some went on behind events the other committed"
     );
 }
