@@ -3,10 +3,11 @@
 //! The order model: seeded random schedules of every operation the toolkit offers, run on real
 //! PostgreSQL sessions and checked against a model after every step.
 //!
-//! Sessions: two producers (each may hold a transaction open across many steps, take savepoints
-//! in it, roll back to them, also after a failed statement, and release them; a producer may
-//! append to an aggregate the other's open transaction holds, and then waits for it while the
-//! schedule goes on, its append taken by the model once the other let go), two dispatchers
+//! Sessions: two producers (each may hold a transaction open across many steps, one in four of
+//! them `REPEATABLE READ`, whose appends behind the other's commit must fail to serialize; take
+//! savepoints in it, roll back to them, also after a failed statement, and release them; a
+//! producer may append to an aggregate the other's open transaction holds, and then waits for it
+//! while the schedule goes on, its append taken by the model once the other let go), two dispatchers
 //! (claims whose outcomes are recorded steps later, leases that expire under them, late
 //! records), and an operator (replay, redrive, discard, retention). A step is one operation on
 //! one session, or two operations of dispatchers and the operator at the same time. After each
@@ -138,6 +139,9 @@ struct Producer {
     savepoints: Vec<HashMap<String, i64>>,
     /// An append of this producer waiting for the other producer's lock.
     waiting: Option<Waiting>,
+    /// The open transaction is `REPEATABLE READ`: its appends behind another producer's commit
+    /// to the same aggregate must fail to serialize (40001), never take a taken version.
+    snapshot: bool,
 }
 
 /// An append made while the other producer's open transaction held its aggregate. It runs on a
@@ -186,6 +190,9 @@ struct Harness {
     /// append of their transaction (it had appended before: migration V18's path), and those in
     /// an open transaction that went on behind events the other producer committed meanwhile.
     waits: (u64, u64, u64),
+    /// `REPEATABLE READ` transactions: begun, committed with appends, appends that failed to
+    /// serialize (the transaction rolled back, or back to its savepoint), and COMMITs that did.
+    snapshots: (u64, u64, u64, u64),
     steps_run: u64,
 }
 
@@ -208,6 +215,7 @@ impl Harness {
                 open: None,
                 savepoints: Vec::new(),
                 waiting: None,
+                snapshot: false,
             });
         }
         // A table captured by trigger into the same aggregates the SQL producers append to.
@@ -240,6 +248,7 @@ impl Harness {
             savepoints: (0, 0, 0, 0),
             failures_rolled_back_to_savepoint: 0,
             waits: (0, 0, 0),
+            snapshots: (0, 0, 0, 0),
             steps_run: 0,
         }
     }
@@ -274,6 +283,34 @@ impl Harness {
         self.batches.clear();
         self.published_order.clear();
         self.keys.clear();
+    }
+
+    /// Commits producer `p`'s open transaction. A `REPEATABLE READ` one may fail to serialize at
+    /// COMMIT (docs/extending.md, "Isolation"): the deferred head check locks the predecessor of
+    /// an event appended behind an unpublished one, and a dispatcher published it after the
+    /// snapshot. Its events are gone then, as after a rollback; any other failure panics.
+    async fn commit(&mut self, p: usize) -> String {
+        let producer = &mut self.producers[p];
+        let appended = producer
+            .open
+            .take()
+            .is_some_and(|o| o.values().sum::<i64>() > 0);
+        producer.savepoints.clear();
+        match producer.client.batch_execute("COMMIT").await {
+            Ok(()) => {
+                self.snapshots.1 += u64::from(producer.snapshot && appended);
+                format!("producer {p} COMMIT")
+            }
+            Err(e)
+                if producer.snapshot
+                    && e.code()
+                        == Some(&tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE) =>
+            {
+                self.snapshots.3 += 1;
+                format!("producer {p} COMMIT: could not serialize (a REPEATABLE READ transaction), rolled back")
+            }
+            Err(e) => panic!("producer {p} COMMIT: {e:?}"),
+        }
     }
 
     /// The producers, any with an append waiting last (its statement ends only once the others'
@@ -743,9 +780,14 @@ impl Schedule<'_> {
         self.h.waits.0 += 1;
         self.h.waits.1 += u64::from(later);
         let what = format!(
-            "producer {p} {name} on {aggregate}{}",
+            "producer {p} {name} on {aggregate}{}{}",
             if later {
                 " (a later append of its transaction)"
+            } else {
+                ""
+            },
+            if self.h.producers[p].open.is_some() && self.h.producers[p].snapshot {
+                " in a REPEATABLE READ transaction"
             } else {
                 ""
             }
@@ -825,9 +867,21 @@ impl Schedule<'_> {
                 format!("inserted {n} rows after its wait, not {}", w.appended),
             )),
             Err(e) => {
+                let snapshot = self.h.producers[p].snapshot;
                 if self.h.producers[p].open.take().is_some() {
                     self.h.producers[p].savepoints.clear();
                     let _ = self.h.producers[p].client.batch_execute("ROLLBACK").await;
+                    if snapshot
+                        && e.code()
+                            == Some(&tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE)
+                    {
+                        // A snapshot transaction behind the other's commit: it rolls back.
+                        self.h.snapshots.2 += 1;
+                        return Ok(format!(
+                            "{}: could not serialize after its wait (a snapshot transaction), rolled back",
+                            w.what
+                        ));
+                    }
                 }
                 Err(violation(
                     Kind::StatementFailed,
@@ -847,25 +901,36 @@ impl Schedule<'_> {
         let open = self.h.producers[p].open.is_some();
         let roll = self.rng.u32(0..100);
         if !open && roll < 25 {
-            self.h.producers[p]
-                .client
-                .batch_execute("BEGIN")
-                .await
-                .expect("begin");
-            self.h.producers[p].open = Some(HashMap::new());
-            return Ok(format!("producer {p} BEGIN"));
-        }
-        if open && roll < 20 {
-            let commit = self.rng.u32(0..100) < 75;
-            let sql = if commit { "COMMIT" } else { "ROLLBACK" };
+            // One in four a snapshot transaction, as a service on REPEATABLE READ runs them.
+            let snapshot = self.rng.u32(0..4) == 0;
+            let sql = if snapshot {
+                "BEGIN ISOLATION LEVEL REPEATABLE READ"
+            } else {
+                "BEGIN"
+            };
             self.h.producers[p]
                 .client
                 .batch_execute(sql)
                 .await
-                .unwrap_or_else(|e| panic!("producer {p} {sql}: {e:?}"));
+                .expect("begin");
+            self.h.producers[p].open = Some(HashMap::new());
+            self.h.producers[p].snapshot = snapshot;
+            self.h.snapshots.0 += u64::from(snapshot);
+            return Ok(format!("producer {p} {sql}"));
+        }
+        if open && roll < 20 {
+            let commit = self.rng.u32(0..100) < 75;
+            if commit {
+                return Ok(self.h.commit(p).await);
+            }
+            self.h.producers[p]
+                .client
+                .batch_execute("ROLLBACK")
+                .await
+                .unwrap_or_else(|e| panic!("producer {p} ROLLBACK: {e:?}"));
             self.h.producers[p].open = None;
             self.h.producers[p].savepoints.clear();
-            return Ok(format!("producer {p} {sql}"));
+            return Ok(format!("producer {p} ROLLBACK"));
         }
         // A savepoint now and then; with one taken and appends made since, its rollback or
         // release (so that most savepoints end before the transaction does, having undone or
@@ -1109,7 +1174,14 @@ impl Schedule<'_> {
                 (result, n, false)
             }
         };
-        let what = format!("producer {p} {kind:?} on {aggregate} (next v{next})");
+        let what = format!(
+            "producer {p} {kind:?} on {aggregate} (next v{next}){}",
+            if open && self.h.producers[p].snapshot {
+                " in a REPEATABLE READ transaction"
+            } else {
+                ""
+            }
+        );
         match result {
             Ok(_) => {
                 if let Append::Explicit { .. } = kind {
@@ -1123,6 +1195,12 @@ impl Schedule<'_> {
                 if expect_refusal {
                     self.h.explicit_refused += 1;
                 }
+                // A snapshot transaction behind another producer's commit to the aggregate.
+                let serialization = !expect_refusal
+                    && open
+                    && self.h.producers[p].snapshot
+                    && e.code()
+                        == Some(&tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE);
                 // The statement failed. Inside a savepoint the producer rolls back to it and goes
                 // on, as an application that catches the error does; otherwise its transaction,
                 // if any, is over.
@@ -1143,6 +1221,12 @@ impl Schedule<'_> {
                         .batch_execute("ROLLBACK")
                         .await
                         .expect("rollback");
+                }
+                if serialization {
+                    self.h.snapshots.2 += 1;
+                    return Ok(format!(
+                        "{what}: could not serialize (a snapshot transaction)"
+                    ));
                 }
                 if !expect_refusal {
                     return Err(violation(
@@ -1600,12 +1684,8 @@ impl Schedule<'_> {
                 // The others have committed: its append goes on.
                 self.take_waiting_appends().await?;
             }
-            if self.h.producers[p].open.take().is_some() {
-                self.h.producers[p]
-                    .client
-                    .batch_execute("COMMIT")
-                    .await
-                    .expect("commit at the end");
+            if self.h.producers[p].open.is_some() {
+                self.h.commit(p).await;
             }
         }
         self.h.check("producers committed").await?;
@@ -1743,6 +1823,7 @@ async fn run_worker(worker: u64, schedules: u64, first_seed: u64, survey: bool) 
     survey_found.savepoints = h.savepoints;
     survey_found.failures_rolled_back_to_savepoint = h.failures_rolled_back_to_savepoint;
     survey_found.waits = h.waits;
+    survey_found.snapshots = h.snapshots;
     h.db.drop_database().await;
     survey_found
 }
@@ -1758,6 +1839,7 @@ struct Survey {
     savepoints: (u64, u64, u64, u64),
     failures_rolled_back_to_savepoint: u64,
     waits: (u64, u64, u64),
+    snapshots: (u64, u64, u64, u64),
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1793,6 +1875,10 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
         all.waits.0 += s.waits.0;
         all.waits.1 += s.waits.1;
         all.waits.2 += s.waits.2;
+        all.snapshots.0 += s.snapshots.0;
+        all.snapshots.1 += s.snapshots.1;
+        all.snapshots.2 += s.snapshots.2;
+        all.snapshots.3 += s.snapshots.3;
         all.explicit.1 += s.explicit.1;
         for (key, value) in s.found {
             let entry = all
@@ -1811,7 +1897,8 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
         "order model: {schedules} schedules, {} steps in {elapsed:.1} s ({:.0} schedules/s); \
          explicit versions accepted {}, refused {}; batch appends {} ({} events, {} in a \
          producer's open transaction); savepoints {} ({} rolled back to, {} of them with appends made since, {} released; {} failed statements rolled back to one); appends that waited for the other \
-         producer {} ({} of them a later append of their transaction, {} in an open transaction behind events the other committed meanwhile)",
+         producer {} ({} of them a later append of their transaction, {} in an open transaction behind events the other committed meanwhile); \
+         REPEATABLE READ transactions {} ({} committed appends, {} appends and {} COMMITs failed to serialize)",
         all.steps,
         schedules as f64 / elapsed,
         all.explicit.0,
@@ -1826,7 +1913,11 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
         all.failures_rolled_back_to_savepoint,
         all.waits.0,
         all.waits.1,
-        all.waits.2
+        all.waits.2,
+        all.snapshots.0,
+        all.snapshots.1,
+        all.snapshots.2,
+        all.snapshots.3
     );
     for ((kind, op), (first, seed, detail, count)) in &all.found {
         println!(
@@ -1859,5 +1950,10 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
         schedules < 500 || (all.waits.1 > 0 && all.waits.2 > 0),
         "the generator made appends wait for the other producer, later appends of their \
          transaction among them, and some went on behind events the other committed"
+    );
+    assert!(
+        schedules < 500 || (all.snapshots.1 > 0 && all.snapshots.2 > 0),
+        "the generator ran REPEATABLE READ producers that committed appends and some whose \
+         appends failed to serialize"
     );
 }

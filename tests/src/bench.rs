@@ -84,10 +84,11 @@ pub async fn seed_with_ids(
     if status != "pending" {
         // The aggregates' rows the append trigger would have written: retention deletes an
         // aggregate's latest event only once it holds that row (to keep its last version), and
-        // without them it deleted none of these.
+        // without them it deleted none of these. As the trigger writes them: last_version 0
+        // (only retention moves it), so retention writes each one it keeps a version in.
         tx.execute(
             "INSERT INTO outbox_aggregates (tenant_id, aggregate_type, aggregate_id, last_version)
-             SELECT 'bench', 'payment', 'p' || g || '-' || $2, 1
+             SELECT 'bench', 'payment', 'p' || g || '-' || $2, 0
              FROM generate_series(1, $1::bigint) AS g",
             &[&(rows as i64), &tag],
         )
