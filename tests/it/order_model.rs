@@ -142,6 +142,9 @@ struct Producer {
     /// The open transaction is `REPEATABLE READ`: its appends behind another producer's commit
     /// to the same aggregate must fail to serialize (40001), never take a taken version.
     snapshot: bool,
+    /// For a `REPEATABLE READ` transaction, from its first statement on (its snapshot): each
+    /// aggregate's rows as they were then (see [`Harness::signatures`]).
+    snapshot_rows: Option<HashMap<String, Vec<(i64, String)>>>,
 }
 
 /// An append made while the other producer's open transaction held its aggregate. It runs on a
@@ -151,6 +154,8 @@ struct Producer {
 /// known when it starts: the other producer may append more, or take its events away.
 struct Waiting {
     aggregate: String,
+    /// Its transaction's append trigger ran before (migration V18's later-append path).
+    later: bool,
     what: String,
     /// Rows the statement must insert.
     appended: i64,
@@ -187,9 +192,10 @@ struct Harness {
     /// Failed statements after which the producer rolled back to its savepoint and went on.
     failures_rolled_back_to_savepoint: u64,
     /// Appends that waited for the other producer's lock: started, those that were a later
-    /// append of their transaction (it had appended before: migration V18's path), and those in
-    /// an open transaction that went on behind events the other producer committed meanwhile.
-    waits: (u64, u64, u64),
+    /// append of their transaction (its append trigger ran before: migration V18's path), those
+    /// in an open transaction that went on behind events the other producer committed meanwhile,
+    /// and those that were both, in a READ COMMITTED transaction (what V18's second read is for).
+    waits: (u64, u64, u64, u64),
     /// `REPEATABLE READ` transactions: begun, committed with appends, appends that failed to
     /// serialize (the transaction rolled back, or back to its savepoint), and COMMITs that did.
     snapshots: (u64, u64, u64, u64),
@@ -216,6 +222,7 @@ impl Harness {
                 savepoints: Vec::new(),
                 waiting: None,
                 snapshot: false,
+                snapshot_rows: None,
             });
         }
         // A table captured by trigger into the same aggregates the SQL producers append to.
@@ -247,7 +254,7 @@ impl Harness {
             batch_appends: (0, 0, 0),
             savepoints: (0, 0, 0, 0),
             failures_rolled_back_to_savepoint: 0,
-            waits: (0, 0, 0),
+            waits: (0, 0, 0, 0),
             snapshots: (0, 0, 0, 0),
             steps_run: 0,
         }
@@ -255,7 +262,16 @@ impl Harness {
 
     /// Back to an empty outbox for the next schedule.
     async fn reset(&mut self) {
-        // A waiting append goes on once the others rolled back: them first.
+        // A waiting append left by a failed schedule is cancelled (it might wait on more than
+        // the other producer), and its session rolled back after the others'.
+        for p in &self.producers {
+            if p.waiting.is_some() {
+                self.monitor
+                    .execute("SELECT pg_cancel_backend($1)", &[&p.pid])
+                    .await
+                    .expect("cancel a waiting append");
+            }
+        }
         for p in self.producers_waiting_last() {
             let p = &mut self.producers[p];
             let _ = p.client.batch_execute("ROLLBACK").await;
@@ -283,6 +299,55 @@ impl Harness {
         self.batches.clear();
         self.published_order.clear();
         self.keys.clear();
+        self.next_key = 0;
+    }
+
+    /// Each aggregate's committed rows as (version, xmin) and its `outbox_aggregates` row as (0,
+    /// xmin): a `REPEATABLE READ` transaction can fail to serialize on an aggregate only if one of
+    /// these changed (written, deleted or added) after its snapshot.
+    async fn signatures(&self) -> HashMap<String, Vec<(i64, String)>> {
+        let mut all: HashMap<String, Vec<(i64, String)>> = HashMap::new();
+        for row in self
+            .monitor
+            .query(
+                "SELECT aggregate_id, aggregate_version, xmin::text FROM outbox WHERE tenant_id = $1
+                 UNION ALL
+                 SELECT aggregate_id, 0, xmin::text FROM outbox_aggregates WHERE tenant_id = $1
+                 ORDER BY 1, 2",
+                &[&TENANT],
+            )
+            .await
+            .expect("read the aggregates' rows")
+        {
+            all.entry(row.get(0))
+                .or_default()
+                .push((row.get(1), row.get(2)));
+        }
+        all
+    }
+
+    /// Before producer `p` runs a statement: a `REPEATABLE READ` transaction's first one takes
+    /// its snapshot, so the aggregates' rows are noted as they are.
+    async fn note_snapshot(&mut self, p: usize) {
+        if self.producers[p].snapshot
+            && self.producers[p].open.is_some()
+            && self.producers[p].snapshot_rows.is_none()
+        {
+            self.producers[p].snapshot_rows = Some(self.signatures().await);
+        }
+    }
+
+    /// Whether a serialization failure of producer `p`'s snapshot transaction on `aggregates`
+    /// has a cause: one of their rows changed since its snapshot.
+    async fn changed_since_snapshot(&self, p: usize, aggregates: &[&str]) -> bool {
+        let Some(then) = self.producers[p].snapshot_rows.as_ref() else {
+            return false;
+        };
+        let now = self.signatures().await;
+        let none = Vec::new();
+        aggregates
+            .iter()
+            .any(|a| then.get(*a).unwrap_or(&none) != now.get(*a).unwrap_or(&none))
     }
 
     /// Commits producer `p`'s open transaction. A `REPEATABLE READ` one may fail to serialize at
@@ -290,26 +355,33 @@ impl Harness {
     /// an event appended behind an unpublished one, and a dispatcher published it after the
     /// snapshot. Its events are gone then, as after a rollback; any other failure panics.
     async fn commit(&mut self, p: usize) -> String {
-        let producer = &mut self.producers[p];
-        let appended = producer
-            .open
-            .take()
-            .is_some_and(|o| o.values().sum::<i64>() > 0);
-        producer.savepoints.clear();
-        match producer.client.batch_execute("COMMIT").await {
+        let open = self.producers[p].open.take().unwrap_or_default();
+        let appended: Vec<&str> = open
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(a, _)| a.as_str())
+            .collect();
+        self.producers[p].savepoints.clear();
+        let snapshot = self.producers[p].snapshot;
+        let result = self.producers[p].client.batch_execute("COMMIT").await;
+        let changed = snapshot && self.changed_since_snapshot(p, &appended).await;
+        self.producers[p].snapshot_rows = None;
+        match result {
             Ok(()) => {
-                self.snapshots.1 += u64::from(producer.snapshot && appended);
+                self.snapshots.1 += u64::from(snapshot && !appended.is_empty());
                 format!("producer {p} COMMIT")
             }
+            // Only with appends, and only when a row of their aggregates changed since the
+            // snapshot (the commit-time head check reads their predecessors).
             Err(e)
-                if producer.snapshot
+                if changed
                     && e.code()
                         == Some(&tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE) =>
             {
                 self.snapshots.3 += 1;
                 format!("producer {p} COMMIT: could not serialize (a REPEATABLE READ transaction), rolled back")
             }
-            Err(e) => panic!("producer {p} COMMIT: {e:?}"),
+            Err(e) => panic!("producer {p} COMMIT (appended to {appended:?}): {e:?}"),
         }
     }
 
@@ -745,11 +817,12 @@ impl Schedule<'_> {
                 "multirow",
             ),
         };
-        // A transaction that appended before: its append here is a later one (V18).
+        // A transaction whose append trigger ran before: its append here is a later one (V18).
         let later = self.h.producers[p]
             .open
             .as_ref()
-            .is_some_and(|o| o.values().sum::<i64>() > 0);
+            .is_some_and(|o| !o.is_empty());
+        self.h.note_snapshot(p).await;
         let client = Arc::clone(&self.h.producers[p].client);
         let (agg, k) = (aggregate.clone(), key.clone());
         let task = tokio::spawn(async move {
@@ -795,6 +868,7 @@ impl Schedule<'_> {
         let committed_before = self.h.latest_version(rows, &aggregate);
         let w = Waiting {
             aggregate,
+            later,
             what: what.clone(),
             appended,
             key,
@@ -818,7 +892,7 @@ impl Schedule<'_> {
             let Some(w) = self.h.producers[p].waiting.as_ref() else {
                 continue;
             };
-            if self.held_by_other(p, &w.aggregate) {
+            if self.held_by_other(p, &w.aggregate) && !w.task.is_finished() {
                 continue;
             }
             let w = self.h.producers[p]
@@ -832,14 +906,27 @@ impl Schedule<'_> {
 
     /// The result of an append that waited, taken as the model takes any append's.
     async fn finish_waiting_append(&mut self, p: usize, w: Waiting) -> Result<String, Violation> {
-        let result = match tokio::time::timeout(Duration::from_secs(30), w.task).await {
+        let mut task = w.task;
+        let result = match tokio::time::timeout(Duration::from_secs(30), &mut task).await {
             Ok(joined) => joined.expect("the waiting append's task"),
             Err(_) => {
+                // Cancelled, so that its session can be rolled back and the next schedule run.
+                let pid = self.h.producers[p].pid;
+                self.h
+                    .monitor
+                    .execute("SELECT pg_cancel_backend($1)", &[&pid])
+                    .await
+                    .expect("cancel the waiting append");
+                let _ = task.await;
+                if self.h.producers[p].open.take().is_some() {
+                    self.h.producers[p].savepoints.clear();
+                    let _ = self.h.producers[p].client.batch_execute("ROLLBACK").await;
+                }
                 return Err(violation(
                     Kind::StatementFailed,
                     &w.what,
                     "still waiting 30 s after the other producer let go of the aggregate",
-                ))
+                ));
             }
         };
         // What the other producer committed to the aggregate while this one waited.
@@ -849,9 +936,14 @@ impl Schedule<'_> {
             Ok(n) if n as i64 == w.appended => {
                 // Its own events count only once its transaction commits: an autocommitted one's
                 // are in `committed` already, so only an open transaction's wait is counted.
+                let snapshot = self.h.producers[p].snapshot;
                 if let Some(open) = self.h.producers[p].open.as_mut() {
                     *open.entry(w.aggregate).or_default() += w.appended;
-                    self.h.waits.2 += u64::from(committed > w.committed_before);
+                    let behind = committed > w.committed_before;
+                    self.h.waits.2 += u64::from(behind);
+                    // What V18's second read is for: a later append of a READ COMMITTED
+                    // transaction that read the aggregate before the other's commit.
+                    self.h.waits.3 += u64::from(behind && w.later && !snapshot);
                 }
                 if let Some(key) = w.key {
                     self.h.keys.push(key);
@@ -867,7 +959,8 @@ impl Schedule<'_> {
                 format!("inserted {n} rows after its wait, not {}", w.appended),
             )),
             Err(e) => {
-                let snapshot = self.h.producers[p].snapshot;
+                let snapshot = self.h.producers[p].snapshot
+                    && self.h.changed_since_snapshot(p, &[&w.aggregate]).await;
                 if self.h.producers[p].open.take().is_some() {
                     self.h.producers[p].savepoints.clear();
                     let _ = self.h.producers[p].client.batch_execute("ROLLBACK").await;
@@ -915,6 +1008,7 @@ impl Schedule<'_> {
                 .expect("begin");
             self.h.producers[p].open = Some(HashMap::new());
             self.h.producers[p].snapshot = snapshot;
+            self.h.producers[p].snapshot_rows = None;
             self.h.snapshots.0 += u64::from(snapshot);
             return Ok(format!("producer {p} {sql}"));
         }
@@ -994,6 +1088,7 @@ impl Schedule<'_> {
         } else {
             "model.noted"
         };
+        self.h.note_snapshot(p).await;
         let client = &self.h.producers[p].client;
         let own = self.h.producers[p]
             .open
@@ -1187,7 +1282,11 @@ impl Schedule<'_> {
                 if let Append::Explicit { .. } = kind {
                     self.h.explicit_accepted += 1;
                 }
-                if let Some(open) = self.h.producers[p].open.as_mut() {
+                // The aggregate is held once the append trigger ran: for every row inserted, and for
+                // an `ON CONFLICT` that inserted nothing (its BEFORE trigger ran first). A capture
+                // `DELETE` of a missing row ran no trigger and holds nothing.
+                let ran_trigger = appended > 0 || matches!(kind, Append::OnConflict { .. });
+                if let Some(open) = self.h.producers[p].open.as_mut().filter(|_| ran_trigger) {
                     *open.entry(aggregate).or_default() += appended;
                 }
             }
@@ -1196,11 +1295,17 @@ impl Schedule<'_> {
                     self.h.explicit_refused += 1;
                 }
                 // A snapshot transaction behind another producer's commit to the aggregate.
+                // Only when a row of the aggregate changed since the snapshot: a 40001 without a
+                // cause is a violation.
                 let serialization = !expect_refusal
                     && open
                     && self.h.producers[p].snapshot
                     && e.code()
-                        == Some(&tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE);
+                        == Some(&tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE)
+                    && self
+                        .h
+                        .changed_since_snapshot(p, &[aggregate.as_str()])
+                        .await;
                 // The statement failed. Inside a savepoint the producer rolls back to it and goes
                 // on, as an application that catches the error does; otherwise its transaction,
                 // if any, is over.
@@ -1838,7 +1943,7 @@ struct Survey {
     batch_appends: (u64, u64, u64),
     savepoints: (u64, u64, u64, u64),
     failures_rolled_back_to_savepoint: u64,
-    waits: (u64, u64, u64),
+    waits: (u64, u64, u64, u64),
     snapshots: (u64, u64, u64, u64),
 }
 
@@ -1875,6 +1980,7 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
         all.waits.0 += s.waits.0;
         all.waits.1 += s.waits.1;
         all.waits.2 += s.waits.2;
+        all.waits.3 += s.waits.3;
         all.snapshots.0 += s.snapshots.0;
         all.snapshots.1 += s.snapshots.1;
         all.snapshots.2 += s.snapshots.2;
@@ -1897,8 +2003,10 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
         "order model: {schedules} schedules, {} steps in {elapsed:.1} s ({:.0} schedules/s); \
          explicit versions accepted {}, refused {}; batch appends {} ({} events, {} in a \
          producer's open transaction); savepoints {} ({} rolled back to, {} of them with appends made since, {} released; {} failed statements rolled back to one); appends that waited for the other \
-         producer {} ({} of them a later append of their transaction, {} in an open transaction behind events the other committed meanwhile); \
-         REPEATABLE READ transactions {} ({} committed appends, {} appends and {} COMMITs failed to serialize)",
+         producer {} ({} of them a later append of their transaction, {} in an open transaction behind events the other committed meanwhile, {} of them later \
+         appends in READ COMMITTED); \
+         REPEATABLE READ transactions {} ({} committed with appends; {} appends and {} COMMITs failed to \
+         serialize, each after a row of its aggregates changed since the snapshot)",
         all.steps,
         schedules as f64 / elapsed,
         all.explicit.0,
@@ -1914,6 +2022,7 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
         all.waits.0,
         all.waits.1,
         all.waits.2,
+        all.waits.3,
         all.snapshots.0,
         all.snapshots.1,
         all.snapshots.2,
@@ -1947,13 +2056,14 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
         "the generator rolled appends back to a savepoint, released savepoints, and rolled back to one after a failed statement"
     );
     assert!(
-        schedules < 500 || (all.waits.1 > 0 && all.waits.2 > 0),
+        schedules < 500 || (all.waits.1 > 0 && all.waits.2 > 0 && all.waits.3 > 0),
         "the generator made appends wait for the other producer, later appends of their \
-         transaction among them, and some went on behind events the other committed"
+         transaction among them, and some went on behind events the other committed, later \
+         appends of READ COMMITTED transactions among them"
     );
     assert!(
-        schedules < 500 || (all.snapshots.1 > 0 && all.snapshots.2 > 0),
-        "the generator ran REPEATABLE READ producers that committed appends and some whose \
-         appends failed to serialize"
+        schedules < 500 || (all.snapshots.1 > 0 && all.snapshots.2 > 0 && all.snapshots.3 > 0),
+        "the generator ran REPEATABLE READ producers that committed appends, some whose \
+         appends failed to serialize and some whose COMMIT did"
     );
 }
