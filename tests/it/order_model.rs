@@ -1947,6 +1947,14 @@ struct Survey {
     snapshots: (u64, u64, u64, u64),
 }
 
+/// Adds a worker's four counts of one kind to the total.
+fn add4(total: &mut (u64, u64, u64, u64), worker: (u64, u64, u64, u64)) {
+    total.0 += worker.0;
+    total.1 += worker.1;
+    total.2 += worker.2;
+    total.3 += worker.3;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
     let schedules: u64 = std::env::var("ORDER_MODEL_SCHEDULES")
@@ -1972,19 +1980,10 @@ async fn order_and_delivery_hold_under_random_schedules_of_every_operation() {
         all.batch_appends.0 += s.batch_appends.0;
         all.batch_appends.1 += s.batch_appends.1;
         all.batch_appends.2 += s.batch_appends.2;
-        all.savepoints.0 += s.savepoints.0;
-        all.savepoints.1 += s.savepoints.1;
-        all.savepoints.2 += s.savepoints.2;
-        all.savepoints.3 += s.savepoints.3;
+        add4(&mut all.savepoints, s.savepoints);
         all.failures_rolled_back_to_savepoint += s.failures_rolled_back_to_savepoint;
-        all.waits.0 += s.waits.0;
-        all.waits.1 += s.waits.1;
-        all.waits.2 += s.waits.2;
-        all.waits.3 += s.waits.3;
-        all.snapshots.0 += s.snapshots.0;
-        all.snapshots.1 += s.snapshots.1;
-        all.snapshots.2 += s.snapshots.2;
-        all.snapshots.3 += s.snapshots.3;
+        add4(&mut all.waits, s.waits);
+        add4(&mut all.snapshots, s.snapshots);
         all.explicit.1 += s.explicit.1;
         for (key, value) in s.found {
             let entry = all
