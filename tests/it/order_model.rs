@@ -354,7 +354,7 @@ impl Harness {
     /// COMMIT (docs/extending.md, "Isolation"): the deferred head check locks the predecessor of
     /// an event appended behind an unpublished one, and a dispatcher published it after the
     /// snapshot. Its events are gone then, as after a rollback; any other failure panics.
-    async fn commit(&mut self, p: usize) -> String {
+    async fn commit(&mut self, p: usize) -> Result<String, Violation> {
         let open = self.producers[p].open.take().unwrap_or_default();
         let appended: Vec<&str> = open
             .iter()
@@ -364,25 +364,34 @@ impl Harness {
         self.producers[p].savepoints.clear();
         let snapshot = self.producers[p].snapshot;
         let result = self.producers[p].client.batch_execute("COMMIT").await;
-        let changed = snapshot && self.changed_since_snapshot(p, &appended).await;
-        self.producers[p].snapshot_rows = None;
-        match result {
+        let outcome = match result {
             Ok(()) => {
                 self.snapshots.1 += u64::from(snapshot && !appended.is_empty());
-                format!("producer {p} COMMIT")
+                Ok(format!("producer {p} COMMIT"))
             }
-            // Only with appends, and only when a row of their aggregates changed since the
-            // snapshot (the commit-time head check reads their predecessors).
-            Err(e)
-                if changed
+            Err(e) if e.code().is_some() => {
+                // Only a snapshot transaction with appends, and only when a row of their
+                // aggregates changed since the snapshot (the commit-time head check reads their
+                // predecessors), may fail to serialize; nothing else may fail.
+                let serialization = snapshot
                     && e.code()
-                        == Some(&tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE) =>
-            {
-                self.snapshots.3 += 1;
-                format!("producer {p} COMMIT: could not serialize (a REPEATABLE READ transaction), rolled back")
+                        == Some(&tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE)
+                    && self.changed_since_snapshot(p, &appended).await;
+                if serialization {
+                    self.snapshots.3 += 1;
+                    Ok(format!("producer {p} COMMIT: could not serialize (a REPEATABLE READ transaction), rolled back"))
+                } else {
+                    Err(violation(
+                        Kind::StatementFailed,
+                        &format!("producer {p} COMMIT (appended to {appended:?})"),
+                        format!("the commit failed: {e:?}"),
+                    ))
+                }
             }
-            Err(e) => panic!("producer {p} COMMIT (appended to {appended:?}): {e:?}"),
-        }
+            Err(e) => panic!("producer {p} COMMIT: {e:?}"),
+        };
+        self.producers[p].snapshot_rows = None;
+        outcome
     }
 
     /// The producers, any with an append waiting last (its statement ends only once the others'
@@ -1015,7 +1024,7 @@ impl Schedule<'_> {
         if open && roll < 20 {
             let commit = self.rng.u32(0..100) < 75;
             if commit {
-                return Ok(self.h.commit(p).await);
+                return self.h.commit(p).await;
             }
             self.h.producers[p]
                 .client
@@ -1790,7 +1799,7 @@ impl Schedule<'_> {
                 self.take_waiting_appends().await?;
             }
             if self.h.producers[p].open.is_some() {
-                self.h.commit(p).await;
+                self.h.commit(p).await?;
             }
         }
         self.h.check("producers committed").await?;
