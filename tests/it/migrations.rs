@@ -28,7 +28,7 @@ const DATA_BEFORE_SPLIT: &str = include_str!("../fixtures/data-before-split.sql"
 /// Its `refinery_schema_history`, as the code before the split wrote it.
 const HISTORY_BEFORE_SPLIT: &str = include_str!("../fixtures/history-before-split.sql");
 
-const OUTBOX_NAMES: [&str; 18] = [
+const OUTBOX_NAMES: [&str; 19] = [
     "outbox/V1__outbox",
     "outbox/V2__inbox",
     "outbox/V3__operations",
@@ -47,9 +47,10 @@ const OUTBOX_NAMES: [&str; 18] = [
     "outbox/V16__the_envelope_checked_once",
     "outbox/V17__fewer_reads_in_the_record",
     "outbox/V18__later_appends_in_a_transaction",
+    "outbox/V19__tenant_weights_and_caps",
 ];
 /// The toolkit's migrations newer than the split: what a database migrated before it runs.
-const AFTER_SPLIT: [&str; 11] = [
+const AFTER_SPLIT: [&str; 12] = [
     "outbox/V8__tenant_fair_claim",
     "outbox/V9__record_reads_only_its_rows",
     "outbox/V10__delayed_events",
@@ -61,6 +62,7 @@ const AFTER_SPLIT: [&str; 11] = [
     "outbox/V16__the_envelope_checked_once",
     "outbox/V17__fewer_reads_in_the_record",
     "outbox/V18__later_appends_in_a_transaction",
+    "outbox/V19__tenant_weights_and_caps",
 ];
 const PAYMENTS_NAMES: [&str; 4] = [
     "payments/V1__payments",
@@ -193,6 +195,7 @@ async fn the_toolkit_alone_creates_no_table_or_function_of_the_payments_example(
             "outbox_feed_acks",
             "outbox_feed_tenants",
             "outbox_schema_history",
+            "outbox_tenant_limits",
             "processed_events",
         ]
     );

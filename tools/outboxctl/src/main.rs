@@ -9,7 +9,7 @@
 //! - `render.rs`: human-readable output (tables, the status page).
 //! - `cmd/mod.rs`: the database connection every subcommand opens.
 //! - `cmd/migrate.rs`, `cmd/dispatch.rs`, `cmd/status.rs`, `cmd/redrive.rs`, `cmd/discard.rs`,
-//!   `cmd/replay.rs`, `cmd/cleanup.rs`, `cmd/capture.rs`: one subcommand each, its options and
+//!   `cmd/replay.rs`, `cmd/cleanup.rs`, `cmd/capture.rs`, `cmd/tenants.rs`: one subcommand each, its options and
 //!   its `run`.
 //! - `cmd/requeue.rs`: what `redrive` and `replay` share (preview, confirm, requeue, report).
 //! - `cmd/nats.rs`, `cmd/nats/stream.rs`, `cmd/nats/consume.rs`: `nats` and its subcommands.
@@ -46,6 +46,7 @@ enum Command {
     Replay(cmd::replay::Replay),
     Cleanup(cmd::cleanup::Cleanup),
     Capture(cmd::capture::Capture),
+    Tenants(cmd::tenants::Tenants),
     Nats(cmd::nats::Nats),
 }
 
@@ -60,6 +61,7 @@ impl Command {
             Self::Replay(c) => c.run().await,
             Self::Cleanup(c) => c.run().await,
             Self::Capture(c) => c.run().await,
+            Self::Tenants(c) => c.run().await,
             Self::Nats(c) => c.run().await,
         }
     }

@@ -9,6 +9,7 @@
 //! - `requeue.rs`: redriving dead rows and replaying published ones; retrying rows held right now.
 //! - `discard.rs`: giving up dead rows, and what they unpark.
 //! - `cleanup.rs`: deleting expired published rows and inbox entries, and the paced cleanup run.
+//! - `tenants.rs`: tenants' weights, caps and pauses in the claim.
 
 /// `from_columns!(Type: field, ..)`: a closure reading a `Type` from a row, each field from the
 /// column of the same name.
@@ -25,6 +26,7 @@ mod discard;
 mod requeue;
 mod selection;
 mod status;
+pub mod tenants;
 
 pub use cleanup::{
     count_expired, delete_inbox_entries, delete_published, run_cleanup, Batches, CleanupRun,

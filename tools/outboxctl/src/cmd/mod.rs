@@ -11,6 +11,7 @@ pub mod redrive;
 pub mod replay;
 mod requeue;
 pub mod status;
+pub mod tenants;
 
 use pg_outbox::aws::secrets::database_from_env;
 use pg_outbox::postgres::{Connection, ConnectionLimits, Db};
