@@ -29,6 +29,7 @@ use std::time::Duration;
 use outbox_tests::TestDb;
 use pg_outbox::outbox::Outcomes;
 use pg_outbox::ports::OutboxStore;
+use pg_outbox::postgres::admin::tenants::{self, LimitsChange};
 use pg_outbox::postgres::outbox::PgOutboxStore;
 use pg_outbox::postgres::Db;
 use tokio_postgres::Client;
@@ -114,23 +115,43 @@ async fn a_claim_reads_only_the_rows_it_takes_under_either_plan() {
     // The statistics know one tenant, as when a tenant starts beside another's backlog.
     client.batch_execute("VACUUM ANALYZE outbox").await.unwrap();
     let quiet = append_many(&client, "quiet", &["q-1".to_string()]).await[0].0;
+    // Each claim and the rows it takes, without limits and with them (the lane's shares of 50:
+    // 25 each, then 30 for weight 3 against 2; the quiet tenant has one).
     let claims = [
-        ("SELECT id FROM outbox_claim(100, 600, 'd1', '')", 100),
+        ("SELECT id FROM outbox_claim(100, 600, 'd1', '')", 100, 100),
         (
             "SELECT id FROM outbox_claim_waiting(50, 600, 'd1', '{}')",
             26,
+            31,
         ),
         (
             "SELECT id FROM outbox_claim_waiting(50, 600, 'd1', '{busy}')",
             1,
+            1,
         ),
     ];
-    for mode in ["force_generic_plan", "force_custom_plan"] {
+    // Without tenant limits, then with (V19: a weight and a cap each; the cap above the batch).
+    for (limits, mode) in [
+        (false, "force_generic_plan"),
+        (false, "force_custom_plan"),
+        (true, "force_generic_plan"),
+        (true, "force_custom_plan"),
+    ] {
+        if limits {
+            client
+                .batch_execute(
+                    "INSERT INTO outbox_tenant_limits (tenant_id, weight, max_per_second)
+                     VALUES ('busy', 3, 1000), ('quiet', 2, 1000) ON CONFLICT DO NOTHING",
+                )
+                .await
+                .unwrap();
+        }
         client
             .batch_execute(&format!("SET plan_cache_mode = {mode}"))
             .await
             .unwrap();
-        for (claim, rows) in claims {
+        for (claim, without, with) in claims {
+            let rows = if limits { with } else { without };
             // Twice: the second run uses the plan the first one cached.
             for _ in 0..2 {
                 client.batch_execute("BEGIN").await.unwrap();
@@ -144,13 +165,13 @@ async fn a_claim_reads_only_the_rows_it_takes_under_either_plan() {
                     .collect();
                 let fetched = rows_fetched(&client).await - before;
                 client.batch_execute("ROLLBACK").await.unwrap();
-                assert_eq!(taken.len(), rows, "{mode}: {claim}");
-                assert!(taken.contains(&quiet), "{mode}: {claim}");
+                assert_eq!(taken.len(), rows, "{mode}, limits {limits}: {claim}");
+                assert!(taken.contains(&quiet), "{mode}, limits {limits}: {claim}");
                 // The rows taken, fetched by the share scans and again by the update, and a few
                 // more: not the busy tenant's backlog.
                 assert!(
                     fetched <= 3 * rows as i64 + 10,
-                    "{mode}: {claim} fetched {fetched} rows to take {rows}"
+                    "{mode}, limits {limits}: {claim} fetched {fetched} rows to take {rows}"
                 );
             }
         }
@@ -241,7 +262,32 @@ struct Schedule {
     batches: Vec<(usize, String, Vec<i64>)>,
     /// Per store, per tenant: claims in a row in which the tenant had rows available and got none.
     streaks: [HashMap<&'static str, usize>; 2],
+    /// The tenants' rows of `outbox_tenant_limits` (V19), as the model set them.
+    limits: HashMap<&'static str, Limit>,
     counts: Counts,
+}
+
+/// A tenant's weight, cap and pause. The model pins each capped tenant's bucket (its
+/// `refilled_at` a day ahead, set again after every claim), so a claim's allowance is exactly the
+/// tokens the model counts: the bucket changes only by what claims spend and what the model
+/// refills.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Limit {
+    weight: i32,
+    cap: Option<i32>,
+    tokens: f64,
+    paused: bool,
+}
+
+impl Limit {
+    /// What a claim may take of the tenant: `None` for no cap; 0 when paused.
+    fn allowance(&self) -> Option<i64> {
+        if self.paused {
+            Some(0)
+        } else {
+            self.cap.map(|_| self.tokens.floor() as i64)
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -256,6 +302,14 @@ struct Counts {
     lane: u64,
     redriven: u64,
     discarded: u64,
+    /// Limits the model set or cleared.
+    limits_changed: u64,
+    /// Claims in which tenants of different weights both had rows available.
+    weighted: u64,
+    /// Claims in which a capped tenant had more rows available than its allowance (at least 1).
+    capped: u64,
+    /// Claims in which a tenant with rows due was paused or out of tokens.
+    held_back: u64,
 }
 
 impl Schedule {
@@ -280,7 +334,8 @@ impl Schedule {
 
     async fn step(&mut self, step: usize) -> Result<(), String> {
         match self.rng.u32(0..100) {
-            0..=21 => self.append().await,
+            0..=16 => self.append().await,
+            17..=21 => self.change_limits().await?,
             22..=59 => self.claim(step).await?,
             60..=84 => self.record().await?,
             85..=89 => self.come_due().await,
@@ -289,6 +344,120 @@ impl Schedule {
             _ => self.replay().await?,
         }
         Ok(())
+    }
+
+    /// An operator changes a tenant's weight, cap or pause, clears its row, or (the model's
+    /// stand-in for time passing) refills its bucket; through the admin API, as `outboxctl
+    /// tenants` does.
+    async fn change_limits(&mut self) -> Result<(), String> {
+        // The tenant with bursts one time in three: its caps bind.
+        let tenant = if self.rng.u32(0..3) == 0 {
+            TENANTS[0]
+        } else {
+            TENANTS[self.rng.usize(0..TENANTS.len())]
+        };
+        let mut limit = self.limits.get(tenant).copied().unwrap_or(Limit {
+            weight: 1,
+            cap: None,
+            tokens: 0.0,
+            paused: false,
+        });
+        let mut change = LimitsChange::default();
+        match self.rng.u32(0..7) {
+            0 | 1 => {
+                limit.weight = self.rng.i32(1..5);
+                change.weight = Some(limit.weight);
+            }
+            2 => {
+                let cap = self.rng.i32(1..5);
+                limit.cap = Some(cap);
+                limit.tokens = f64::from(cap);
+                change.max_per_second = Some(Some(cap));
+            }
+            3 => {
+                limit.paused = !limit.paused;
+                change.paused = Some(limit.paused);
+            }
+            4 => {
+                tenants::clear(&self.client, tenant)
+                    .await
+                    .map_err(|e| format!("clear {tenant}: {e}"))?;
+                self.limits.remove(tenant);
+                self.counts.limits_changed += 1;
+                return Ok(());
+            }
+            _ => {
+                let Some(cap) = limit.cap else { return Ok(()) };
+                self.client
+                    .execute(
+                        "UPDATE outbox_tenant_limits SET tokens = NULL WHERE tenant_id = $1",
+                        &[&tenant],
+                    )
+                    .await
+                    .map_err(|e| format!("refill {tenant}: {e}"))?;
+                limit.tokens = f64::from(cap);
+                self.limits.insert(tenant, limit);
+                return self.pin_buckets().await;
+            }
+        }
+        let row = tenants::set(&self.client, tenant, &change)
+            .await
+            .map_err(|e| format!("set {tenant} {change:?}: {e}"))?;
+        if (row.weight, row.max_per_second, row.paused) != (limit.weight, limit.cap, limit.paused) {
+            return Err(format!("set {tenant} {change:?}: the row is {row:?}, the model {limit:?}"));
+        }
+        self.limits.insert(tenant, limit);
+        self.counts.limits_changed += 1;
+        self.pin_buckets().await
+    }
+
+    /// Keeps every capped tenant's bucket from refilling with time (see [`Limit`]).
+    async fn pin_buckets(&self) -> Result<(), String> {
+        self.client
+            .execute(
+                "UPDATE outbox_tenant_limits SET refilled_at = now() + interval '1 day'
+                 WHERE max_per_second IS NOT NULL",
+                &[],
+            )
+            .await
+            .map_err(|e| format!("pin the buckets: {e}"))?;
+        Ok(())
+    }
+
+    /// The buckets as the database has them, against the model's.
+    async fn check_buckets(&self, what: &str) -> Result<(), String> {
+        let rows = self
+            .client
+            .query(
+                "SELECT tenant_id, coalesce(tokens, max_per_second) FROM outbox_tenant_limits
+                 WHERE max_per_second IS NOT NULL",
+                &[],
+            )
+            .await
+            .map_err(|e| format!("read the buckets: {e}"))?;
+        for row in rows {
+            let tenant: String = row.get(0);
+            let tokens: f64 = row.get(1);
+            let model = self
+                .limits
+                .get(tenant.as_str())
+                .map(|l| l.tokens)
+                .ok_or_else(|| format!("{tenant} has a cap the model did not set"))?;
+            if (tokens - model).abs() > 1e-6 {
+                return Err(format!(
+                    "{tenant}'s bucket holds {tokens} tokens, the model {model}: {what}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn weight(&self, tenant: &str) -> i64 {
+        self.limits.get(tenant).map_or(1, |l| i64::from(l.weight))
+    }
+
+    fn allowance(&self, tenant: &str) -> Option<i64> {
+        self.limits.get(tenant).and_then(Limit::allowance)
     }
 
     /// Up to three of `rows`' ids, at random.
@@ -461,6 +630,19 @@ impl Schedule {
             .filter(|r| r.state == (State::Pending { due: true }) && !r.leased)
             .filter(|r| !skipped(r.tenant))
             .collect();
+        // A paused tenant's rows, and those of a tenant out of tokens, are not available (V19);
+        // nor does such a tenant count in the weights' sum.
+        let before = available.len();
+        available.retain(|r| self.allowance(r.tenant) != Some(0));
+        if available.len() < before {
+            self.counts.held_back += 1;
+        }
+        let active: BTreeSet<&str> = pending_tenants
+            .iter()
+            .copied()
+            .filter(|t| self.allowance(t) != Some(0))
+            .collect();
+        let weights: i64 = active.iter().map(|t| self.weight(t)).sum();
         // A third session holds some available rows while the claim runs.
         let mut held = BTreeSet::new();
         if !available.is_empty() && self.rng.u32(0..4) == 0 {
@@ -573,27 +755,42 @@ impl Schedule {
                 return Err(format!("{tenant} did not get its first rows: {what}"));
             }
         }
-        // Fair share, whole batch for one.
-        let tenants = pending_tenants.len() as i64;
-        let share = if tenants == 0 { 0 } else { limit / tenants };
+        // Fair share by weight, within the allowance: at least min(its available rows, weight *
+        // floor(batch / the weights' sum), its allowance), and never beyond the allowance. With
+        // every weight 1 and no more tenants than the batch, at least one row each.
+        let what = format!("{what}; limits {:?}", self.limits);
+        let rounds = if weights == 0 { 0 } else { limit / weights };
         for (tenant, rows) in &by_tenant {
             let has = rows.len() as i64;
             let taken = got.get(tenant).map_or(0, |ids| ids.len() as i64);
-            if taken < has.min(share) {
+            let allowance = self.allowance(tenant).unwrap_or(i64::MAX);
+            let bound = has.min(self.weight(tenant) * rounds).min(allowance);
+            if taken < bound {
                 return Err(format!(
-                    "{tenant} got {taken}, less than its share {}: {what}",
-                    has.min(share)
+                    "{tenant} got {taken}, less than its share {bound}: {what}"
                 ));
             }
-            if tenants <= limit && taken == 0 {
-                return Err(format!("{tenant} got nothing: {what}"));
+            if taken > allowance {
+                return Err(format!(
+                    "{tenant} got {taken}, more than its allowance {allowance}: {what}"
+                ));
+            }
+            if has > allowance {
+                self.counts.capped += 1;
             }
         }
-        // The main claim gives one tenant with rows available the whole batch; the lane, which
-        // has no second round, when it is the only one not skipped with pending heads.
-        if by_tenant.len() == 1 && (lane.is_none() || tenants == 1) {
-            let has = by_tenant.values().next().unwrap().len() as i64;
-            if claimed.len() as i64 != has.min(limit) {
+        let weights_seen: BTreeSet<i64> = by_tenant.keys().map(|t| self.weight(t)).collect();
+        if weights_seen.len() > 1 {
+            self.counts.weighted += 1;
+        }
+        // The main claim gives one tenant with rows available the whole batch (within its
+        // allowance); the lane, which has no second round, when it is the only one not skipped
+        // with pending heads that may take rows.
+        if by_tenant.len() == 1 && (lane.is_none() || active.len() == 1) {
+            let (tenant, rows) = by_tenant.iter().next().unwrap();
+            let has = rows.len() as i64;
+            let allowance = self.allowance(tenant).unwrap_or(i64::MAX);
+            if claimed.len() as i64 != has.min(limit).min(allowance) {
                 return Err(format!(
                     "a tenant alone did not get the whole batch: {what}"
                 ));
@@ -607,7 +804,7 @@ impl Schedule {
             self.counts.lane += 1;
         }
         // Rotation (the main claim's).
-        if tenants > limit && lane.is_none() {
+        if pending_tenants.len() as i64 > limit && lane.is_none() {
             self.counts.rotating += 1;
         }
         // The lane does not move the rotation, and is not what serves a tenant in turn.
@@ -628,6 +825,21 @@ impl Schedule {
                 }
             }
         }
+
+        // The capped tenants' buckets lose what the claim took of theirs.
+        let mut spent = false;
+        for (tenant, ids) in &got {
+            if let Some(limit) = self.limits.get_mut(tenant) {
+                if limit.cap.is_some() {
+                    limit.tokens = (limit.tokens - ids.len() as f64).max(0.0);
+                    spent = true;
+                }
+            }
+        }
+        if spent {
+            self.pin_buckets().await?;
+        }
+        self.check_buckets(&what).await?;
 
         self.counts.claims += 1;
         self.counts.rows += claimed.len() as u64;
@@ -743,7 +955,8 @@ async fn claims_are_fair_between_tenants_in_seeded_schedules() {
         let client = db.client().await;
         client
             .batch_execute(
-                "TRUNCATE outbox, outbox_aggregates, outbox_feed_tenants, outbox_feed_acks",
+                "TRUNCATE outbox, outbox_aggregates, outbox_feed_tenants, outbox_feed_acks,
+                          outbox_tenant_limits",
             )
             .await
             .unwrap();
@@ -758,8 +971,17 @@ async fn claims_are_fair_between_tenants_in_seeded_schedules() {
             ],
             batches: Vec::new(),
             streaks: [HashMap::new(), HashMap::new()],
+            limits: HashMap::new(),
             counts: Counts::default(),
         };
+        // Three schedules in four start with a few tenants' limits set.
+        if schedule.rng.u32(0..4) > 0 {
+            for _ in 0..schedule.rng.usize(1..5) {
+                if let Err(failure) = schedule.change_limits().await {
+                    panic!("schedule {n} (FAIRNESS_SEED={seed} FAIRNESS_SCHEDULES=1): {failure}");
+                }
+            }
+        }
         for step in 0..STEPS {
             if let Err(failure) = schedule.step(step).await {
                 panic!("schedule {n} (FAIRNESS_SEED={seed} FAIRNESS_SCHEDULES=1): {failure}");
@@ -776,6 +998,10 @@ async fn claims_are_fair_between_tenants_in_seeded_schedules() {
         totals.lane += c.lane;
         totals.redriven += c.redriven;
         totals.discarded += c.discarded;
+        totals.limits_changed += c.limits_changed;
+        totals.weighted += c.weighted;
+        totals.capped += c.capped;
+        totals.held_back += c.held_back;
     }
     println!("{schedules} schedules: {totals:?}");
     // Every situation the checks are about came up, many times over.
@@ -788,4 +1014,8 @@ async fn claims_are_fair_between_tenants_in_seeded_schedules() {
     assert!(totals.lane >= schedules * 2, "{totals:?}");
     assert!(totals.redriven >= schedules / 4, "{totals:?}");
     assert!(totals.discarded >= schedules / 4, "{totals:?}");
+    assert!(totals.limits_changed >= schedules, "{totals:?}");
+    assert!(totals.weighted >= schedules / 2, "{totals:?}");
+    assert!(totals.capped >= schedules / 4, "{totals:?}");
+    assert!(totals.held_back >= schedules / 4, "{totals:?}");
 }

@@ -25,5 +25,6 @@ mod sample_events;
 mod secrets;
 mod sink;
 mod statements;
+mod tenant_limits;
 mod tls;
 mod trace;
