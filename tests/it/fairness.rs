@@ -404,7 +404,9 @@ impl Schedule {
             .await
             .map_err(|e| format!("set {tenant} {change:?}: {e}"))?;
         if (row.weight, row.max_per_second, row.paused) != (limit.weight, limit.cap, limit.paused) {
-            return Err(format!("set {tenant} {change:?}: the row is {row:?}, the model {limit:?}"));
+            return Err(format!(
+                "set {tenant} {change:?}: the row is {row:?}, the model {limit:?}"
+            ));
         }
         self.limits.insert(tenant, limit);
         self.counts.limits_changed += 1;

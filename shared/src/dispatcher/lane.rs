@@ -381,6 +381,9 @@ mod tests {
         let weighted = claimed(store.claim_batch(500, lease, "d1/4").await.unwrap());
         let (ahead, now) = weighted.split(500);
         assert_eq!(ahead.tenants(), ["heavy", "light"]);
-        assert_eq!(now.expect("the quiet one goes at once").tenants(), ["quiet"]);
+        assert_eq!(
+            now.expect("the quiet one goes at once").tenants(),
+            ["quiet"]
+        );
     }
 }

@@ -131,12 +131,10 @@ fn table(rows: &[TenantLimits]) -> String {
                 r.max_per_second
                     .map_or_else(|| "-".to_owned(), |c| c.to_string()),
                 if r.paused { "paused" } else { "-" }.to_owned(),
-                r.updated_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                r.updated_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             ]
         })
         .collect();
-    render::table(
-        &["TENANT", "WEIGHT", "MAX/S", "PAUSED", "CHANGED"],
-        &rows,
-    )
+    render::table(&["TENANT", "WEIGHT", "MAX/S", "PAUSED", "CHANGED"], &rows)
 }
