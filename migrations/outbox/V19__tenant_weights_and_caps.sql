@@ -13,8 +13,9 @@
 --   gets at least min(its due heads no one holds, weight * floor(batch / the weights' sum), its
 --   allowance). Within a round the rotation of V8 goes on (tenants after p_after first), so with a
 --   batch smaller than the weights' sum every tenant is still served in turn, at shares that
---   follow the weights less closely. The claim now returns its rows in the cut's order (live
---   rows, then replays): the caller's rotation goes on after the last live row's tenant.
+--   follow the weights less closely. The caller's rotation (shared/src/postgres/outbox.rs) goes
+--   on after a tenant this claim served; with weights it may be one that ended an earlier round
+--   than the last, so the next claim starts at least one tenant further, never behind.
 -- * max_per_second (at least 1; no cap without it): the tenant's live events leased at most at
 --   that rate, over every dispatcher and the lanes, with bursts up to one second's worth. A token
 --   bucket in the row (tokens, refilled_at): each claim refills it for the time since it was last
@@ -141,12 +142,10 @@ BEGIN
     ), live AS (
         -- Round by round, a tenant of weight w having w turns in each; within a round, tenants
         -- after p_after first, in byte order (the caller's), each with its turns in due order.
-        -- The rank is the cut's order, and the order the rows are returned in.
-        SELECT id, row_number() OVER (
-                   ORDER BY ceil(turn::float8 / weight), tenant_id COLLATE "C" <= p_after COLLATE "C",
-                            tenant_id COLLATE "C", turn) AS rank
-        FROM (SELECT * FROM first_round UNION ALL SELECT * FROM second_round) p
-        ORDER BY rank
+        SELECT id FROM (
+            SELECT * FROM first_round UNION ALL SELECT * FROM second_round) p
+        ORDER BY ceil(turn::float8 / weight), tenant_id COLLATE "C" <= p_after COLLATE "C",
+                 tenant_id COLLATE "C", turn
         LIMIT p_limit
     ), replays AS (
         SELECT o.id, o.next_attempt_at,
@@ -166,28 +165,29 @@ BEGIN
     ), replays_free AS (
         -- Only replays whose aggregate no replay of the operator's is committing right now.
         SELECT id, next_attempt_at FROM replays WHERE pg_try_advisory_xact_lock(lock_key)
-    ), candidates AS MATERIALIZED (
+    ), candidates AS (
         -- Live events first, then replays.
-        SELECT id, rank FROM live
+        SELECT id FROM live
         UNION ALL
-        SELECT id, p_limit + row_number() OVER (ORDER BY next_attempt_at, id) FROM replays_free
+        SELECT id FROM replays_free
     ), leased AS (
         UPDATE outbox o
         SET locked_until = now() + make_interval(secs => p_lease_secs),
             locked_by = p_owner,
             attempts = o.attempts + 1
-        WHERE o.id = ANY (ARRAY(SELECT id FROM candidates ORDER BY rank LIMIT p_limit))
+        WHERE o.id = ANY (ARRAY(SELECT id FROM candidates LIMIT p_limit))
         RETURNING o.*
     ), spent AS (
-        -- The capped tenants' tokens this claim took (their live rows).
+        -- The capped tenants' tokens this claim took (their live rows); nothing to do, and
+        -- nothing read, when no tenant is capped.
         UPDATE outbox_tenant_limits l
         SET tokens = greatest(b.tokens - s.n, 0), refilled_at = now()
         FROM budget b
-        JOIN (SELECT x.tenant_id, count(*) AS n FROM leased x WHERE NOT x.replay
-              GROUP BY x.tenant_id) s ON s.tenant_id = b.tenant_id
-        WHERE l.tenant_id = b.tenant_id
+        CROSS JOIN LATERAL (SELECT count(*) AS n FROM leased x
+                            WHERE x.tenant_id = b.tenant_id AND NOT x.replay) s
+        WHERE l.tenant_id = b.tenant_id AND s.n > 0
     )
-    SELECT x.* FROM leased x JOIN candidates c ON c.id = x.id ORDER BY c.rank;
+    SELECT * FROM leased;
 END $$;
 
 -- The lane's claim of V15 with the same weights, caps and pauses.
@@ -265,9 +265,8 @@ BEGIN
         UPDATE outbox_tenant_limits l
         SET tokens = greatest(b.tokens - s.n, 0), refilled_at = now()
         FROM budget b
-        JOIN (SELECT x.tenant_id, count(*) AS n FROM leased x GROUP BY x.tenant_id) s
-            ON s.tenant_id = b.tenant_id
-        WHERE l.tenant_id = b.tenant_id
+        CROSS JOIN LATERAL (SELECT count(*) AS n FROM leased x WHERE x.tenant_id = b.tenant_id) s
+        WHERE l.tenant_id = b.tenant_id AND s.n > 0
     )
     SELECT * FROM leased;
 END $$;

@@ -8,11 +8,17 @@
 //! connected), so the machine's drift during a round touches both sides alike. `BENCH_ROUNDS`
 //! rounds (default 3), each on new databases.
 //!
+//! `BENCH_RECORD_BEFORE=v18-claim`: the other side is this version's record with the claim as
+//! V18 left it (V15's, before the tenants' weights and caps of V19) instead. With
+//! `BENCH_RECORD_LIMITS=1` this version's side has a row of `outbox_tenant_limits` for its tenant
+//! (weight 2, a cap of 1,000,000 a second: never reached, but its bucket is locked, refilled and
+//! spent by every claim).
+//!
 //! Run: `cargo bench -p outbox-tests --bench record` with `.local/env` sourced.
 
 use std::time::Duration;
 
-use outbox_tests::bench::{env_usize, seed, Backend, AS_V16};
+use outbox_tests::bench::{as_v18_claim, env_usize, seed, Backend, AS_V16};
 use outbox_tests::TestDb;
 
 const CONNECTIONS: usize = 2;
@@ -117,14 +123,32 @@ impl Side {
 async fn main() {
     let rows = env_usize("BENCH_RECORD_ROWS", 100_000);
     let rounds = env_usize("BENCH_ROUNDS", 3);
-    println!("## The claim and the record, this version against V16's record, side by side\n");
+    let claim_as_v18 = std::env::var("BENCH_RECORD_BEFORE").as_deref() == Ok("v18-claim");
+    let limits = env_usize("BENCH_RECORD_LIMITS", 0) == 1;
+    let (before_setup, before_name) = if claim_as_v18 {
+        (as_v18_claim(), "V18's claim + record")
+    } else {
+        (AS_V16.to_owned(), "claim + V16's record")
+    };
+    let now_setup = if limits {
+        "INSERT INTO outbox_tenant_limits (tenant_id, weight, max_per_second) \
+         VALUES ('bench', 2, 1000000)"
+    } else {
+        ""
+    };
+    let now_name = if limits {
+        "this version, its tenant weighted and capped"
+    } else {
+        "this version"
+    };
+    println!("## The claim and the record: {before_name} against {now_name}, side by side\n");
     println!("{rows} events each, {CONNECTIONS} connections each, claims of {BATCH}; CPU of each side's backends per row.\n");
-    println!("| round | claim + V16's record µs/row | claim + this version's record µs/row | ratio | rows handed back as deferred, summed over the records (V16's, this version's) |");
+    println!("| round | {before_name} µs/row | {now_name} µs/row | ratio | rows handed back as deferred, summed over the records (before, this version) |");
     println!("|---|---|---|---|---|");
     let mut ratios = Vec::new();
     for round in 1..=rounds {
-        let before = Side::new(rows, AS_V16).await;
-        let now = Side::new(rows, "").await;
+        let before = Side::new(rows, &before_setup).await;
+        let now = Side::new(rows, now_setup).await;
         let ((old_rows, old_deferred, old_cpu), (new_rows, new_deferred, new_cpu)) =
             tokio::join!(before.run(), now.run());
         // A claim can come back empty while the other connection's claim holds the last rows:

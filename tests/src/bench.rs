@@ -630,3 +630,20 @@ pub fn as_v17() -> String {
         &V13[start..end]
     )
 }
+
+/// V19 undone, for a benchmark to measure the claim as V18 left it beside V19 in one run: V15's
+/// `outbox_claim` and `outbox_claim_waiting`, taken from that migration's own text.
+pub fn as_v18_claim() -> String {
+    const V15: &str = include_str!("../../migrations/outbox/V15__a_lane_for_the_waiting.sql");
+    let start = V15
+        .find("CREATE FUNCTION outbox_claim_waiting(")
+        .expect("V15 defines outbox_claim_waiting");
+    let end = V15
+        .rfind("DO $$")
+        .expect("V15 sets the claims' search_path last");
+    format!(
+        "{}\nALTER FUNCTION outbox_claim(bigint, float8, text, text) SET search_path = public, pg_catalog;\n\
+         ALTER FUNCTION outbox_claim_waiting(bigint, float8, text, text[]) SET search_path = public, pg_catalog;",
+        V15[start..end].replacen("CREATE FUNCTION outbox_claim_waiting(", "CREATE OR REPLACE FUNCTION outbox_claim_waiting(", 1)
+    )
+}

@@ -128,7 +128,7 @@ impl PgOutboxStore {
         lease: std::time::Duration,
         lease_owner: &str,
         fourth: (&(dyn tokio_postgres::types::ToSql + Sync), Type),
-    ) -> Result<(Vec<crate::outbox::ClaimedEvent>, Option<String>), crate::ports::StoreError> {
+    ) -> Result<Vec<crate::outbox::ClaimedEvent>, crate::ports::StoreError> {
         let lease_secs = lease.as_secs_f64();
         let (value, ty) = fourth;
         let ty = &ty;
@@ -152,15 +152,8 @@ impl PgOutboxStore {
             .iter()
             .map(claimed_from_row)
             .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
-        // Where the claim ended its cut, before the rows are put in id order: `outbox_claim`
-        // (V19) returns them in the cut's order (round by round, within a round the tenants after
-        // `after` first, then the rest, in byte order; then replays, which do not count).
-        let last_live = claimed
-            .iter()
-            .rfind(|e| !e.replay)
-            .map(|e| e.tenant_id.clone());
         claimed.sort_by_key(|e| e.id);
-        Ok((claimed, last_live))
+        Ok(claimed)
     }
 
     fn after(&self) -> std::sync::MutexGuard<'_, String> {
@@ -169,6 +162,37 @@ impl PgOutboxStore {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// Where a claim ended its last turn (`outbox_claim`'s cut: turn by turn, within a turn the
+/// tenants after `after` first, then the rest, in byte order): the next claim starts after it.
+/// A tenant's rows fill its turns 1..n, so the last turn is that of the tenants with the most
+/// live rows; replays come after the turns and do not count. None when no live row was taken.
+/// With weights (migration V19) the cut goes round by round, a tenant of weight w taking w turns
+/// in each, and the tenant found here may be one that ended an earlier round than the last: it
+/// is still a tenant this claim served, after `after` in the rotation, so the next claim starts
+/// at least one tenant further and every tenant is served in turn (the weights are not read
+/// here, so the claim needs nothing but its own rows).
+fn last_served<'a>(after: &str, live_tenants: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let mut rows: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for tenant in live_tenants {
+        *rows.entry(tenant).or_default() += 1;
+    }
+    let turns = rows.values().copied().max()?;
+    let last_turn = rows
+        .iter()
+        .filter(|(_, n)| **n == turns)
+        .map(|(tenant, _)| *tenant);
+    let (mut wrapped, mut ahead) = (None::<&str>, None::<&str>);
+    for tenant in last_turn {
+        // Ascending: the last one seen on each side is the furthest.
+        if tenant <= after {
+            wrapped = Some(tenant);
+        } else {
+            ahead = Some(tenant);
+        }
+    }
+    wrapped.or(ahead)
 }
 
 impl crate::ports::OutboxStore for PgOutboxStore {
@@ -181,12 +205,15 @@ impl crate::ports::OutboxStore for PgOutboxStore {
     ) -> Result<Vec<crate::outbox::ClaimedEvent>, crate::ports::StoreError> {
         let after = self.after().clone();
         let after = after.as_str();
-        let (claimed, last_live) = self
+        let claimed = self
             .claim_with(CLAIM, limit, lease, lease_owner, (&after, Type::TEXT))
             .await?;
-        // The next claim starts after the tenant where this one ended its cut.
-        if let Some(last) = last_live {
-            *self.after() = last;
+        let live = claimed
+            .iter()
+            .filter(|e| !e.replay)
+            .map(|e| e.tenant_id.as_str());
+        if let Some(last) = last_served(after, live) {
+            *self.after() = last.to_owned();
         }
         Ok(claimed)
     }
@@ -207,7 +234,6 @@ impl crate::ports::OutboxStore for PgOutboxStore {
             (&skip, Type::TEXT_ARRAY),
         )
         .await
-        .map(|(claimed, _)| claimed)
     }
 
     #[tracing::instrument(skip_all, fields(published = outcomes.published.len(),
@@ -402,4 +428,33 @@ async fn explain_rolled_back(
         })
         .collect::<Vec<_>>()
         .join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_served;
+
+    #[test]
+    fn the_rotation_goes_on_after_the_last_tenant_served() {
+        // One row each, after "c": d, e, then a, b (wrapped round): b ends the turn.
+        assert_eq!(
+            last_served("c", ["a", "e", "b", "d"].into_iter()),
+            Some("b")
+        );
+        // Not wrapped round: the furthest after "c".
+        assert_eq!(last_served("c", ["e", "d"].into_iter()), Some("e"));
+        // The first claim starts after "" (every tenant is after it).
+        assert_eq!(last_served("", ["b", "a"].into_iter()), Some("b"));
+        // "c" itself comes last in its own rotation.
+        assert_eq!(last_served("c", ["c", "d"].into_iter()), Some("c"));
+        assert_eq!(last_served("c", std::iter::empty()), None);
+        // Ten tenants and a batch of 15: every tenant's first turn, then a second turn cut after
+        // five of them. The second turn ended at t4, wherever the first turn went: the next claim
+        // gives the second turn to t5..t9.
+        let mut rows: Vec<String> = (0..10).map(|t| format!("t{t}")).collect();
+        rows.extend((0..5).map(|t| format!("t{t}")));
+        assert_eq!(last_served("", rows.iter().map(String::as_str)), Some("t4"));
+        // Byte order, as the claim's cut: "Z" sorts before "a".
+        assert_eq!(last_served("a", ["Z", "b"].into_iter()), Some("Z"));
+    }
 }
