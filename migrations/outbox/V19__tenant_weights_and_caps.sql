@@ -51,8 +51,36 @@ CREATE TABLE outbox_tenant_limits (
 COMMENT ON TABLE outbox_tenant_limits IS
     'A tenant''s weight, cap and pause in the claim (V19); a tenant without a row has weight 1, no cap, not paused.';
 
--- The claim of V15 with the tenants' weights, caps and pauses (the CTEs limits, budget, active,
--- quota; the shares; the cut's order; spent).
+-- The tenants of p_tenants that may have rows in a claim, with their weights and allowances
+-- (NULL: no cap) and, for capped tenants, their buckets refilled (tokens). A paused tenant is left
+-- out, and so is a capped one with less than a whole token or whose row another claim holds right
+-- now (FOR UPDATE SKIP LOCKED: the claim that locks a bucket alone spends it, until its
+-- transaction ends). Both claims below call it; each spends what it took in the same statement.
+CREATE FUNCTION outbox_tenant_shares(p_tenants text[])
+RETURNS TABLE (tenant_id text, weight integer, allowance bigint, tokens float8)
+LANGUAGE plpgsql ROWS 100 SET jit = off AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH budget AS MATERIALIZED (
+        SELECT l.tenant_id,
+               least(l.max_per_second::float8,
+                     coalesce(l.tokens, l.max_per_second)
+                     + l.max_per_second * greatest(extract(epoch FROM now() - l.refilled_at)::float8, 0)) AS tokens
+        FROM outbox_tenant_limits l
+        WHERE l.tenant_id = ANY (p_tenants) AND l.max_per_second IS NOT NULL AND NOT l.paused
+        FOR UPDATE SKIP LOCKED
+    )
+    SELECT t.tenant_id, coalesce(l.weight, 1),
+           CASE WHEN l.max_per_second IS NOT NULL THEN floor(b.tokens)::int8 END, b.tokens
+    FROM unnest(p_tenants) AS t(tenant_id)
+    LEFT JOIN outbox_tenant_limits l ON l.tenant_id = t.tenant_id
+    LEFT JOIN budget b ON b.tenant_id = t.tenant_id
+    WHERE NOT coalesce(l.paused, false) AND (l.max_per_second IS NULL OR b.tokens >= 1);
+END $$;
+
+-- The claim of V15 with the tenants' weights, caps and pauses (the CTEs active, quota; the
+-- shares; the cut's order; spent).
 CREATE OR REPLACE FUNCTION outbox_claim(p_limit bigint, p_lease_secs float8, p_owner text, p_after text)
 RETURNS SETOF outbox LANGUAGE plpgsql SET jit = off AS $$
 BEGIN
@@ -72,28 +100,10 @@ BEGIN
                 WHERE o.status = 'pending' AND o.is_head AND o.tenant_id > t.tenant_id
                 ORDER BY o.tenant_id LIMIT 1)
         FROM tenants t WHERE t.tenant_id IS NOT NULL
-    ), limits AS MATERIALIZED (
-        SELECT l.tenant_id, l.weight, l.max_per_second, l.paused FROM outbox_tenant_limits l
-        WHERE l.tenant_id IN (SELECT tenant_id FROM tenants)
-    ), budget AS MATERIALIZED (
-        -- Capped tenants' buckets, refilled; locked, so this claim alone spends them.
-        SELECT l.tenant_id,
-               least(l.max_per_second::float8,
-                     coalesce(l.tokens, l.max_per_second)
-                     + l.max_per_second * greatest(extract(epoch FROM now() - l.refilled_at)::float8, 0)) AS tokens
-        FROM outbox_tenant_limits l
-        WHERE l.max_per_second IS NOT NULL AND NOT l.paused
-          AND l.tenant_id IN (SELECT tenant_id FROM tenants)
-        FOR UPDATE SKIP LOCKED
     ), active AS MATERIALIZED (
         -- Tenants that may have rows in this claim, their weights and allowances (NULL: no cap).
-        SELECT t.tenant_id, coalesce(l.weight, 1) AS weight,
-               CASE WHEN l.max_per_second IS NOT NULL THEN floor(b.tokens)::int8 END AS allowance
-        FROM tenants t
-        LEFT JOIN limits l ON l.tenant_id = t.tenant_id
-        LEFT JOIN budget b ON b.tenant_id = t.tenant_id
-        WHERE t.tenant_id IS NOT NULL AND NOT coalesce(l.paused, false)
-          AND (l.max_per_second IS NULL OR b.tokens >= 1)
+        SELECT * FROM outbox_tenant_shares(ARRAY(
+            SELECT tenant_id FROM tenants WHERE tenant_id IS NOT NULL))
     ), quota AS MATERIALIZED (
         -- Each tenant's first share: its part of the batch by weight, within its allowance.
         SELECT a.tenant_id, a.weight, a.allowance,
@@ -181,11 +191,11 @@ BEGIN
         -- The capped tenants' tokens this claim took (their live rows); nothing to do, and
         -- nothing read, when no tenant is capped.
         UPDATE outbox_tenant_limits l
-        SET tokens = greatest(b.tokens - s.n, 0), refilled_at = now()
-        FROM budget b
+        SET tokens = greatest(a.tokens - s.n, 0), refilled_at = now()
+        FROM active a
         CROSS JOIN LATERAL (SELECT count(*) AS n FROM leased x
-                            WHERE x.tenant_id = b.tenant_id AND NOT x.replay) s
-        WHERE l.tenant_id = b.tenant_id AND s.n > 0
+                            WHERE x.tenant_id = a.tenant_id AND NOT x.replay) s
+        WHERE a.allowance IS NOT NULL AND l.tenant_id = a.tenant_id AND s.n > 0
     )
     SELECT * FROM leased;
 END $$;
@@ -210,28 +220,10 @@ BEGIN
                 WHERE o.status = 'pending' AND o.is_head AND o.tenant_id > t.tenant_id
                 ORDER BY o.tenant_id LIMIT 1)
         FROM tenants t WHERE t.tenant_id IS NOT NULL
-    ), wanted AS MATERIALIZED (
-        SELECT tenant_id FROM tenants
-        WHERE tenant_id IS NOT NULL AND tenant_id <> ALL (p_skip)
-    ), limits AS MATERIALIZED (
-        SELECT l.tenant_id, l.weight, l.max_per_second, l.paused FROM outbox_tenant_limits l
-        WHERE l.tenant_id IN (SELECT tenant_id FROM wanted)
-    ), budget AS MATERIALIZED (
-        SELECT l.tenant_id,
-               least(l.max_per_second::float8,
-                     coalesce(l.tokens, l.max_per_second)
-                     + l.max_per_second * greatest(extract(epoch FROM now() - l.refilled_at)::float8, 0)) AS tokens
-        FROM outbox_tenant_limits l
-        WHERE l.max_per_second IS NOT NULL AND NOT l.paused
-          AND l.tenant_id IN (SELECT tenant_id FROM wanted)
-        FOR UPDATE SKIP LOCKED
     ), active AS MATERIALIZED (
-        SELECT t.tenant_id, coalesce(l.weight, 1) AS weight,
-               CASE WHEN l.max_per_second IS NOT NULL THEN floor(b.tokens)::int8 END AS allowance
-        FROM wanted t
-        LEFT JOIN limits l ON l.tenant_id = t.tenant_id
-        LEFT JOIN budget b ON b.tenant_id = t.tenant_id
-        WHERE NOT coalesce(l.paused, false) AND (l.max_per_second IS NULL OR b.tokens >= 1)
+        SELECT * FROM outbox_tenant_shares(ARRAY(
+            SELECT tenant_id FROM tenants
+            WHERE tenant_id IS NOT NULL AND tenant_id <> ALL (p_skip)))
     ), quota AS MATERIALIZED (
         SELECT a.tenant_id, a.weight,
                least(ceil(p_limit::float8 * a.weight / w.weights)::int8, a.allowance) AS n
@@ -263,20 +255,22 @@ BEGIN
         RETURNING o.*
     ), spent AS (
         UPDATE outbox_tenant_limits l
-        SET tokens = greatest(b.tokens - s.n, 0), refilled_at = now()
-        FROM budget b
-        CROSS JOIN LATERAL (SELECT count(*) AS n FROM leased x WHERE x.tenant_id = b.tenant_id) s
-        WHERE l.tenant_id = b.tenant_id AND s.n > 0
+        SET tokens = greatest(a.tokens - s.n, 0), refilled_at = now()
+        FROM active a
+        CROSS JOIN LATERAL (SELECT count(*) AS n FROM leased x WHERE x.tenant_id = a.tenant_id) s
+        WHERE a.allowance IS NOT NULL AND l.tenant_id = a.tenant_id AND s.n > 0
     )
     SELECT * FROM leased;
 END $$;
 
--- CREATE OR REPLACE keeps no SET clause: both claims' search_path again (V15); jit = off is in
--- their definitions.
+-- CREATE OR REPLACE keeps no SET clause: both claims' search_path again (V15), and the shares';
+-- jit = off is in their definitions.
 DO $$
 BEGIN
     EXECUTE format('ALTER FUNCTION outbox_claim(bigint, float8, text, text) SET search_path = %I, pg_catalog',
                    current_schema());
     EXECUTE format('ALTER FUNCTION outbox_claim_waiting(bigint, float8, text, text[]) SET search_path = %I, pg_catalog',
+                   current_schema());
+    EXECUTE format('ALTER FUNCTION outbox_tenant_shares(text[]) SET search_path = %I, pg_catalog',
                    current_schema());
 END $$;

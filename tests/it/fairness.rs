@@ -306,6 +306,8 @@ struct Counts {
     limits_changed: u64,
     /// Claims in which tenants of different weights both had rows available.
     weighted: u64,
+    /// Claims in which a tenant's share by weight was above an even share.
+    weight_decides: u64,
     /// Claims in which a capped tenant had more rows available than its allowance (at least 1).
     capped: u64,
     /// Claims in which a tenant with rows due was paused or out of tokens.
@@ -363,22 +365,22 @@ impl Schedule {
             paused: false,
         });
         let mut change = LimitsChange::default();
-        match self.rng.u32(0..7) {
-            0 | 1 => {
-                limit.weight = self.rng.i32(1..5);
+        match self.rng.u32(0..10) {
+            0..=3 => {
+                limit.weight = self.rng.i32(1..7);
                 change.weight = Some(limit.weight);
             }
-            2 => {
+            4 | 5 => {
                 let cap = self.rng.i32(1..5);
                 limit.cap = Some(cap);
                 limit.tokens = f64::from(cap);
                 change.max_per_second = Some(Some(cap));
             }
-            3 => {
+            6 => {
                 limit.paused = !limit.paused;
                 change.paused = Some(limit.paused);
             }
-            4 => {
+            7 => {
                 tenants::clear(&self.client, tenant)
                     .await
                     .map_err(|e| format!("clear {tenant}: {e}"))?;
@@ -573,9 +575,13 @@ impl Schedule {
     }
 
     async fn append(&mut self) {
+        // Bursts mostly into the first tenant; one in three into any (several tenants with rows
+        // enough for their weights to decide their shares).
         let burst = self.rng.u32(0..4) == 0;
-        let tenant = if burst {
+        let tenant = if burst && self.rng.u32(0..3) > 0 {
             TENANTS[0]
+        } else if burst {
+            TENANTS[self.rng.usize(0..TENANTS.len())]
         } else {
             TENANTS[self.rng.usize(0..TENANTS.len())]
         };
@@ -603,7 +609,7 @@ impl Schedule {
 
     async fn claim(&mut self, step: usize) -> Result<(), String> {
         let d = self.rng.usize(0..2);
-        let limit = if self.rng.bool() {
+        let mut limit = if self.rng.bool() {
             self.rng.i64(1..4)
         } else {
             self.rng.i64(1..25)
@@ -645,6 +651,10 @@ impl Schedule {
             .filter(|t| self.allowance(t) != Some(0))
             .collect();
         let weights: i64 = active.iter().map(|t| self.weight(t)).sum();
+        // With a tenant weighted, two claims in three take one or two whole rounds.
+        if active.iter().any(|t| self.weight(t) > 1) && self.rng.u32(0..3) > 0 {
+            limit = weights * self.rng.i64(1..3);
+        }
         // A third session holds some available rows while the claim runs.
         let mut held = BTreeSet::new();
         if !available.is_empty() && self.rng.u32(0..4) == 0 {
@@ -784,6 +794,16 @@ impl Schedule {
         let weights_seen: BTreeSet<i64> = by_tenant.keys().map(|t| self.weight(t)).collect();
         if weights_seen.len() > 1 {
             self.counts.weighted += 1;
+        }
+        // Claims where a weight decides: some tenant's bound by weight is above what an even
+        // share would give it.
+        let even = limit / (active.len() as i64).max(1);
+        if by_tenant.iter().any(|(tenant, rows)| {
+            let has = rows.len() as i64;
+            let allowance = self.allowance(tenant).unwrap_or(i64::MAX);
+            has.min(self.weight(tenant) * rounds).min(allowance) > has.min(even).min(allowance)
+        }) {
+            self.counts.weight_decides += 1;
         }
         // The main claim gives one tenant with rows available the whole batch (within its
         // allowance); the lane, which has no second round, when it is the only one not skipped
@@ -1002,6 +1022,7 @@ async fn claims_are_fair_between_tenants_in_seeded_schedules() {
         totals.discarded += c.discarded;
         totals.limits_changed += c.limits_changed;
         totals.weighted += c.weighted;
+        totals.weight_decides += c.weight_decides;
         totals.capped += c.capped;
         totals.held_back += c.held_back;
     }
@@ -1018,6 +1039,7 @@ async fn claims_are_fair_between_tenants_in_seeded_schedules() {
     assert!(totals.discarded >= schedules / 4, "{totals:?}");
     assert!(totals.limits_changed >= schedules, "{totals:?}");
     assert!(totals.weighted >= schedules / 2, "{totals:?}");
-    assert!(totals.capped >= schedules / 4, "{totals:?}");
+    assert!(totals.weight_decides >= schedules / 6, "{totals:?}");
+    assert!(totals.capped >= schedules / 6, "{totals:?}");
     assert!(totals.held_back >= schedules / 4, "{totals:?}");
 }
