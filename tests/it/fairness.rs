@@ -580,8 +580,6 @@ impl Schedule {
         let burst = self.rng.u32(0..4) == 0;
         let tenant = if burst && self.rng.u32(0..3) > 0 {
             TENANTS[0]
-        } else if burst {
-            TENANTS[self.rng.usize(0..TENANTS.len())]
         } else {
             TENANTS[self.rng.usize(0..TENANTS.len())]
         };
