@@ -10,9 +10,11 @@
 //!
 //! `BENCH_RECORD_BEFORE=v18-claim`: the other side is this version's record with the claim as
 //! V18 left it (V15's, before the tenants' weights and caps of V19) instead. With
-//! `BENCH_RECORD_LIMITS=1` this version's side has a row of `outbox_tenant_limits` for its tenant
-//! (weight 2, a cap of 1,000,000 a second: never reached, but its bucket is locked, refilled and
-//! spent by every claim).
+//! `BENCH_RECORD_LIMITS=weight` this version's side has a row of `outbox_tenant_limits` for its
+//! tenant (weight 2: read by every claim); with `BENCH_RECORD_LIMITS=cap`, weight 2 and a cap of
+//! 1,000,000 a second (never reached, but its bucket is locked, refilled and spent by every claim,
+//! so the two connections' claims take the tenant one at a time: a claim that finds the bucket
+//! held comes back empty, and that connection stops).
 //!
 //! Run: `cargo bench -p outbox-tests --bench record` with `.local/env` sourced.
 
@@ -124,22 +126,24 @@ async fn main() {
     let rows = env_usize("BENCH_RECORD_ROWS", 100_000);
     let rounds = env_usize("BENCH_ROUNDS", 3);
     let claim_as_v18 = std::env::var("BENCH_RECORD_BEFORE").as_deref() == Ok("v18-claim");
-    let limits = env_usize("BENCH_RECORD_LIMITS", 0) == 1;
+    let limits = std::env::var("BENCH_RECORD_LIMITS").unwrap_or_default();
     let (before_setup, before_name) = if claim_as_v18 {
         (as_v18_claim(), "V18's claim + record")
     } else {
         (AS_V16.to_owned(), "claim + V16's record")
     };
-    let now_setup = if limits {
-        "INSERT INTO outbox_tenant_limits (tenant_id, weight, max_per_second) \
-         VALUES ('bench', 2, 1000000)"
-    } else {
-        ""
-    };
-    let now_name = if limits {
-        "this version, its tenant weighted and capped"
-    } else {
-        "this version"
+    let (now_setup, now_name) = match limits.as_str() {
+        "weight" => (
+            "INSERT INTO outbox_tenant_limits (tenant_id, weight) VALUES ('bench', 2)",
+            "this version, its tenant weighted",
+        ),
+        "cap" => (
+            "INSERT INTO outbox_tenant_limits (tenant_id, weight, max_per_second) \
+             VALUES ('bench', 2, 1000000)",
+            "this version, its tenant weighted and capped",
+        ),
+        "" => ("", "this version"),
+        other => panic!("BENCH_RECORD_LIMITS={other}: weight, cap, or unset"),
     };
     println!("## The claim and the record: {before_name} against {now_name}, side by side\n");
     println!("{rows} events each, {CONNECTIONS} connections each, claims of {BATCH}; CPU of each side's backends per row.\n");

@@ -1,3 +1,5 @@
+//! (Past 400 lines: each rule of the tenants' limits in one named scenario, with the inputs tried.)
+//!
 //! Tenants weighted, capped and paused in the claim (`outbox_tenant_limits`, migration V19), on
 //! the real PostgreSQL: each rule named once here; the seeded model in `fairness.rs` checks the
 //! shares, allowances and buckets after every claim of random schedules.

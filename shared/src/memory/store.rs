@@ -1,6 +1,7 @@
 //! An [`OutboxStore`] in memory, with the outbox's rules: per-aggregate order (an event is due
 //! only once every earlier version is published; a dead one parks the rest), claims shared
-//! between tenants (round robin, as `outbox_claim`), leases, attempts, backoff, outcomes fenced
+//! between tenants (round robin, as `outbox_claim` with no tenant limits: weights, caps and
+//! pauses, migration V19, are the database's alone), leases, attempts, backoff, outcomes fenced
 //! by the lease owner. And the faults a test needs: a store that fails
 //! the next calls, and rows whose outcomes an appender holds for a while.
 
