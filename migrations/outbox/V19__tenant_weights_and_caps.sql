@@ -55,7 +55,11 @@ COMMENT ON TABLE outbox_tenant_limits IS
 -- (NULL: no cap) and, for capped tenants, their buckets refilled (tokens). A paused tenant is left
 -- out, and so is a capped one with less than a whole token or whose row another claim holds right
 -- now (FOR UPDATE SKIP LOCKED: the claim that locks a bucket alone spends it, until its
--- transaction ends). Both claims below call it; each spends what it took in the same statement.
+-- transaction ends). Both claims below call it; each spends what it took in the same statement,
+-- never moving refilled_at back (now() is its transaction's start: a claim that started before
+-- another spent the bucket refills nothing for the time before that spend). Called by hand inside
+-- an open transaction, it holds the capped tenants' buckets until that transaction ends, and the
+-- claims meanwhile take none of those tenants' events.
 CREATE FUNCTION outbox_tenant_shares(p_tenants text[])
 RETURNS TABLE (tenant_id text, weight integer, allowance bigint, tokens float8)
 LANGUAGE plpgsql ROWS 100 SET jit = off AS $$
@@ -191,7 +195,7 @@ BEGIN
         -- The capped tenants' tokens this claim took (their live rows); nothing to do, and
         -- nothing read, when no tenant is capped.
         UPDATE outbox_tenant_limits l
-        SET tokens = greatest(a.tokens - s.n, 0), refilled_at = now()
+        SET tokens = greatest(a.tokens - s.n, 0), refilled_at = greatest(l.refilled_at, now())
         FROM active a
         CROSS JOIN LATERAL (SELECT count(*) AS n FROM leased x
                             WHERE x.tenant_id = a.tenant_id AND NOT x.replay) s
@@ -255,7 +259,7 @@ BEGIN
         RETURNING o.*
     ), spent AS (
         UPDATE outbox_tenant_limits l
-        SET tokens = greatest(a.tokens - s.n, 0), refilled_at = now()
+        SET tokens = greatest(a.tokens - s.n, 0), refilled_at = greatest(l.refilled_at, now())
         FROM active a
         CROSS JOIN LATERAL (SELECT count(*) AS n FROM leased x WHERE x.tenant_id = a.tenant_id) s
         WHERE a.allowance IS NOT NULL AND l.tenant_id = a.tenant_id AND s.n > 0

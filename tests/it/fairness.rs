@@ -372,8 +372,11 @@ impl Schedule {
             }
             4 | 5 => {
                 let cap = self.rng.i32(1..5);
+                // A new cap fills the bucket; the same cap again keeps it.
+                if limit.cap != Some(cap) {
+                    limit.tokens = f64::from(cap);
+                }
                 limit.cap = Some(cap);
-                limit.tokens = f64::from(cap);
                 change.max_per_second = Some(Some(cap));
             }
             6 => {
@@ -439,6 +442,13 @@ impl Schedule {
             )
             .await
             .map_err(|e| format!("read the buckets: {e}"))?;
+        let capped = self.limits.values().filter(|l| l.cap.is_some()).count();
+        if rows.len() != capped {
+            return Err(format!(
+                "{} capped tenants in the database, {capped} in the model: {what}",
+                rows.len()
+            ));
+        }
         for row in rows {
             let tenant: String = row.get(0);
             let tokens: f64 = row.get(1);

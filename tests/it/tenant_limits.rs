@@ -5,8 +5,8 @@
 //! shares, allowances and buckets after every claim of random schedules.
 //!
 //! Inputs tried against the table and the admin API: weights 0, 1,001, -1 and 1,000; caps 0, -5
-//! and 1; tokens -1; an empty tenant id; a change with nothing in it; `--max-per-second` with
-//! `--no-cap` on the command line. Accepted ones are read back.
+//! and 1; tokens -1; an empty tenant id; a change with nothing in it; on the command line weights
+//! 0 and -1, a cap of 0, `--max-per-second` with `--no-cap`. Accepted ones are read back.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ use tokio_postgres::Client;
 
 const LEASE: Duration = Duration::from_secs(600);
 
-/// `events` events of `tenant`, one per aggregate and `versions` versions each.
+/// `aggregates` aggregates of `tenant`, `versions` events each.
 async fn append(client: &Client, tenant: &str, aggregates: usize, versions: i64) {
     client
         .execute(
@@ -217,6 +217,31 @@ async fn a_cap_holds_over_concurrent_claims_and_refills_with_time() {
         "{got} after {:?}: expected {least} to {most}",
         before - spent_at
     );
+    // A bucket left alone for an hour holds one second's worth, not an hour's: 20.
+    client
+        .execute(
+            "UPDATE outbox_tenant_limits SET tokens = 0, refilled_at = now() - interval '1 hour'
+             WHERE tenant_id = 'capped'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let burst = a.claim_batch(100, LEASE, "a/burst").await.unwrap();
+    assert_eq!(burst.iter().filter(|e| e.tenant_id == "capped").count(), 20);
+    // Setting the same cap again keeps the bucket (spent: no second burst); a new cap fills it.
+    tenants::set(&client, "capped", &cap).await.unwrap();
+    let again = a.claim_batch(100, LEASE, "a/again").await.unwrap();
+    assert!(again.iter().filter(|e| e.tenant_id == "capped").count() <= 1);
+    let higher = LimitsChange {
+        max_per_second: Some(Some(30)),
+        ..LimitsChange::default()
+    };
+    tenants::set(&client, "capped", &higher).await.unwrap();
+    let filled = a.claim_batch(100, LEASE, "a/higher").await.unwrap();
+    assert_eq!(
+        filled.iter().filter(|e| e.tenant_id == "capped").count(),
+        30
+    );
     // Taking the cap off: the tenant shares claims as any other.
     let uncap = LimitsChange {
         max_per_second: Some(None),
@@ -405,6 +430,8 @@ async fn outboxctl_sets_lists_pauses_and_clears_a_tenants_limits() {
     // Refused, with what is allowed: a weight out of range, a cap of 0, both a cap and --no-cap.
     let (ok, _, err) = run(&["tenants", "set", "acme", "--weight", "0"]);
     assert!(!ok && err.contains("a weight is 1 to 1000"), "{err}");
+    let (ok, _, err) = run(&["tenants", "set", "acme", "--weight", "-1"]);
+    assert!(!ok && err.contains("weight -1 is out of range"), "{err}");
     let (ok, _, err) = run(&["tenants", "set", "acme", "--max-per-second", "0"]);
     assert!(!ok && err.contains("pause the tenant"), "{err}");
     let (ok, _, err) = run(&[

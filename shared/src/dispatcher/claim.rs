@@ -5,7 +5,6 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use super::settings::LANE_BATCH;
 use super::summary::{DispatchSummary, LatencySample};
 use crate::outbox::{ClaimedEvent, Outcomes};
 use crate::ports::{OutboxStore, StoreError};
@@ -24,10 +23,8 @@ impl Claim {
     /// every other tenant (the lane's, to publish at once), if any. The tenants drained in bulk
     /// are those with a whole share of a full claim, at least `limit / tenants in it` rows:
     /// they may have more due, and the next claim takes more of theirs. A tenant with fewer had
-    /// every due row it has taken. A tenant with a lane's batch of rows ([`LANE_BATCH`]) or more
-    /// counts as the bulk too: with weights (migration V19) a light tenant's whole share is
-    /// below `limit / tenants`, and the lane must not add to it. A claim that is not full stays
-    /// whole: the pipeline is not loaded. Returns (ahead, at once).
+    /// every due row it has taken. A claim that is not full stays whole: the pipeline is not
+    /// loaded. Returns (ahead, at once).
     pub(super) fn split(self, limit: i64) -> (Claim, Option<Claim>) {
         let mut rows: std::collections::HashMap<&str, usize> = Default::default();
         for event in &self.events {
@@ -38,7 +35,7 @@ impl Claim {
         }
         // A whole share (the database's shares are ceil(limit / tenants) and what is left; a
         // tenant with fewer had all its due rows taken).
-        let share = (self.events.len() / rows.len().max(1)).min(LANE_BATCH.min(limit) as usize);
+        let share = self.events.len() / rows.len().max(1);
         let bulk: HashSet<String> = rows
             .into_iter()
             .filter(|(_, n)| *n >= share)

@@ -369,21 +369,5 @@ mod tests {
         let (ahead, now) = shared.split(10);
         assert!(now.is_none());
         assert_eq!(ahead.tenants(), ["a", "b", "c"]);
-        // A full claim of 500: 440 of a heavy tenant, 57 of a light one (a weight's share below
-        // 500 / 3, migration V19), 3 of a quiet one. A lane's batch (50) or more is the bulk:
-        // the light tenant stays ahead, the lane does not add to its share; the quiet one goes.
-        let store = MemoryStore::new();
-        for (tenant, events) in [("heavy", 440), ("light", 57), ("quiet", 3)] {
-            for n in 0..events {
-                append(&store, tenant, &format!("{tenant}-{n}"));
-            }
-        }
-        let weighted = claimed(store.claim_batch(500, lease, "d1/4").await.unwrap());
-        let (ahead, now) = weighted.split(500);
-        assert_eq!(ahead.tenants(), ["heavy", "light"]);
-        assert_eq!(
-            now.expect("the quiet one goes at once").tenants(),
-            ["quiet"]
-        );
     }
 }

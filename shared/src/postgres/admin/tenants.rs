@@ -104,8 +104,8 @@ pub async fn list(client: &Client) -> Result<Vec<TenantLimits>, tokio_postgres::
 }
 
 /// Changes a tenant's row (creating it with the defaults first) and returns it. A cap that is set
-/// or changed starts with a full second's worth; a claim holding the row right now finishes
-/// first (the claim's lock).
+/// or changed starts with a full second's worth (setting the same cap again keeps the bucket as
+/// it is); a claim holding the row right now finishes first (the claim's lock).
 pub async fn set(
     client: &Client,
     tenant_id: &str,
@@ -123,7 +123,8 @@ pub async fn set(
                      ON CONFLICT (tenant_id) DO UPDATE
                      SET weight = coalesce($2, l.weight),
                          max_per_second = CASE WHEN $3 THEN $4 ELSE l.max_per_second END,
-                         tokens = CASE WHEN $3 THEN NULL ELSE l.tokens END,
+                         tokens = CASE WHEN $3 AND l.max_per_second IS DISTINCT FROM $4 THEN NULL
+                                       ELSE l.tokens END,
                          paused = coalesce($5, l.paused),
                          updated_at = now()
                      RETURNING l.*)

@@ -27,10 +27,10 @@ enum TenantsCommand {
     Set {
         tenant: String,
         /// Its part of each claim against the others' (1 to 1000; 1 by default).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         weight: Option<i32>,
         /// At most this many of its events a second to the bus (at least 1).
-        #[arg(long, conflicts_with = "no_cap")]
+        #[arg(long, conflicts_with = "no_cap", allow_negative_numbers = true)]
         max_per_second: Option<i32>,
         /// Remove its cap.
         #[arg(long)]
@@ -39,7 +39,8 @@ enum TenantsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Hold a tenant's events back: they stay pending, in order, until `resume`.
+    /// Hold a tenant's events back: they stay pending, in order, until `resume` (events
+    /// already claimed still go).
     Pause {
         tenant: String,
         #[arg(long)]
