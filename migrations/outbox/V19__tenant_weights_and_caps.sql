@@ -200,6 +200,8 @@ BEGIN
         CROSS JOIN LATERAL (SELECT count(*) AS n FROM leased x
                             WHERE x.tenant_id = a.tenant_id AND NOT x.replay) s
         WHERE a.allowance IS NOT NULL AND l.tenant_id = a.tenant_id AND s.n > 0
+          -- By key: the table may hold many tenants (an index scan, not a scan of them all).
+          AND l.tenant_id = ANY (ARRAY(SELECT c.tenant_id FROM active c WHERE c.allowance IS NOT NULL))
     )
     SELECT * FROM leased;
 END $$;
@@ -263,6 +265,8 @@ BEGIN
         FROM active a
         CROSS JOIN LATERAL (SELECT count(*) AS n FROM leased x WHERE x.tenant_id = a.tenant_id) s
         WHERE a.allowance IS NOT NULL AND l.tenant_id = a.tenant_id AND s.n > 0
+          -- By key: the table may hold many tenants (an index scan, not a scan of them all).
+          AND l.tenant_id = ANY (ARRAY(SELECT c.tenant_id FROM active c WHERE c.allowance IS NOT NULL))
     )
     SELECT * FROM leased;
 END $$;

@@ -256,6 +256,69 @@ async fn a_cap_holds_over_concurrent_claims_and_refills_with_time() {
 }
 
 #[tokio::test]
+async fn a_claim_reads_the_limits_of_its_tenants_only_however_many_have_limits() {
+    // 10,000 tenants with limits (half of them capped), two with events (one capped): each claim,
+    // under either plan, reads the table by key, never all of it. The spend of the buckets first
+    // joined the whole table: 10,001 rows read, 2.4-2.6 ms a claim.
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO outbox_tenant_limits (tenant_id, weight, max_per_second)
+             SELECT 'other' || g, 2, CASE WHEN g % 2 = 0 THEN 100 END
+             FROM generate_series(1, 10000) g;
+             INSERT INTO outbox_tenant_limits (tenant_id, max_per_second) VALUES ('capped', 1000000);",
+        )
+        .await
+        .unwrap();
+    append(&client, "capped", 1_000, 1).await;
+    append(&client, "free", 1_000, 1).await;
+    client.batch_execute("ANALYZE").await.unwrap();
+    for mode in ["force_generic_plan", "force_custom_plan"] {
+        client
+            .batch_execute(&format!("SET plan_cache_mode = {mode}"))
+            .await
+            .unwrap();
+        for claim in [
+            "SELECT count(*) FROM outbox_claim(100, 600, gen_random_uuid()::text, '')",
+            "SELECT count(*) FROM outbox_claim_waiting(50, 600, gen_random_uuid()::text, '{}')",
+        ] {
+            // Twice: the second run uses the plan the first one cached.
+            for _ in 0..2 {
+                client.batch_execute("BEGIN").await.unwrap();
+                let taken: i64 = client.query_one(claim, &[]).await.unwrap().get(0);
+                let (seq_scans, read): (i64, i64) = client
+                    .query_one(
+                        "SELECT seq_scan, seq_tup_read FROM pg_stat_xact_user_tables
+                         WHERE relname = 'outbox_tenant_limits'",
+                        &[],
+                    )
+                    .await
+                    .map(|r| (r.get(0), r.get(1)))
+                    .unwrap();
+                let spent: f64 = client
+                    .query_one(
+                        "SELECT tokens FROM outbox_tenant_limits WHERE tenant_id = 'capped'",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                client.batch_execute("ROLLBACK").await.unwrap();
+                assert!(taken > 0, "{mode}: {claim}");
+                assert_eq!(
+                    (seq_scans, read),
+                    (0, 0),
+                    "{mode}: {claim} scanned the tenants' limits"
+                );
+                // The capped tenant's bucket was spent by what the claim took of it.
+                assert!(spent < 1_000_000.0, "{mode}: {claim}: {spent}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_paused_tenant_keeps_its_events_in_order_until_resumed() {
     let db = TestDb::create().await;
     let client = db.client().await;
